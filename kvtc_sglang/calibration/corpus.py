@@ -1,0 +1,76 @@
+"""Real text available offline: prose and code, split into disjoint calibration and evaluation sets.
+
+* prose: the Python reference manual's topic pages (``pydoc_data.topics``, shipped with CPython);
+* code: the Python standard library's own ``.py`` sources.
+
+Documents are assigned to a split by a CRC32 of their name, so the split is stable and disjoint; the
+document names of each split are recorded in the artifact.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+SPLITS = ("calibration", "evaluation")
+KINDS = ("prose", "code")
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    kind: str
+    text: str
+
+
+def _split_of(name: str) -> str:
+    return "evaluation" if zlib.crc32(name.encode()) % 4 == 0 else "calibration"
+
+
+def _prose() -> list[Document]:
+    from pydoc_data import topics  # noqa: PLC0415
+
+    return [Document(f"pydoc_data.topics:{k}", "prose", topics.topics[k]) for k in sorted(topics.topics)]
+
+
+def _code(max_bytes: int = 60_000) -> list[Document]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if 2_000 <= len(text) <= max_bytes:
+            docs.append(Document(f"stdlib:{path.name}", "code", text))
+    return docs
+
+
+def documents(split: str, kind: str) -> list[Document]:
+    """All documents of ``kind`` (prose or code) in ``split`` (calibration or evaluation)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    docs = _prose() if kind == "prose" else _code()
+    return [d for d in docs if _split_of(d.name) == split]
+
+
+def token_sequences(tokenizer: object, split: str, kind: str, seq_len: int, max_tokens: int) -> tuple[list, list[str]]:
+    """Concatenate a split's documents and cut ``[seq_len]`` token id sequences, up to ``max_tokens``.
+
+    Returns ``(sequences, document names used)``; each sequence is a 1-D ``torch.long`` tensor.
+    """
+    import torch  # noqa: PLC0415
+
+    seqs: list = []
+    names: list[str] = []
+    buf: list[int] = []
+    for doc in documents(split, kind):
+        if len(seqs) * seq_len >= max_tokens:
+            break
+        names.append(doc.name)
+        buf.extend(tokenizer(doc.text + "\n\n")["input_ids"])
+        while len(buf) >= seq_len and len(seqs) * seq_len < max_tokens:
+            seqs.append(torch.tensor(buf[:seq_len], dtype=torch.long))
+            buf = buf[seq_len:]
+    return seqs, names

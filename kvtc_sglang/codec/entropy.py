@@ -1,0 +1,125 @@
+"""Entropy stage: raw DEFLATE of payload chunks, batched, behind one interface.
+
+Both implementations emit and read the same stream format, a plain DEFLATE bitstream without zlib or
+gzip framing (``wbits=-15``), so a blob written on the GPU inflates on the CPU and vice versa.
+Integrity (length and CRC32 per chunk) is checked by the blob layer before a chunk reaches a decoder,
+because nvCOMP's decoder assumes valid input.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import zlib
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from .errors import BlobChecksumError
+
+
+class EntropyCoder(Protocol):
+    """Batched lossless coder of uint8 chunks."""
+
+    name: str
+
+    def compress(self, chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each ``[n_i]`` uint8 chunk -> its raw-DEFLATE stream ``[m_i]`` uint8 on the same device."""
+        ...
+
+    def decompress(self, chunks: Sequence[torch.Tensor], raw_sizes: Sequence[int]) -> list[torch.Tensor]:
+        """Inverse of :meth:`compress`; ``raw_sizes[i]`` is the exact inflated size of chunk ``i``."""
+        ...
+
+
+class ZlibDeflate:
+    """CPU raw DEFLATE through zlib (``wbits=-15``)."""
+
+    name = "zlib"
+
+    def __init__(self, level: int = 6) -> None:
+        if not 0 <= level <= 9:
+            raise ValueError(f"zlib level must be in [0, 9], got {level}")
+        self.level = level
+
+    def compress(self, chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for c in chunks:
+            z = zlib.compressobj(self.level, zlib.DEFLATED, -15)
+            data = z.compress(c.cpu().numpy().tobytes()) + z.flush()
+            out.append(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(c.device))
+        return out
+
+    def decompress(self, chunks: Sequence[torch.Tensor], raw_sizes: Sequence[int]) -> list[torch.Tensor]:
+        out = []
+        for c, size in zip(chunks, raw_sizes, strict=True):
+            d = zlib.decompressobj(-15)
+            try:
+                data = d.decompress(c.cpu().numpy().tobytes(), size)
+            except zlib.error as e:
+                raise BlobChecksumError(f"DEFLATE stream is invalid: {e}") from e
+            if len(data) != size or not d.eof or d.unconsumed_tail:
+                raise BlobChecksumError(
+                    f"DEFLATE stream inflates to {len(data)} bytes (complete={d.eof}), expected {size}"
+                )
+            out.append(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(c.device))
+        return out
+
+
+class NvcompDeflate:
+    """GPU raw DEFLATE through nvCOMP's Python API (``nvidia-nvcomp-cu12``/``-cu13``), batched.
+
+    One ``encode``/``decode`` call covers every chunk of every blob passed together; the streams are
+    plain DEFLATE (``BitstreamKind.RAW``), readable by :class:`ZlibDeflate`.
+    """
+
+    name = "nvcomp"
+
+    def __init__(self, algorithm_type: int = 1) -> None:
+        from nvidia import nvcomp  # noqa: PLC0415  (optional GPU dependency)
+
+        self._nvcomp = nvcomp
+        self._codec = nvcomp.Codec(
+            algorithm="Deflate", bitstream_kind=nvcomp.BitstreamKind.RAW, algorithm_type=algorithm_type
+        )
+
+    @staticmethod
+    def _to_torch(arr: object, device: torch.device) -> torch.Tensor:
+        out = torch.utils.dlpack.from_dlpack(arr.to_dlpack())
+        return out.reshape(-1).view(torch.uint8).to(device).clone()
+
+    def compress(self, chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if not chunks:
+            return []
+        batch = self._nvcomp.as_arrays([c.contiguous() for c in chunks])
+        encoded = self._codec.encode(batch)
+        return [self._to_torch(encoded[i], chunks[i].device) for i in range(len(chunks))]
+
+    def decompress(self, chunks: Sequence[torch.Tensor], raw_sizes: Sequence[int]) -> list[torch.Tensor]:
+        if not chunks:
+            return []
+        # nvCOMP wants 4-byte aligned inputs; chunks sliced out of a blob can start anywhere.
+        batch = self._nvcomp.as_arrays([c if c.data_ptr() % 8 == 0 else c.clone() for c in chunks])
+        decoded = self._codec.decode(batch, "|u1")
+        out = [self._to_torch(decoded[i], chunks[i].device) for i in range(len(chunks))]
+        for o, size in zip(out, raw_sizes, strict=True):
+            if o.numel() != size:
+                raise BlobChecksumError(f"nvCOMP inflated {o.numel()} bytes, expected {size}")
+        return out
+
+
+def nvcomp_available() -> bool:
+    """True when the optional ``nvidia-nvcomp`` package is importable."""
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.nvcomp") is not None
+
+
+def default_entropy_coder(device: torch.device) -> EntropyCoder:
+    """nvCOMP for CUDA devices, zlib otherwise; a CUDA device without nvCOMP is an error, not a fallback."""
+    if device.type == "cuda":
+        if not nvcomp_available():
+            raise RuntimeError(
+                "CUDA tensors need nvCOMP for the entropy stage: pip install 'kvtc-sglang[gpu]' "
+                "(nvidia-nvcomp-cu12 or -cu13), or pass entropy=ZlibDeflate() explicitly"
+            )
+        return NvcompDeflate()
+    return ZlibDeflate()

@@ -1,0 +1,77 @@
+"""Streaming PCA over cross-layer token features.
+
+Features of one token are all layers' and heads' values concatenated: ``F = L * H * D``. The
+accumulator takes ``[T, F]`` batches, keeps the sum and the Gram matrix in float64, and returns the
+mean ``[F]`` and the eigen-basis ``[F, F]`` (columns ordered by decreasing variance) in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PCAFit:
+    """PCA of features normalised per block: ``coeffs = ((x - mean) / scale) @ basis``.
+
+    ``mean`` and ``scale`` are ``[F]``, ``basis`` ``[F, R]`` (orthonormal columns), ``variance`` ``[R]``,
+    all float32.
+    """
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+    basis: torch.Tensor
+    variance: torch.Tensor
+    num_tokens: int
+
+
+class CovarianceAccumulator:
+    """Running first and second moments of ``[T, F]`` feature batches."""
+
+    def __init__(self, num_features: int) -> None:
+        self.num_features = num_features
+        self._sum = torch.zeros(num_features, dtype=torch.float64)
+        self._gram = torch.zeros(num_features, num_features, dtype=torch.float32)
+        self._shift: torch.Tensor | None = None  # first batch's mean, for numerical stability
+        self.num_tokens = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add ``x [T, F]`` (any float dtype) to the statistics."""
+        if x.dim() != 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"features must be [T, {self.num_features}], got {tuple(x.shape)}")
+        x = x.to(torch.float32).cpu()
+        if self._shift is None:
+            self._shift = x.mean(dim=0)
+        xc = x - self._shift  # [T, F]
+        self._sum += xc.sum(dim=0, dtype=torch.float64)
+        self._gram.addmm_(xc.t(), xc)  # fp32 GEMM, accumulated across batches
+        self.num_tokens += x.shape[0]
+
+    def fit(self, block: int = 1) -> PCAFit:
+        """Eigen-decompose the covariance; raises if fewer than two tokens were seen.
+
+        With ``block > 1``, every run of ``block`` consecutive features (one layer's head when
+        ``block = D``) is first divided by its RMS deviation, so that low-norm layers are not drowned
+        by high-norm ones in the PCA and in the bit allocation's error measure.
+        """
+        if block <= 0 or self.num_features % block:
+            raise ValueError(f"block must divide F={self.num_features}, got {block}")
+        if self._shift is None or self.num_tokens < 2:
+            raise RuntimeError(f"PCA needs at least 2 tokens, got {self.num_tokens}")
+        n = self.num_tokens
+        mean_c = self._sum / n  # [F] float64
+        cov = self._gram.double() / n - torch.outer(mean_c, mean_c)  # [F, F]
+        var = cov.diagonal().clamp(min=0.0).reshape(-1, block).mean(dim=1)  # [F / block]
+        scale = var.sqrt().clamp(min=1e-6).repeat_interleave(block)  # [F]
+        cov = cov / torch.outer(scale, scale)
+        evals, evecs = torch.linalg.eigh(cov.float())  # ascending
+        order = torch.argsort(evals, descending=True)
+        basis = evecs[:, order].contiguous()  # [F, F]
+        # Fix each column's sign (largest entry positive) so fits are reproducible across runs.
+        idx = basis.abs().argmax(dim=0)
+        signs = torch.sign(basis[idx, torch.arange(basis.shape[1])])
+        basis = basis * torch.where(signs == 0, torch.ones_like(signs), signs)[None, :]
+        mean = (self._shift.double() + mean_c).float()
+        return PCAFit(mean=mean, scale=scale.float(), basis=basis, variance=evals[order].clamp(min=0.0), num_tokens=n)

@@ -1,0 +1,58 @@
+"""What the codec must know about a model's KV cache: its shape, dtype and rotary settings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .rope import RopeConfig
+
+DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """KV-cache geometry of one model: ``L`` layers, ``H`` KV heads, ``D`` head dim, pool dtype, RoPE."""
+
+    name: str
+    architecture: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    rope: RopeConfig
+
+    def __post_init__(self) -> None:
+        for field in ("num_layers", "num_kv_heads", "head_dim"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{field} must be a positive int, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def num_features(self) -> int:
+        """``F = L * H * D``: one token's features across all layers and heads."""
+        return self.num_layers * self.num_kv_heads * self.head_dim
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> ModelSpec:
+        try:
+            rope = RopeConfig(**data["rope"])
+            fields = {k: data[k] for k in ("name", "architecture", "num_layers", "num_kv_heads", "head_dim", "dtype")}
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"model spec is missing or has a bad field: {e}") from e
+        return cls(rope=rope, **fields)
+
+    def mismatches(self, other: ModelSpec) -> list[str]:
+        """Human-readable differences that make a calibration unusable for ``other``."""
+        out = []
+        for field in ("architecture", "num_layers", "num_kv_heads", "head_dim", "dtype", "rope"):
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if mine != theirs:
+                out.append(f"{field}: calibration has {mine!r}, model has {theirs!r}")
+        return out

@@ -1,0 +1,1 @@
+"""Evaluation of the codec against the uncompressed cache and plain baselines."""

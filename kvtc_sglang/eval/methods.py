@@ -1,0 +1,93 @@
+"""Compression methods compared by the evaluation, each ``[L, T, H, D]`` K/V in -> reconstruction out.
+
+KVTC goes through the real codec (encode to a blob, decode the blob). The baselines are the plain
+methods the paper compares against, written here in torch at their textbook settings:
+
+* ``fp8``: cast to float8 e4m3 and back (2x);
+* ``kivi{2,4}``: KIVI-style asymmetric quantization, keys per channel over groups of 32 tokens,
+  values per token per head, fp16 min and step;
+* ``pca-trunc``: the same calibrated PCA basis, keeping the leading ``F / ratio`` coefficients in
+  fp16 and dropping the rest (no DP, no quantization).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..codec import KVTCCodec
+from ..codec.quant import dequantize_int, quantize_int
+
+
+@dataclass(frozen=True)
+class Result:
+    """Reconstruction and its size in bits (``None`` where a method has no entropy stage)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    bits_before_entropy: float
+    bits_after_entropy: float | None
+
+
+Method = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Result]
+
+
+def kvtc_method(codec: KVTCCodec) -> Method:
+    def run(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> Result:
+        blob = codec.encode(k, v, positions)
+        k2, v2, _ = codec.decode(blob)
+        return Result(k2, v2, 8.0 * codec.payload_nbytes(k.shape[1]), 8.0 * blob.numel())
+
+    return run
+
+
+def fp8_method(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> Result:
+    del positions
+    cast = [t.to(torch.float8_e4m3fn).to(t.dtype) for t in (k, v)]
+    return Result(cast[0], cast[1], 8.0 * (k.numel() + v.numel()), None)
+
+
+def _kivi_keys(k: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, float]:
+    num_l, num_t, num_h, num_d = k.shape
+    out = torch.empty_like(k, dtype=torch.float32)
+    overhead = 0.0
+    for t0 in range(0, num_t, group):
+        blk = k[:, t0 : t0 + group].float()  # [L, g, H, D]
+        rows = blk.permute(0, 2, 3, 1).reshape(-1, blk.shape[1])  # [L*H*D, g]: per channel over tokens
+        codes, lo, step = quantize_int(rows, bits)
+        rec = dequantize_int(codes, lo, step).reshape(num_l, num_h, num_d, -1).permute(0, 3, 1, 2)
+        out[:, t0 : t0 + group] = rec
+        overhead += 32.0 * rows.shape[0]
+    return out.to(k.dtype), overhead
+
+
+def kivi_method(bits: int, group: int = 32) -> Method:
+    def run(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> Result:
+        del positions
+        k2, k_over = _kivi_keys(k, bits, group)
+        rows = v.float().reshape(-1, v.shape[-1])  # [L*T*H, D]: per token per head
+        codes, lo, step = quantize_int(rows, bits)
+        v2 = dequantize_int(codes, lo, step).reshape(v.shape).to(v.dtype)
+        bits_total = bits * (k.numel() + v.numel()) + k_over + 32.0 * rows.shape[0]
+        return Result(k2, v2, bits_total, None)
+
+    return run
+
+
+def pca_truncation_method(codec: KVTCCodec, ratio: float) -> Method:
+    """Keep the leading ``F / ratio`` PCA coefficients in fp16 (same basis as KVTC, no DP)."""
+    f = codec.spec.num_features
+    keep = max(1, round(f / ratio))
+
+    def run(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> Result:
+        ck, cv = codec.transform(k, v, positions)  # [T, R]
+        if min(ck.shape[1], cv.shape[1]) < keep:
+            raise ValueError(f"pca-trunc at {ratio}x needs {keep} components, the artifact stores {ck.shape[1]}")
+        ck = torch.nn.functional.pad(ck[:, :keep].half().float(), (0, ck.shape[1] - keep))
+        cv = torch.nn.functional.pad(cv[:, :keep].half().float(), (0, cv.shape[1] - keep))
+        k2, v2 = codec.inverse_transform(ck, cv, positions, k.dtype)
+        return Result(k2, v2, 2 * 16.0 * keep * k.shape[1], None)
+
+    return run

@@ -1,0 +1,54 @@
+"""Shared fixtures: the real SmolLM2 model, a small real calibration, real K/V from held-out text."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def lm():
+    from kvtc_sglang.calibration.model import load_default_model
+
+    return load_default_model()
+
+
+@pytest.fixture(scope="session")
+def artifact_path(lm, tmp_path_factory) -> Path:
+    """A real but small calibration (about 6k tokens) of the default model at 16x."""
+    from kvtc_sglang.calibration.fit import CalibrationConfig, calibrate
+
+    cfg = CalibrationConfig(tokens=6144, seq_len=1024, holdout_every=3, ratios=(16.0,))
+    (path,) = calibrate(lm, cfg, tmp_path_factory.mktemp("artifacts"), show_progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def artifact(artifact_path, lm):
+    from kvtc_sglang.codec import load_artifact
+
+    return load_artifact(artifact_path, expect=lm.spec)
+
+
+@pytest.fixture(scope="session")
+def codec(artifact):
+    from kvtc_sglang.codec import KVTCCodec
+
+    return KVTCCodec(artifact)
+
+
+@pytest.fixture(scope="session")
+def real_kv(lm):
+    """K/V ``[L, 600, H, D]`` bf16 of a held-out prose segment and its positions."""
+    from kvtc_sglang.calibration.corpus import token_sequences
+    from kvtc_sglang.calibration.model import prefill_kv
+
+    seqs, _ = token_sequences(lm.tokenizer, "evaluation", "prose", 600, 600)
+    k, v, _ = prefill_kv(lm.model, seqs[0])
+    return k, v, torch.arange(600)

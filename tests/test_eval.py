@@ -1,0 +1,36 @@
+"""End-to-end evaluation on the real model: KVTC vs baselines, and the sink exemption's effect."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtc_sglang.eval.harness import EvalConfig, evaluate
+from kvtc_sglang.eval.methods import kvtc_method, pca_truncation_method
+
+
+@pytest.fixture(scope="module")
+def results(lm, codec):
+    cfg = EvalConfig(context=512, continuation=64, segments_per_kind=1)
+    methods = {
+        "kvtc": (kvtc_method(codec), True),
+        "kvtc-nosink": (kvtc_method(codec), False),
+        "trunc": (pca_truncation_method(codec, 16.0), True),
+    }
+    return evaluate(lm, cfg, methods)
+
+
+def test_report_fields_and_ratio(results):
+    r = results["kvtc"]
+    assert r["ratio_before_entropy"] >= 16.0 and r["ratio_after_entropy"] > r["ratio_before_entropy"]
+    assert len(r["k_rel_err_per_layer"]) == 30 and len(r["v_rel_err_per_layer"]) == 30
+    assert 0.0 <= r["top1_agreement"] <= 1.0 and r["mean_kl"] >= 0.0
+    assert r["tokens_scored"] == 128
+
+
+def test_kvtc_beats_truncation_at_equal_ratio(results):
+    assert results["trunc"]["ratio_before_entropy"] == pytest.approx(16.0, rel=0.01)
+    assert results["kvtc"]["mean_kl"] < results["trunc"]["mean_kl"]
+
+
+def test_compressing_the_sinks_degrades_visibly(results):
+    assert results["kvtc-nosink"]["mean_kl"] > 3 * results["kvtc"]["mean_kl"]
