@@ -87,3 +87,23 @@ def test_budget_is_monotone(artifact):
         last = err
     with pytest.raises(ValueError, match="budget_bits"):
         allocate_bits(errors, 300, -1)
+
+
+def test_joint_budget_is_never_worse_than_an_even_split():
+    """With one budget for K and V the DP may move bits to the stream that needs them most."""
+    from kvtc_sglang.codec.bitalloc import allocate_bits_joint
+
+    gen = torch.Generator().manual_seed(3)
+    # 16 tokens: every group size is measured on all tokens, so the DP objective is the exact error
+    a = torch.randn(16, 200, generator=gen) * torch.logspace(1, -1, 200)
+    b = torch.randn(16, 200, generator=gen) * torch.logspace(0.5, -0.5, 200)
+    sa, sb = a.abs().amax(0) / 200, b.abs().amax(0) / 200
+    ea, eb = measure_group_errors(a, sa, KINDS), measure_group_errors(b, sb, KINDS)
+    for budget in (256, 1024, 2048):
+        ja, jb = allocate_bits_joint((ea, eb), 200, 2 * budget)
+        assert ja.bits_per_token + jb.bits_per_token <= 2 * budget
+        joint = heldout_error(a, ja, sa) + heldout_error(b, jb, sb)
+        split = heldout_error(a, allocate_bits(ea, 200, budget), sa) + heldout_error(
+            b, allocate_bits(eb, 200, budget), sb
+        )
+        assert joint <= split * (1 + 1e-6)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..codec.allocation import Allocation
 from ..codec.artifact import CalibrationArtifact, StreamCalibration
-from ..codec.bitalloc import allocate_bits, measure_group_errors
+from ..codec.bitalloc import allocate_bits, allocate_bits_joint, measure_group_errors
 from ..codec.pca import CovarianceAccumulator, PCAFit
 from ..codec.quant import FP8_MAX
 from ..codec.rope import remove_rope
@@ -36,6 +36,7 @@ class CalibrationConfig:
     holdout_every: int = 8  # every n-th sequence measures the DP's errors instead of fitting the PCA
     ratios: tuple[float, ...] = (16.0,)
     normalize_heads: bool = True  # divide each layer-head block by its RMS before PCA
+    joint_budget: bool = False  # one budget shared by K and V; measured worse on KL (BENCHMARKS.md)
 
     def __post_init__(self) -> None:
         if self.seq_len <= 2 * self.edge_tokens:
@@ -56,9 +57,7 @@ class StreamFit:
     fp8_scale: torch.Tensor  # [F]
     errors: dict
 
-    def allocate(self, ratio: float) -> StreamCalibration:
-        f = self.pca.mean.shape[0]
-        alloc: Allocation = allocate_bits(self.errors, f, round(16 * f / ratio))
+    def calibration(self, alloc: Allocation) -> StreamCalibration:
         r = alloc.rank
         return StreamCalibration(
             mean=self.pca.mean,
@@ -68,6 +67,17 @@ class StreamFit:
             variance=self.pca.variance,
             allocation=alloc,
         )
+
+
+def allocate(fits: dict[str, StreamFit], ratio: float, joint: bool) -> tuple[StreamCalibration, StreamCalibration]:
+    """K and V calibrations at ``ratio``: ``16 * F / ratio`` bits per token per stream on average."""
+    f = fits["k"].pca.mean.shape[0]
+    per_stream = round(16 * f / ratio)
+    if joint:
+        ak, av = allocate_bits_joint((fits["k"].errors, fits["v"].errors), f, 2 * per_stream)
+    else:
+        ak, av = (allocate_bits(fits[s].errors, f, per_stream) for s in ("k", "v"))
+    return fits["k"].calibration(ak), fits["v"].calibration(av)
 
 
 def _fit_stream(acc: CovarianceAccumulator, heldout: torch.Tensor, block: int) -> StreamFit:
@@ -120,16 +130,12 @@ def calibrate(lm: LoadedModel, cfg: CalibrationConfig, out_dir: Path, show_progr
             "tokens_heldout": int(sum(x.shape[0] for x in held["k"])),
             "seq_len": cfg.seq_len,
             "normalize_heads": cfg.normalize_heads,
+            "joint_budget": cfg.joint_budget,
             "edge_tokens_skipped": cfg.edge_tokens,
             "seconds": {"collect": round(t_collect, 1), "pca_and_errors": round(t_fit, 1)},
         }
-        art = CalibrationArtifact(
-            spec=spec,
-            keys=fits["k"].allocate(ratio),
-            values=fits["v"].allocate(ratio),
-            target_ratio=float(ratio),
-            info=info,
-        )
+        keys, values = allocate(fits, ratio, cfg.joint_budget)
+        art = CalibrationArtifact(spec=spec, keys=keys, values=values, target_ratio=float(ratio), info=info)
         paths.append(art.save(out_dir / artifact_name(spec.name, ratio)))
     return paths
 

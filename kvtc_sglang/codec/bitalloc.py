@@ -68,6 +68,50 @@ def _int_group_errors(toks: torch.Tensor, size: int, bits: int) -> np.ndarray:
     return out
 
 
+class _BudgetDP:
+    """Minimum error for every (position, bits used) pair; answers any budget up to ``units``."""
+
+    def __init__(self, errors: dict, rank_limit: int, units: int) -> None:
+        self.trans = [(size, kind, group_bits(size, kind) // _UNIT_BITS) for (size, kind) in errors]
+        best = np.full((rank_limit + 1, units + 1), np.inf, dtype=np.float64)  # [pos, units used]
+        choice = np.full((rank_limit + 1, units + 1), -1, dtype=np.int16)
+        best[0, 0] = 0.0
+        for pos in range(rank_limit):
+            row = best[pos]
+            if not np.isfinite(row).any():
+                continue
+            for t, (size, kind, cost) in enumerate(self.trans):
+                end = pos + size
+                if end > rank_limit or cost > units:
+                    continue
+                cand = row[: units + 1 - cost] + errors[(size, kind)][pos]
+                tgt = best[end, cost:]
+                better = cand < tgt
+                if better.any():
+                    tgt[better] = cand[better]
+                    choice[end, cost:][better] = t
+        self.best, self.choice = best, choice
+        # A split may stop anywhere: the remaining components are dropped at their full variance.
+        self.tail = _tail_errors(errors, rank_limit)  # [R + 1]
+        self.within = np.minimum.accumulate(best, axis=1)  # [pos, budget]: best using <= budget units
+
+    def curve(self) -> np.ndarray:
+        """Minimum total error for every budget ``0..units`` (in 2-bit units): ``[units + 1]``."""
+        return (self.within + self.tail[:, None]).min(axis=0)
+
+    def allocation(self, units: int) -> Allocation:
+        end = int(np.argmin(self.within[:, units] + self.tail))
+        used = int(np.argmin(self.best[end, : units + 1]))
+        groups: list[Group] = []
+        pos = end
+        while pos > 0:
+            size, kind, cost = self.trans[int(self.choice[pos, used])]
+            groups.append(Group(pos - size, size, kind))
+            pos -= size
+            used -= cost
+        return Allocation(tuple(reversed(groups)))
+
+
 def allocate_bits(errors: dict, rank_limit: int, budget_bits: int) -> Allocation:
     """Minimum-error split of components into groups under ``budget_bits`` per token.
 
@@ -79,43 +123,30 @@ def allocate_bits(errors: dict, rank_limit: int, budget_bits: int) -> Allocation
     if budget_bits < 0:
         raise ValueError(f"budget_bits must be >= 0, got {budget_bits}")
     units = budget_bits // _UNIT_BITS
-    trans = [(size, kind, group_bits(size, kind) // _UNIT_BITS) for (size, kind) in errors]
-    inf = np.inf
-    best = np.full((rank_limit + 1, units + 1), inf, dtype=np.float64)  # [pos, units used]
-    choice = np.full((rank_limit + 1, units + 1), -1, dtype=np.int16)
-    best[0, 0] = 0.0
-    for pos in range(rank_limit):
-        row = best[pos]
-        if not np.isfinite(row).any():
-            continue
-        for t, (size, kind, cost) in enumerate(trans):
-            end = pos + size
-            if end > rank_limit or cost > units:
-                continue
-            cand = row[: units + 1 - cost] + errors[(size, kind)][pos]
-            tgt = best[end, cost:]
-            better = cand < tgt
-            if better.any():
-                tgt[better] = cand[better]
-                choice[end, cost:][better] = t
-    # A split may stop anywhere: the rest of the components is dropped at its full variance.
-    tail = _tail_errors(errors, rank_limit)
-    totals = best.min(axis=1) + tail  # [pos]
-    end = int(np.argmin(totals))
-    used = int(np.argmin(best[end]))
-    groups: list[Group] = []
-    pos = end
-    while pos > 0:
-        t = int(choice[pos, used])
-        size, kind, cost = trans[t]
-        groups.append(Group(pos - size, size, kind))
-        pos -= size
-        used -= cost
-    groups.reverse()
-    alloc = Allocation(tuple(groups))
+    alloc = _BudgetDP(errors, rank_limit, units).allocation(units)
     if alloc.bits_per_token > budget_bits:
         raise RuntimeError(f"allocation uses {alloc.bits_per_token} bits, budget {budget_bits}")
     return alloc
+
+
+def allocate_bits_joint(errors: tuple[dict, dict], rank_limit: int, budget_bits: int) -> tuple[Allocation, Allocation]:
+    """Split one ``budget_bits`` per token between two streams (K and V) and allocate each optimally.
+
+    Both error tables must be in commensurate units (here: each layer-head normalised to unit RMS), so
+    the sum of the two errors is what the split minimises.
+    """
+    if budget_bits < 0:
+        raise ValueError(f"budget_bits must be >= 0, got {budget_bits}")
+    units = budget_bits // _UNIT_BITS
+    dps = [_BudgetDP(e, rank_limit, units) for e in errors]
+    ca, cb = dps[0].curve(), dps[1].curve()  # [units + 1] each
+    total = ca + cb[::-1]  # stream A gets u units, stream B gets units - u
+    ua = int(np.argmin(total))
+    allocs = (dps[0].allocation(ua), dps[1].allocation(units - ua))
+    used = allocs[0].bits_per_token + allocs[1].bits_per_token
+    if used > budget_bits:
+        raise RuntimeError(f"joint allocation uses {used} bits, budget {budget_bits}")
+    return allocs
 
 
 def _tail_errors(errors: dict, rank_limit: int) -> np.ndarray:
