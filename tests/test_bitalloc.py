@@ -72,7 +72,7 @@ def test_dp_respects_budget_and_beats_truncation_on_real_heldout_kv(artifact, co
         assert dp_err < 0.8 * trunc_err
 
 
-def test_budget_is_monotone(artifact):
+def test_budget_is_monotone():
     import kvtc_sglang.codec.bitalloc as ba
 
     gen = torch.Generator().manual_seed(1)
