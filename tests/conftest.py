@@ -25,7 +25,12 @@ def artifact_path(lm, tmp_path_factory) -> Path:
     from kvtc_sglang.calibration.fit import CalibrationConfig, calibrate
 
     cfg = CalibrationConfig(tokens=6144, seq_len=1024, holdout_every=3, ratios=(16.0,))
-    (path,) = calibrate(lm, cfg, tmp_path_factory.mktemp("artifacts"), show_progress=False)
+    reuse = os.environ.get("KVTC_TEST_ARTIFACT_DIR")  # developer speed-up: keep the calibration between runs
+    out = Path(reuse) if reuse else tmp_path_factory.mktemp("artifacts")
+    cached = out / "smollm2-135m-instruct.r16.kvtc.safetensors"
+    if reuse and cached.exists():
+        return cached
+    (path,) = calibrate(lm, cfg, out, show_progress=False)
     return path
 
 
@@ -52,3 +57,14 @@ def real_kv(lm):
     seqs, _ = token_sequences(lm.tokenizer, "evaluation", "prose", 600, 600)
     k, v, _ = prefill_kv(lm.model, seqs[0])
     return k, v, torch.arange(600)
+
+
+@pytest.fixture(scope="session")
+def kv_bank(lm):
+    """K/V ``[L, 1024, H, D]`` bf16 of 1024 held-out prose tokens: the K/V written into SGLang pools."""
+    from kvtc_sglang.calibration.corpus import token_sequences
+    from kvtc_sglang.calibration.model import prefill_kv
+
+    seqs, _ = token_sequences(lm.tokenizer, "evaluation", "prose", 1024, 1024)
+    k, v, _ = prefill_kv(lm.model, seqs[0])
+    return k, v

@@ -1,0 +1,69 @@
+"""Build a :class:`KVTCRadixCache` from SGLang's ``TreeCacheBuildContext`` (the registered backend factory)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ..codec import ArtifactError, KVTCCodec, load_artifact
+from ..codec.spec import spec_from_config
+from .config import ENV_VAR, KVTCCacheConfig
+from .radix import KVTCRadixCache
+
+logger = logging.getLogger(__name__)
+BACKEND_NAME = "kvtc"
+
+
+def config_from_env(environ: os._Environ | dict | None = None) -> KVTCCacheConfig:
+    """The options the launcher put in ``KVTC_SGLANG_CONFIG``."""
+    env = os.environ if environ is None else environ
+    text = env.get(ENV_VAR)
+    if not text:
+        raise ValueError(
+            f"--radix-cache-backend {BACKEND_NAME} needs a calibration: pass --kvtc-calibration PATH "
+            f"(or set {ENV_VAR} when building the engine in-process)"
+        )
+    return KVTCCacheConfig.from_json(text)
+
+
+def check_context(ctx: Any) -> None:
+    """Refuse configurations KVTC cannot serve, naming the option to change."""
+    refusals = [
+        (ctx.disable_radix_cache, "--disable-radix-cache leaves nothing to compress; drop it"),
+        (ctx.enable_hierarchical_cache, "--enable-hierarchical-cache cannot be combined with kvtc; drop one"),
+        (ctx.is_hybrid_swa, "hybrid sliding-window attention models are not supported by kvtc"),
+        (ctx.is_hybrid_ssm, "hybrid Mamba/SSM models are not supported by kvtc"),
+        (getattr(ctx, "is_dsa", False), "DeepSeek sparse-attention (MLA) models are not supported by kvtc"),
+        (ctx.tp_size != 1, f"kvtc calibrations cover all KV heads; run with --tp-size 1 (got {ctx.tp_size})"),
+    ]
+    for bad, message in refusals:
+        if bad:
+            raise ValueError(f"kvtc: {message}")
+
+
+def build_kvtc_cache(ctx: Any) -> KVTCRadixCache:
+    """Factory registered as ``--radix-cache-backend kvtc``; ``ctx`` is SGLang's ``TreeCacheBuildContext``."""
+    check_context(ctx)
+    config = config_from_env()
+    allocator = ctx.params.token_to_kv_pool_allocator
+    pool_dtype = str(allocator.get_kvcache().dtype).removeprefix("torch.")
+    model_config = ctx.model_config
+    hf = getattr(model_config, "hf_text_config", None) or model_config.hf_config
+    expect = spec_from_config(hf, name=str(getattr(model_config, "model_path", "model")), dtype=pool_dtype)
+    path = Path(config.calibration)
+    try:
+        artifact = load_artifact(path, expect=expect)
+    except ArtifactError as e:
+        raise ValueError(f"kvtc: {e}") from e
+    cache = KVTCRadixCache(ctx.params, KVTCCodec(artifact, chunk_bytes=config.chunk_bytes), config)
+    logger.info(
+        "kvtc: calibration %s (%.0fx target), %d slots reserved for compressed KV, sinks %d, window %d",
+        path.name,
+        artifact.target_ratio,
+        cache.arena_tokens,
+        config.sink_tokens,
+        config.window_tokens,
+    )
+    return cache

@@ -1,0 +1,44 @@
+"""Counters of the KVTC radix cache, reported through SGLang's logger and ``available_and_evictable_str``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class KVTCStats:
+    """Running totals (``resident_*`` are current values, the rest only grow)."""
+
+    resident_nodes: int = 0
+    resident_tokens: int = 0
+    resident_raw_bytes: int = 0
+    resident_blob_bytes: int = 0
+    compressions: int = 0
+    compressed_tokens: int = 0
+    compress_seconds: float = 0.0
+    restores: int = 0
+    restored_tokens: int = 0
+    restore_seconds: float = 0.0
+    adopted_tokens: int = 0
+    restore_no_memory: int = 0
+    checksum_failures: int = 0
+    dropped_nodes: int = 0
+    dropped_tokens: int = 0
+    store_full: int = 0
+
+    @property
+    def ratio(self) -> float:
+        """Achieved compression of what is resident now (raw KV bytes / blob bytes)."""
+        return self.resident_raw_bytes / self.resident_blob_bytes if self.resident_blob_bytes else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ratio": round(self.ratio, 3)}
+
+    def summary(self) -> str:
+        return (
+            f"kvtc: {self.resident_tokens} tokens in {self.resident_nodes} compressed nodes "
+            f"({self.resident_blob_bytes / 2**20:.1f} MiB, {self.ratio:.1f}x), "
+            f"compressions={self.compressions} restores={self.restores} "
+            f"restore_ms={1e3 * self.restore_seconds:.1f} checksum_failures={self.checksum_failures} "
+            f"dropped_tokens={self.dropped_tokens}"
+        )

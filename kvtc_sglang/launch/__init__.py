@@ -1,0 +1,1 @@
+"""SGLang plugin: ``--kv-backend kvtc`` and the ``--kvtc-*`` options on a stock SGLang install."""

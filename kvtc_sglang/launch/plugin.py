@@ -1,0 +1,98 @@
+"""Entry point of SGLang's ``sglang.srt.plugins`` group.
+
+SGLang's launcher calls :func:`register` in every process (launcher and schedulers) before it parses
+arguments. It registers the ``kvtc`` radix-cache backend and hooks ``ServerArgs``:
+
+- after ``ServerArgs.add_cli_args``: adds ``--kv-backend {kvtc}`` (it writes ``radix_cache_backend``) and
+  the ``--kvtc-*`` options;
+- before ``ServerArgs.from_cli_args``: validates them and hands them to the scheduler processes through the
+  ``KVTC_SGLANG_CONFIG`` environment variable (``ServerArgs`` only carries its own fields).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..cache.config import ENV_VAR, KVTCCacheConfig
+from ..codec import ArtifactError, read_header
+
+BACKEND = "kvtc"
+_OPTIONS = (  # (flag, dest, type, config field, help)
+    ("--kvtc-calibration", "kvtc_calibration", str, "calibration", "Calibration artifact (*.kvtc.safetensors)."),
+    ("--kvtc-sink-tokens", "kvtc_sink_tokens", int, "sink_tokens", "Leading tokens never compressed (default 4)."),
+    ("--kvtc-window-tokens", "kvtc_window_tokens", int, "window_tokens",
+     "Most recent tokens of each cached sequence never compressed (default 128)."),
+    ("--kvtc-idle-seconds", "kvtc_idle_seconds", float, "idle_seconds",
+     "Compress an unused radix node after this many seconds (default 30)."),
+    ("--kvtc-store-fraction", "kvtc_store_fraction", float, "store_fraction",
+     "Share of the KV pool reserved for compressed KV (default 0.25)."),
+)
+
+
+def add_cli_args(_result: object, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+    """AFTER hook on ``ServerArgs.add_cli_args``."""
+    if any("--kv-backend" in a.option_strings for a in parser._actions):
+        return
+    group = parser.add_argument_group("KVTC compressed radix cache (kvtc-sglang)")
+    group.add_argument(
+        "--kv-backend",
+        dest="radix_cache_backend",
+        choices=[BACKEND],
+        default=argparse.SUPPRESS,
+        help="KV-cache backend; 'kvtc' compresses cold radix-cache entries (same as --radix-cache-backend kvtc).",
+    )
+    for flag, dest, typ, _field, text in _OPTIONS:
+        group.add_argument(flag, dest=dest, type=typ, default=None, help=text)
+
+
+def config_from_namespace(ns: argparse.Namespace) -> KVTCCacheConfig | None:
+    """The kvtc options of parsed arguments; ``None`` when kvtc is not the backend. Raises ``ValueError``."""
+    given = {field: getattr(ns, dest) for _f, dest, _t, field, _h in _OPTIONS if getattr(ns, dest, None) is not None}
+    if getattr(ns, "radix_cache_backend", None) != BACKEND:
+        if given:
+            flags = [f for f, dest, *_ in _OPTIONS if getattr(ns, dest, None) is not None]
+            raise ValueError(f"{', '.join(flags)} given without --kv-backend {BACKEND}; add it or drop them")
+        return None
+    if "calibration" not in given:
+        raise ValueError(
+            f"--kv-backend {BACKEND} needs --kvtc-calibration PATH "
+            "(make one with: python -m kvtc_sglang.calibration --out DIR)"
+        )
+    config = KVTCCacheConfig(**given)
+    try:
+        read_header(config.calibration)
+    except ArtifactError as e:
+        raise ValueError(f"--kvtc-calibration: {e}") from e
+    return config
+
+
+def before_from_cli_args(*args: object, **kwargs: object) -> None:
+    """BEFORE hook on ``ServerArgs.from_cli_args(cls, namespace)``: validate, then export for schedulers."""
+    ns = kwargs.get("args", args[-1] if args else None)
+    if not isinstance(ns, argparse.Namespace):
+        return
+    try:
+        config = config_from_namespace(ns)
+    except ValueError as e:
+        sys.exit(f"kvtc: error: {e}")
+    if config is not None:
+        os.environ[ENV_VAR] = config.to_json()
+
+
+def register() -> None:
+    """Plugin entry point: register the backend factory and the argument hooks (idempotent)."""
+    from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from ..cache.factory import build_kvtc_cache
+
+    if get_radix_cache_factory(BACKEND) is None:
+        register_radix_cache_backend(BACKEND, build_kvtc_cache)
+    hooks = HookRegistry._hooks
+    target_add = "sglang.srt.server_args.ServerArgs.add_cli_args"
+    target_from = "sglang.srt.server_args.ServerArgs.from_cli_args"
+    if not any(h is add_cli_args for _t, h, _s in hooks.get(target_add, [])):
+        HookRegistry.register(target_add, add_cli_args, HookType.AFTER)
+        HookRegistry.register(target_from, before_from_cli_args, HookType.BEFORE)

@@ -1,0 +1,234 @@
+"""KVTCRadixCache on the real SGLang pool, allocators and RadixCache (CPU), with real SmolLM2 K/V.
+
+Reference first: a vanilla ``RadixCache`` fed the same operations; KV read back from the pool is compared
+with what was written (exact where uncompressed, within the codec's own round-trip error where restored).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+
+from kvtc_sglang.cache.config import KVTCCacheConfig
+from kvtc_sglang.cache.invariants import check_invariants
+from kvtc_sglang.cache.replay import BankKV, Driver, build_cache, build_pool
+
+FUTURE = 1e9  # a "now" after every idle threshold
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def bank(kv_bank) -> BankKV:
+    return BankKV(*kv_bank)
+
+
+@pytest.fixture(scope="module")
+def codec_err(codec, kv_bank) -> float:
+    """The codec's own relative round-trip error on 512 tokens of the bank (K and V, the larger)."""
+    k, v = kv_bank[0][:, :512], kv_bank[1][:, :512]
+    k2, v2, _ = codec.decode(codec.encode(k, v, torch.arange(512)))
+    return max(rel_err(k2, k), rel_err(v2, v))
+
+
+def make(codec, artifact, slots: int, ps: int, **cfg):
+    _, allocator = build_pool(artifact.spec, slots, ps)
+    config = KVTCCacheConfig(calibration="unused-in-tests", **cfg)
+    return build_cache(allocator, ps, codec, config)
+
+
+@pytest.mark.parametrize("ps", [1, 16])
+def test_cold_node_compressed_and_restored(codec, artifact, bank, codec_err, ps):
+    cache = make(codec, artifact, 2048, ps, window_tokens=128, idle_seconds=5.0)
+    drv = Driver(cache, bank)
+    seq = list(range(1000, 1300))
+    drv.finish(drv.start(seq))
+    free_before = cache.token_to_kv_pool_allocator.available_size()
+    assert cache.compress_idle(now=time.monotonic()) == 0  # nothing idle yet
+    freed = cache.compress_idle(now=FUTURE)
+    sink_end, hi = (4, 172) if ps == 1 else (16, 160)
+    assert freed == hi - sink_end
+    assert cache.token_to_kv_pool_allocator.available_size() == free_before + freed
+    [(node, entry)] = cache.compressed.items()
+    assert (entry.start, entry.num_tokens) == (sink_end, hi - sink_end)
+    check_invariants(cache)
+    n, k, v = drv.read_prefix([*seq, 7])
+    assert n == 300 // ps * ps
+    ref_k, ref_v = bank.k[:, :n], bank.v[:, :n]
+    assert torch.equal(k[:, :sink_end], ref_k[:, :sink_end]) and torch.equal(v[:, hi:], ref_v[:, hi:])
+    assert rel_err(k, ref_k) <= 1.2 * codec_err and rel_err(v, ref_v) <= 1.2 * codec_err
+    assert cache.stats.restores == 1 and not cache.compressed
+    check_invariants(cache)
+
+
+def test_locked_nodes_are_never_compressed(codec, artifact, bank):
+    cache = make(codec, artifact, 2048, 1, window_tokens=16, idle_seconds=0.0)
+    drv = Driver(cache, bank)
+    held = drv.start(list(range(400)))
+    assert cache.compress_idle(now=FUTURE) == 0
+    drv.finish(held)
+    assert cache.compress_idle(now=FUTURE) == 400 - 16 - 4
+
+
+def test_insert_through_compressed_node_adopts_fresh_kv(codec, artifact, bank):
+    cache = make(codec, artifact, 2048, 1, window_tokens=8, idle_seconds=0.0)
+    drv = Driver(cache, bank)
+    drv.finish(drv.start(list(range(200))))
+    cache.compress_idle(now=FUTURE)
+    assert cache.compressed
+    # Insert the same tokens with the request's own KV: the node takes a copy, no decode, exact KV.
+    allocator = cache.token_to_kv_pool_allocator
+    from array import array
+
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    slots = allocator.alloc(200)
+    drv.kv.scatter(slots, bank.k[:, :200], bank.v[:, :200])
+    res = cache.insert(InsertParams(key=RadixKey(array("q", range(200))), value=slots))
+    assert res.prefix_len == 200 and not cache.compressed and cache.stats.restores == 0
+    allocator.free(slots)  # duplicates, as SGLang's _insert_cache frees them
+    n, k, v = drv.read_prefix(list(range(200)))
+    assert n == 200 and torch.equal(k, bank.k[:, :200]) and torch.equal(v, bank.v[:, :200])
+    check_invariants(cache)
+
+
+def test_corrupted_blob_is_a_cache_miss(codec, artifact, bank):
+    cache = make(codec, artifact, 2048, 1, window_tokens=8, idle_seconds=0.0)
+    drv = Driver(cache, bank)
+    seq = list(range(300))
+    drv.finish(drv.start(seq))
+    cache.compress_idle(now=FUTURE)
+    [(node, entry)] = cache.compressed.items()
+    blob = cache.arena.get(entry.handle)
+    blob[blob.numel() // 2] ^= 0x5A
+    cache.arena.free(entry.handle)
+    cache.compressed[node] = type(entry)(cache.arena.put(blob), entry.start, entry.num_tokens, entry.raw_bytes)
+    n, k, _ = drv.read_prefix(seq)
+    assert n == entry.start  # the match stops before the corrupted node: recompute, never wrong KV
+    assert torch.equal(k, bank.k[:, :n])
+    assert cache.stats.checksum_failures == 1 and not cache.compressed
+    check_invariants(cache)
+
+
+def test_restore_without_memory_is_a_shorter_match(codec, artifact, bank):
+    cache = make(codec, artifact, 1024, 1, window_tokens=8, idle_seconds=0.0, store_fraction=0.25)
+    drv = Driver(cache, bank)
+    drv.finish(drv.start(list(range(300))))
+    cache.compress_idle(now=FUTURE)
+    allocator = cache.token_to_kv_pool_allocator
+    hog = allocator.alloc(allocator.available_size())  # a running batch holds every free slot
+    n, _, _ = drv.read_prefix(list(range(300)))
+    assert n == 4 and cache.stats.restore_no_memory == 1 and cache.compressed
+    check_invariants(cache, held_slots=hog.numel())
+    allocator.free(hog)
+    n, _, _ = drv.read_prefix(list(range(300)))
+    assert n == 300 and cache.stats.restores == 1
+
+
+def test_pressure_compresses_before_evicting(codec, artifact, bank):
+    cache = make(codec, artifact, 768, 1, window_tokens=16, idle_seconds=1e6)  # 576 slots for KV
+    drv = Driver(cache, bank)
+    kept = drv.start(list(range(5000, 5200)))  # locked: must come back exact
+    for i in range(3):
+        drv.finish(drv.start([i, *range(10_000 + 200 * i, 10_000 + 200 * i + 180)]))
+    assert cache.stats.compressions > 0 and cache.stats.dropped_tokens == 0
+    n, k, _ = drv.read_prefix(list(range(5000, 5200)))
+    assert n == 200 and torch.equal(k, bank.k[:, :200])
+    for i in range(3):  # every earlier sequence is still cached (compressed), none evicted
+        assert drv.match([i, *range(10_000 + 200 * i, 10_000 + 200 * i + 180)])[0] == 181
+    drv.finish(kept)
+    check_invariants(cache)
+
+
+def test_reset_and_allocator_clear_keep_accounting(codec, artifact, bank):
+    cache = make(codec, artifact, 1024, 16, window_tokens=16, idle_seconds=0.0)
+    drv = Driver(cache, bank)
+    drv.finish(drv.start(list(range(300))))
+    cache.compress_idle(now=FUTURE)
+    cache.reset()  # what SGLang's flush_cache does, followed by allocator.clear()
+    cache.token_to_kv_pool_allocator.clear()
+    drv.finish(drv.start(list(range(100))))
+    assert cache.arena is not None
+    check_invariants(cache)
+
+
+def _workload(rng: random.Random, steps: int, vocab: int, max_len: int):
+    """Requests that extend, branch from and repeat earlier ones (multi-turn and shared prefixes)."""
+    seqs: list[list[int]] = []
+    for _ in range(steps):
+        r = rng.random()
+        if seqs and r < 0.6:
+            base = rng.choice(seqs)
+            cut = rng.randint(1, len(base))
+            seq = base[:cut] + [rng.randrange(vocab) for _ in range(rng.randint(0, 40))]
+        else:
+            seq = [rng.randrange(vocab) for _ in range(rng.randint(1, 60))]
+        seq = seq[:max_len]
+        seqs.append(seq)
+        yield seq, rng.random()
+
+
+@pytest.mark.parametrize("ps", [1, 16])
+def test_randomized_against_vanilla_radix_cache(codec, artifact, bank, codec_err, ps):
+    """Big pools (no eviction): KVTC compresses idle nodes yet matches exactly what vanilla matches."""
+    rng = random.Random(1234 + ps)
+    vanilla = build_cache(build_pool(artifact.spec, 16384, ps)[1], ps)
+    kvtc = make(codec, artifact, 16384, ps, window_tokens=8, idle_seconds=0.0, min_tokens=16)
+    dv, dk = Driver(vanilla, bank), Driver(kvtc, bank)
+    running: list[tuple] = []
+    for step, (seq, u) in enumerate(_workload(rng, 700, 50, 400)):
+        if u < 0.3:  # a lookup only, with the KV read back
+            nv, kv_v, vv_v = dv.read_prefix(seq)
+            nk, kv_k, vv_k = dk.read_prefix(seq)
+            assert nv == nk, f"step {step}: vanilla matched {nv}, kvtc {nk}"
+            if nk:
+                assert rel_err(kv_k, kv_v) <= 1.5 * codec_err + 1e-3 and rel_err(vv_k, vv_v) <= 1.5 * codec_err + 1e-3
+                assert torch.equal(kv_k[:, :4], kv_v[:, :4])  # sinks are exact
+        else:
+            rv, rk = dv.start(seq), dk.start(seq)
+            assert rv.matched == rk.matched, f"step {step}: vanilla matched {rv.matched}, kvtc {rk.matched}"
+            running.append((rv, rk))
+        while running and (len(running) > 4 or rng.random() < 0.5):
+            rv, rk = running.pop(rng.randrange(len(running)))
+            dv.finish(rv)
+            dk.finish(rk)
+        if step % 7 == 0:
+            kvtc.compress_idle(now=FUTURE)
+        if step % 50 == 0:
+            check_invariants(vanilla)
+            check_invariants(kvtc)
+    assert kvtc.stats.compressions > 20 and kvtc.stats.restores > 5
+    assert dv.hit_tokens == dk.hit_tokens
+    check_invariants(kvtc)
+
+
+def test_randomized_under_memory_pressure(codec, artifact, bank):
+    """Small pools: KVTC keeps more cached than vanilla; nothing leaks, locked KV is never touched."""
+    rng = random.Random(99)
+    vanilla = build_cache(build_pool(artifact.spec, 1536, 1)[1], 1)
+    kvtc = make(codec, artifact, 1536, 1, window_tokens=16, idle_seconds=1e6, store_fraction=0.2)
+    dv, dk = Driver(vanilla, bank), Driver(kvtc, bank)
+    held = []
+    for step, (seq, _) in enumerate(_workload(rng, 400, 30, 300)):
+        rk = dk.start(seq)
+        dv_req = dv.start(seq)
+        if rk is not None:
+            held.append(rk)
+        if dv_req is not None:
+            dv.finish(dv_req)
+        while len(held) > 2:
+            req = held.pop(0)
+            n, k, _ = dk.read_prefix(req.tokens)  # a locked request's prefix is intact
+            assert n >= len(req.tokens) - 1 and rel_err(k, bank.k[:, :n]) < 0.2
+            dk.finish(req)
+        if step % 40 == 0:
+            check_invariants(kvtc)
+    assert kvtc.stats.compressions > 0
+    assert dk.hit_tokens > dv.hit_tokens, (dk.hit_tokens, dv.hit_tokens)
+    check_invariants(kvtc)
