@@ -14,7 +14,7 @@ import torch
 
 from kvtc_sglang.cache.config import KVTCCacheConfig
 from kvtc_sglang.cache.invariants import check_invariants
-from kvtc_sglang.cache.replay import BankKV, Driver, build_cache, build_pool
+from kvtc_sglang.cache.replay import BankKV, Driver, build_cache, build_pool, random_workload
 
 FUTURE = 1e9  # a "now" after every idle threshold
 
@@ -158,22 +158,6 @@ def test_reset_and_allocator_clear_keep_accounting(codec, artifact, bank):
     check_invariants(cache)
 
 
-def _workload(rng: random.Random, steps: int, vocab: int, max_len: int):
-    """Requests that extend, branch from and repeat earlier ones (multi-turn and shared prefixes)."""
-    seqs: list[list[int]] = []
-    for _ in range(steps):
-        r = rng.random()
-        if seqs and r < 0.6:
-            base = rng.choice(seqs)
-            cut = rng.randint(1, len(base))
-            seq = base[:cut] + [rng.randrange(vocab) for _ in range(rng.randint(0, 40))]
-        else:
-            seq = [rng.randrange(vocab) for _ in range(rng.randint(1, 60))]
-        seq = seq[:max_len]
-        seqs.append(seq)
-        yield seq, rng.random()
-
-
 @pytest.mark.parametrize("ps", [1, 16])
 def test_randomized_against_vanilla_radix_cache(codec, artifact, bank, codec_err, ps):
     """Big pools (no eviction): KVTC compresses idle nodes yet matches exactly what vanilla matches."""
@@ -182,7 +166,7 @@ def test_randomized_against_vanilla_radix_cache(codec, artifact, bank, codec_err
     kvtc = make(codec, artifact, 16384, ps, window_tokens=8, idle_seconds=0.0, min_tokens=16)
     dv, dk = Driver(vanilla, bank), Driver(kvtc, bank)
     running: list[tuple] = []
-    for step, (seq, u) in enumerate(_workload(rng, 700, 50, 400)):
+    for step, (seq, u) in enumerate(random_workload(rng, 700, 50, 400)):
         if u < 0.3:  # a lookup only, with the KV read back
             nv, kv_v, vv_v = dv.read_prefix(seq)
             nk, kv_k, vv_k = dk.read_prefix(seq)
@@ -215,7 +199,7 @@ def test_randomized_under_memory_pressure(codec, artifact, bank):
     kvtc = make(codec, artifact, 1536, 1, window_tokens=16, idle_seconds=1e6, store_fraction=0.2)
     dv, dk = Driver(vanilla, bank), Driver(kvtc, bank)
     held = []
-    for step, (seq, _) in enumerate(_workload(rng, 400, 30, 300)):
+    for step, (seq, _) in enumerate(random_workload(rng, 400, 30, 300)):
         rk = dk.start(seq)
         dv_req = dv.start(seq)
         if rk is not None:

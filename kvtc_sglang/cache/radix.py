@@ -13,10 +13,8 @@ of the KV pool). Invariants:
 
 from __future__ import annotations
 
-import heapq
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
@@ -30,28 +28,19 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
-from ..codec import BlobError, KVTCCodec
-from ..codec.errors import BlobChecksumError
-from .arena import BlobArena, BlobHandle
+from ..codec import KVTCCodec
+from .arena import BlobArena
 from .config import KVTCCacheConfig
+from .eviction import EvictionMixin
 from .kv_io import PoolKV
 from .stats import KVTCStats
+from .transcode import CompressedNode, TranscodeMixin
 from .tree_walk import compress_candidates, subtree_postorder
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class CompressedNode:
-    """Book-keeping of one compressed node: its blob and the absolute positions it covers."""
-
-    handle: BlobHandle
-    start: int  # depth of the node's first token = its RoPE position
-    num_tokens: int
-    raw_bytes: int
-
-
-class KVTCRadixCache(RadixCache):
+class KVTCRadixCache(TranscodeMixin, EvictionMixin, RadixCache):
     """Radix cache with KVTC-compressed cold nodes.
 
     Args:
@@ -288,149 +277,3 @@ class KVTCRadixCache(RadixCache):
                 target = self._split_node(cand.key, cand, hi - lo)  # the new parent covers [lo, hi)
             freed += self._compress(target, lo)
         return freed
-
-    def _compress(self, node: TreeNode, start: int) -> int:
-        t0 = time.perf_counter()
-        slots = node.value
-        num_t = len(slots)
-        k, v = self.kv.gather(slots)  # [L, T, H, D] each
-        blob = self.codec.encode(k, v, torch.arange(start, start + num_t))
-        handle = self.arena.put(blob)
-        if handle is None:
-            self._evict_compressed(blob.numel(), keep=node)
-            handle = self.arena.put(blob)
-            if handle is None:
-                self.stats.store_full += 1
-                return 0
-        self.token_to_kv_pool_allocator.free(slots)
-        node.value = None
-        self.evictable_size_ -= num_t
-        raw = 2 * k.numel() * k.element_size()
-        self.compressed[node] = CompressedNode(handle, start, num_t, raw)
-        s = self.stats
-        s.compressions += 1
-        s.compressed_tokens += num_t
-        s.resident_nodes += 1
-        s.resident_tokens += num_t
-        s.resident_raw_bytes += raw
-        s.resident_blob_bytes += handle.nbytes
-        s.compress_seconds += time.perf_counter() - t0
-        self._update_leaf_status(node)
-        self._update_leaf_status(node.parent)
-        return num_t
-
-    def _forget(self, node: TreeNode) -> CompressedNode:
-        entry = self.compressed.pop(node)
-        self.arena.free(entry.handle)
-        s = self.stats
-        s.resident_nodes -= 1
-        s.resident_tokens -= entry.num_tokens
-        s.resident_raw_bytes -= entry.raw_bytes
-        s.resident_blob_bytes -= entry.handle.nbytes
-        return entry
-
-    def _revive(self, node: TreeNode, source: torch.Tensor | None) -> bool:
-        """Give compressed ``node`` device slots again: copied from ``source`` slots, or decoded."""
-        t0 = time.perf_counter()
-        entry = self.compressed[node]
-        slots = self._alloc_slots(entry.num_tokens, keep=node)
-        if slots is None:
-            self.stats.restore_no_memory += 1
-            return False
-        if source is not None:
-            self.kv.copy(source, slots)
-            self.stats.adopted_tokens += entry.num_tokens
-        else:
-            try:
-                k, v, pos = self.codec.decode(self.arena.get(entry.handle))
-                want = torch.arange(entry.start, entry.start + entry.num_tokens)
-                if not torch.equal(pos.cpu(), want):
-                    raise BlobChecksumError(f"blob positions {pos[:1].tolist()}.. differ from node's {entry.start}..")
-            except BlobError as e:
-                logger.warning("kvtc: dropping a compressed node of %d tokens: %s", entry.num_tokens, e)
-                self.token_to_kv_pool_allocator.free(slots)
-                self.stats.checksum_failures += 1
-                self._drop_subtree(node)
-                return False
-            self.kv.scatter(slots, k, v)
-            self.stats.restores += 1
-            self.stats.restored_tokens += entry.num_tokens
-        self._forget(node)
-        node.value = slots
-        self.evictable_size_ += entry.num_tokens
-        self._update_leaf_status(node)
-        self._update_leaf_status(node.parent)
-        self.stats.restore_seconds += time.perf_counter() - t0
-        return True
-
-    def _alloc_slots(self, num_tokens: int, keep: TreeNode) -> torch.Tensor | None:
-        allocator = self.token_to_kv_pool_allocator
-        short = num_tokens - allocator.available_size()
-        if short > 0:
-            if short > self.evictable_size_:
-                return None  # even evicting every unlocked device token would not do: touch nothing
-            self._protect.add(keep)
-            self.evict(EvictParams(num_tokens=short))
-        return allocator.alloc(num_tokens) if allocator.available_size() >= num_tokens else None
-
-    # ----- eviction -----
-
-    def _evict_compressed(self, nbytes: int, keep: TreeNode) -> None:
-        """Drop compressed nodes (leaves first, then least recently used) until ``nbytes`` fit the arena."""
-        order = sorted(
-            (n for n in self.compressed if n is not keep and n not in self._protect),
-            key=lambda n: (len(n.children) > 0, n.last_access_time),
-        )
-        for node in order:
-            if self.arena.can_fit(nbytes):
-                return
-            if node in self.compressed and node.parent is not None:
-                self._drop_subtree(node)
-
-    def _evict_device(self, need: int) -> int:
-        """SGLang's LRU leaf eviction over device nodes; a leaf's compressed children go with it.
-
-        A device leaf whose compressed children still hold device nodes further down waits until those
-        are gone (deeper, more specific KV goes first)."""
-        prio = self.eviction_strategy.get_priority
-        heap = [(prio(n), id(n), n) for n in self.evictable_leaves]
-        heapq.heapify(heap)
-        freed = 0
-        while freed < need and heap:
-            _, _, victim = heapq.heappop(heap)
-            if victim not in self.evictable_leaves or victim in self._protect or _has_device_below(victim):
-                continue
-            up = victim.parent
-            freed += self._drop_subtree(victim)
-            while up is not None and up is not self.root_node and up.value is None:
-                up = up.parent  # the nearest device ancestor may have become a leaf
-            if up is not None and up in self.evictable_leaves:
-                heapq.heappush(heap, (prio(up), id(up), up))
-        return freed
-
-    def _drop_subtree(self, node: TreeNode) -> int:
-        """Remove ``node`` and everything under it from the tree; returns the device slots freed."""
-        freed = 0
-        for n, _ in subtree_postorder(node):
-            if n.lock_ref > 0:
-                raise RuntimeError(f"kvtc invariant broken: dropping a locked node (lock_ref={n.lock_ref})")
-            if n in self.compressed:
-                entry = self._forget(n)
-                self.stats.dropped_nodes += 1
-                self.stats.dropped_tokens += entry.num_tokens
-            elif n.value is not None:
-                self.token_to_kv_pool_allocator.free(n.value)
-                self.evictable_size_ -= len(n.value)
-                freed += len(n.value)
-                self.evictable_leaves.discard(n)
-                self.kv_events.record_remove(n)
-                n.value = None
-        parent = node.parent
-        parent.children.pop(node.key.child_key(self.page_size))
-        node.parent = None
-        self._update_leaf_status(parent)
-        return freed
-
-
-def _has_device_below(node: TreeNode) -> bool:
-    return any(n is not node and n.value is not None for n, _ in subtree_postorder(node))

@@ -78,6 +78,16 @@ def build_cache(allocator, page_size: int, codec: KVTCCodec | None = None, confi
 
 
 @dataclass
+class Admission:
+    """A request between match and forward: its cached prefix is locked."""
+
+    tokens: list[int]
+    matched: int
+    lock: TreeLock | None
+    prefix_slots: torch.Tensor  # [matched] int64
+
+
+@dataclass
 class Running:
     """A request that holds its cached prefix locked until :meth:`Driver.finish`."""
 
@@ -89,7 +99,7 @@ class Running:
 class Driver:
     """Scheduler-like request flow over one cache; counts hits and recomputed tokens."""
 
-    def __init__(self, cache: RadixCache, source: KVSource) -> None:
+    def __init__(self, cache: RadixCache, source: KVSource | None) -> None:
         self.cache = cache
         self.allocator = cache.token_to_kv_pool_allocator
         pool = self.allocator.get_kvcache()
@@ -110,33 +120,47 @@ class Driver:
             self.cache.evict(EvictParams(num_tokens=short))
         return self.allocator.alloc(n) if self.allocator.available_size() >= n else None
 
-    def start(self, tokens: list[int]) -> Running | None:
-        """Admit a request: reuse the cached prefix, compute (write) the rest, insert; ``None`` if no memory."""
-        ps = self.page_size
+    def admit(self, tokens: list[int]) -> Admission:
+        """Match and lock the cached prefix of ``tokens``; its slots are valid while the lock is held."""
         matched, node = self.match(tokens)
         lock = self.cache.lock(node)
-        prefix = self.cache.path_device_indices(node)[:matched]
+        return Admission(tokens, matched, lock, self.cache.path_device_indices(node)[:matched])
+
+    def read(self, adm: Admission) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V ``[L, matched, H, D]`` of an admitted request's cached prefix, as attention would read it."""
+        return self.kv.gather(adm.prefix_slots)
+
+    def commit(self, adm: Admission, k_new: torch.Tensor, v_new: torch.Tensor) -> Running | None:
+        """Write the computed K/V ``[L, T - matched, H, D]``, insert the sequence, keep it locked.
+
+        Returns ``None`` (and unlocks) when no slots can be found even after eviction."""
+        ps, tokens, matched = self.page_size, adm.tokens, adm.matched
         n_new = len(tokens) - matched
-        slots = self._alloc(-(-n_new // ps) * ps) if n_new else prefix[:0]
+        slots = self._alloc(-(-n_new // ps) * ps) if n_new else adm.prefix_slots[:0]
         if slots is None:
-            self.cache.unlock(lock)
+            self.cache.unlock(adm.lock)
             self.failed += 1
             return None
         slots = slots[:n_new] if ps == 1 else slots
         if n_new:
-            k, v = self.source.kv(tokens, matched)
-            self.kv.scatter(slots[:n_new], k, v)
+            self.kv.scatter(slots[:n_new], k_new, v_new)
         self.hit_tokens += matched
         self.computed_tokens += n_new
         aligned = len(tokens) // ps * ps
-        values = torch.cat([prefix, slots[:n_new]])
+        values = torch.cat([adm.prefix_slots, slots[:n_new]])
         res = self.cache.insert(InsertParams(key=RadixKey(array("q", tokens[:aligned])), value=values[:aligned]))
         self.allocator.free(values[matched : res.prefix_len])  # the tree already had these tokens
         if aligned - matched < len(slots):
             self.allocator.free(slots[max(0, aligned - matched) :])  # the partial last page is not cached
         new_lock = self.cache.lock(res.last_device_node) if aligned else None
-        self.cache.unlock(lock)
+        self.cache.unlock(adm.lock)
         return Running(tokens, matched, new_lock)
+
+    def start(self, tokens: list[int]) -> Running | None:
+        """Admit a request, take the rest of its K/V from the source, commit it; ``None`` if no memory."""
+        adm = self.admit(tokens)
+        k, v = self.source.kv(tokens, adm.matched) if adm.matched < len(tokens) else (None, None)
+        return self.commit(adm, k, v)
 
     def finish(self, req: Running) -> None:
         self.cache.unlock(req.lock)
@@ -146,3 +170,18 @@ class Driver:
         n, node = self.match(tokens)
         k, v = self.kv.gather(self.cache.path_device_indices(node)[:n])
         return n, k, v
+
+
+def random_workload(rng, steps: int, vocab: int, max_len: int):
+    """Seeded request token lists that extend, branch from and repeat earlier ones (multi-turn chats and
+    shared prefixes), each with a uniform draw the caller may use for its own choices."""
+    seqs: list[list[int]] = []
+    for _ in range(steps):
+        if seqs and rng.random() < 0.6:
+            base = rng.choice(seqs)
+            seq = base[: rng.randint(1, len(base))] + [rng.randrange(vocab) for _ in range(rng.randint(0, 40))]
+        else:
+            seq = [rng.randrange(vocab) for _ in range(rng.randint(1, 60))]
+        seq = seq[:max_len]
+        seqs.append(seq)
+        yield seq, rng.random()

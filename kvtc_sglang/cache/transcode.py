@@ -1,0 +1,118 @@
+"""Moving one radix node between the KV pool and the compressed store (mixin of ``KVTCRadixCache``).
+
+``_compress`` gathers a device node's K/V from every layer at its slots, encodes it at the node's absolute
+positions (its depth), stores the blob in the arena and frees the slots. ``_revive`` does the reverse into
+freshly allocated slots, either decoding the blob or copying an inserting request's identical fresh KV.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+from ..codec import BlobError
+from ..codec.errors import BlobChecksumError
+from .arena import BlobHandle
+from .tree_walk import TreeNode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompressedNode:
+    """Book-keeping of one compressed node: its blob and the absolute positions it covers."""
+
+    handle: BlobHandle
+    start: int  # depth of the node's first token = its RoPE position
+    num_tokens: int
+    raw_bytes: int
+
+
+class TranscodeMixin:
+    def _compress(self, node: TreeNode, start: int) -> int:
+        t0 = time.perf_counter()
+        slots = node.value
+        num_t = len(slots)
+        k, v = self.kv.gather(slots)  # [L, T, H, D] each
+        blob = self.codec.encode(k, v, torch.arange(start, start + num_t))
+        handle = self.arena.put(blob)
+        if handle is None:
+            self._evict_compressed(blob.numel(), keep=node)
+            handle = self.arena.put(blob)
+            if handle is None:
+                self.stats.store_full += 1
+                return 0
+        self.token_to_kv_pool_allocator.free(slots)
+        node.value = None
+        self.evictable_size_ -= num_t
+        raw = 2 * k.numel() * k.element_size()
+        self.compressed[node] = CompressedNode(handle, start, num_t, raw)
+        s = self.stats
+        s.compressions += 1
+        s.compressed_tokens += num_t
+        s.resident_nodes += 1
+        s.resident_tokens += num_t
+        s.resident_raw_bytes += raw
+        s.resident_blob_bytes += handle.nbytes
+        s.compress_seconds += time.perf_counter() - t0
+        self._update_leaf_status(node)
+        self._update_leaf_status(node.parent)
+        return num_t
+
+    def _forget(self, node: TreeNode) -> CompressedNode:
+        entry = self.compressed.pop(node)
+        self.arena.free(entry.handle)
+        s = self.stats
+        s.resident_nodes -= 1
+        s.resident_tokens -= entry.num_tokens
+        s.resident_raw_bytes -= entry.raw_bytes
+        s.resident_blob_bytes -= entry.handle.nbytes
+        return entry
+
+    def _revive(self, node: TreeNode, source: torch.Tensor | None) -> bool:
+        """Give compressed ``node`` device slots again: copied from ``source`` slots, or decoded."""
+        t0 = time.perf_counter()
+        entry = self.compressed[node]
+        slots = self._alloc_slots(entry.num_tokens, keep=node)
+        if slots is None:
+            self.stats.restore_no_memory += 1
+            return False
+        if source is not None:
+            self.kv.copy(source, slots)
+            self.stats.adopted_tokens += entry.num_tokens
+        else:
+            try:
+                k, v, pos = self.codec.decode(self.arena.get(entry.handle))
+                want = torch.arange(entry.start, entry.start + entry.num_tokens)
+                if not torch.equal(pos.cpu(), want):
+                    raise BlobChecksumError(f"blob positions {pos[:1].tolist()}.. differ from node's {entry.start}..")
+            except BlobError as e:
+                logger.warning("kvtc: dropping a compressed node of %d tokens: %s", entry.num_tokens, e)
+                self.token_to_kv_pool_allocator.free(slots)
+                self.stats.checksum_failures += 1
+                self._drop_subtree(node)
+                return False
+            self.kv.scatter(slots, k, v)
+            self.stats.restores += 1
+            self.stats.restored_tokens += entry.num_tokens
+        self._forget(node)
+        node.value = slots
+        self.evictable_size_ += entry.num_tokens
+        self._update_leaf_status(node)
+        self._update_leaf_status(node.parent)
+        self.stats.restore_seconds += time.perf_counter() - t0
+        return True
+
+    def _alloc_slots(self, num_tokens: int, keep: TreeNode) -> torch.Tensor | None:
+        allocator = self.token_to_kv_pool_allocator
+        short = num_tokens - allocator.available_size()
+        if short > 0:
+            if short > self.evictable_size_:
+                return None  # even evicting every unlocked device token would not do: touch nothing
+            self._protect.add(keep)
+            self.evict(EvictParams(num_tokens=short))
+        return allocator.alloc(num_tokens) if allocator.available_size() >= num_tokens else None

@@ -1,0 +1,134 @@
+"""The SGLang plugin and backend factory: CLI options, start-up refusals, registry, real cache construction."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.registry import TreeCacheBuildContext, get_radix_cache_factory
+
+from kvtc_sglang.cache.config import ENV_VAR, KVTCCacheConfig
+from kvtc_sglang.cache.factory import build_kvtc_cache
+from kvtc_sglang.cache.radix import KVTCRadixCache
+from kvtc_sglang.cache.replay import build_pool
+from kvtc_sglang.launch import plugin
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--radix-cache-backend", default=None)
+    plugin.add_cli_args(None, parser)
+    return parser.parse_args(argv)
+
+
+def test_options_become_a_config(artifact_path):
+    ns = parse(["--kv-backend", "kvtc", "--kvtc-calibration", str(artifact_path), "--kvtc-window-tokens", "64",
+                "--kvtc-idle-seconds", "2.5"])
+    cfg = plugin.config_from_namespace(ns)
+    assert cfg == KVTCCacheConfig(calibration=str(artifact_path), window_tokens=64, idle_seconds=2.5)
+    assert KVTCCacheConfig.from_json(cfg.to_json()) == cfg
+    assert plugin.config_from_namespace(parse(["--radix-cache-backend", "kvtc", "--kvtc-calibration",
+                                                str(artifact_path)])) is not None
+    assert plugin.config_from_namespace(parse([])) is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--kv-backend", "kvtc"], "needs --kvtc-calibration"),
+        (["--kvtc-sink-tokens", "8"], "--kvtc-sink-tokens given without --kv-backend kvtc"),
+        (["--kv-backend", "kvtc", "--kvtc-calibration", "/nonexistent.kvtc.safetensors"], "--kvtc-calibration"),
+        (["--kv-backend", "kvtc", "--kvtc-calibration", "CAL", "--kvtc-sink-tokens", "-1"], "sink_tokens"),
+        (["--kv-backend", "kvtc", "--kvtc-calibration", "CAL", "--kvtc-store-fraction", "1.5"], "store_fraction"),
+        (["--kv-backend", "kvtc", "--kvtc-calibration", "CAL", "--kvtc-idle-seconds", "nan"], "idle_seconds"),
+    ],
+)
+def test_bad_options_are_refused_by_name(argv, message, artifact_path):
+    argv = [str(artifact_path) if a == "CAL" else a for a in argv]
+    with pytest.raises(ValueError, match=message):
+        plugin.config_from_namespace(parse(argv))
+
+
+def test_unknown_backend_and_unreadable_calibration(tmp_path):
+    with pytest.raises(SystemExit):
+        parse(["--kv-backend", "lmcache"])  # argparse: invalid choice
+    bad = tmp_path / "bad.kvtc.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="--kvtc-calibration"):
+        plugin.config_from_namespace(parse(["--kv-backend", "kvtc", "--kvtc-calibration", str(bad)]))
+
+
+def _ctx(lm, dtype: str = "bfloat16", **overrides) -> TreeCacheBuildContext:
+    spec = dataclasses.replace(lm.spec, dtype=dtype)
+    _, allocator = build_pool(spec, 1024, 1)
+    params = CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=allocator, page_size=1)
+    fields = dict(
+        server_args=None, params=params, is_hybrid_swa=False, is_hybrid_ssm=False, enable_hierarchical_cache=False,
+        disable_radix_cache=False, tp_worker=None, tp_size=1, tp_rank=0, tp_group=None,
+        model_config=SimpleNamespace(hf_text_config=overrides.pop("hf", lm.model.config), model_path="smollm2"),
+    )
+    fields.update(overrides)
+    return TreeCacheBuildContext(**fields)
+
+
+def test_registered_factory_builds_the_cache(lm, artifact_path, monkeypatch):
+    plugin.register()
+    assert get_radix_cache_factory("kvtc") is build_kvtc_cache
+    monkeypatch.setenv(ENV_VAR, KVTCCacheConfig(calibration=str(artifact_path)).to_json())
+    cache = get_radix_cache_factory("kvtc")(_ctx(lm))
+    assert isinstance(cache, KVTCRadixCache) and cache.arena_tokens == 256
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dtype": "float16"}, "dtype: calibration has 'bfloat16', model has 'float16'"),
+        ({"is_hybrid_swa": True}, "sliding-window"),
+        ({"enable_hierarchical_cache": True}, "hierarchical"),
+        ({"tp_size": 2}, "tp-size 1"),
+        ({"layers": 12}, "num_layers: calibration has 30, model has 12"),
+        ({"arch": "Gemma3ForCausalLM"}, "not supported"),
+    ],
+)
+def test_factory_refuses_what_it_cannot_serve(lm, artifact_path, monkeypatch, kwargs, message):
+    monkeypatch.setenv(ENV_VAR, KVTCCacheConfig(calibration=str(artifact_path)).to_json())
+    hf = copy.deepcopy(lm.model.config)
+    if "layers" in kwargs:
+        hf.num_hidden_layers = kwargs.pop("layers")
+    if "arch" in kwargs:
+        hf.architectures = [kwargs.pop("arch")]
+    with pytest.raises(ValueError, match=message):
+        build_kvtc_cache(_ctx(lm, hf=hf, **kwargs))
+
+
+def test_factory_without_calibration(lm, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    with pytest.raises(ValueError, match="--kvtc-calibration"):
+        build_kvtc_cache(_ctx(lm))
+
+
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    return subprocess.run([sys.executable, "-m", "sglang.launch_server", *args], capture_output=True, text=True,
+                          env=env, timeout=300, check=False)
+
+
+def test_launch_server_help_lists_the_plugin_options():
+    out = _launch("--help")
+    assert out.returncode == 0, out.stderr[-2000:]
+    for flag in ("--kv-backend {kvtc}", "--kvtc-calibration", "--kvtc-sink-tokens", "--kvtc-window-tokens",
+                 "--kvtc-idle-seconds", "--kvtc-store-fraction"):
+        assert flag in out.stdout
+
+
+def test_launch_server_stops_with_one_clear_line():
+    out = _launch("--model-path", "/nonexistent-model", "--kv-backend", "kvtc")
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].startswith("kvtc: error: --kv-backend kvtc needs --kvtc-calibration")

@@ -1,0 +1,51 @@
+"""Fail-safe behaviour of KVTCRadixCache: corrupted blobs among good ones, and a CI-sized soak run."""
+
+from __future__ import annotations
+
+import torch
+
+from kvtc_sglang.cache.config import KVTCCacheConfig
+from kvtc_sglang.cache.invariants import check_invariants
+from kvtc_sglang.cache.replay import BankKV, Driver, build_cache, build_pool
+from kvtc_sglang.cache.soak import SoakConfig, soak
+
+
+def _corrupt(cache, node) -> None:
+    entry = cache.compressed[node]
+    blob = cache.arena.get(entry.handle)
+    blob[-3] ^= 0x10
+    cache.arena.free(entry.handle)
+    cache.compressed[node] = type(entry)(cache.arena.put(blob), entry.start, entry.num_tokens, entry.raw_bytes)
+
+
+def test_one_bad_node_among_many_good_ones(codec, artifact, kv_bank):
+    bank = BankKV(*kv_bank)
+    _, allocator = build_pool(artifact.spec, 4096, 1)
+    cache = build_cache(allocator, 1, codec, KVTCCacheConfig(calibration="t", window_tokens=8, idle_seconds=0.0))
+    drv = Driver(cache, bank)
+    shared = list(range(200))
+    branches = {b: shared + [10_000 * (b + 1) + i for i in range(150)] for b in range(4)}
+    for seq in branches.values():
+        drv.finish(drv.start(seq))
+    cache.compress_idle(now=float("inf"))
+    by_start = {}
+    for node, entry in cache.compressed.items():
+        by_start.setdefault(entry.start, []).append(node)
+    assert len(by_start[200]) == 4  # one compressed node per branch after the shared part
+    bad = next(n for n in by_start[200] if n.key.token_ids[0] == 20_000)  # branch 1
+    _corrupt(cache, bad)
+    for b, seq in branches.items():
+        n, k, v = drv.read_prefix(seq)
+        assert n == (200 if b == 1 else 350), (b, n)
+        assert torch.equal(k[:, :4], bank.k[:, :4])
+        assert ((k.float() - bank.k[:, :n].float()).norm() / bank.k[:, :n].float().norm()) < 0.2
+    assert cache.stats.checksum_failures == 1 and cache.stats.restores == 4  # shared part + 3 good branches
+    check_invariants(cache)
+
+
+def test_soak_ci_sized(codec, kv_bank):
+    """1500 scheduler-like steps, 4 concurrent lock holders, paged pool under pressure (the long run is
+    ``python -m kvtc_sglang.cache.soak``)."""
+    out = soak(codec, BankKV(*kv_bank), SoakConfig(steps=1500, pool_tokens=2048, page_size=16, check_every=25))
+    assert out["compressions"] > 50 and out["restores"] > 10 and out["checksum_failures"] == 0
+    assert out["invariant_checks"] > 50 and out["worst_rel_err"] < 0.5
