@@ -34,11 +34,18 @@ def decoded(codec, blob):
 
 
 def _decode_or_blob_error(codec, data: bytes, reference) -> None:
+    """``BlobError``, or a decode equal to ``reference``; with ``reference=None`` (a re-signed header that
+    is well-formed by construction), a decode whose shapes agree with its own header."""
     try:
         k, v, pos = codec.decode(data)
     except BlobError:
         return
-    assert data is not None and all(torch.equal(a, b) for a, b in zip((k, v, pos), reference, strict=True))
+    if reference is None:
+        s = codec.spec
+        assert k.shape == v.shape == (s.num_layers, pos.numel(), s.num_kv_heads, s.head_dim)
+        assert torch.isfinite(k.float()).all() and torch.isfinite(v.float()).all()
+        return
+    assert all(torch.equal(a, b) for a, b in zip((k, v, pos), reference, strict=True))
 
 
 def test_fuzz_mutated_blobs(codec, blob, decoded):
@@ -97,7 +104,7 @@ def test_fuzz_well_formed_headers_with_hostile_fields(codec, blob, decoded):
             header = build_header(codec.artifact_id, shape, dtype, torch.tensor(positions, dtype=torch.int64), chunks)
         except (ValueError, OverflowError):
             return  # the writer refuses it; nothing to decode
-        _decode_or_blob_error(codec, header + body, decoded)
+        _decode_or_blob_error(codec, header + body, None)
 
     run()
 
@@ -127,7 +134,7 @@ def test_fuzz_calibration_loader(artifact_path, tmp_path_factory):
     n = int.from_bytes(raw[:8], "little")
     outer = json.loads(raw[8 : 8 + n])
     kvtc = json.loads(outer["__metadata__"]["kvtc"])
-    tensors_part = raw[8 + n :]
+    tensors_part = raw[8 + n : 8 + n + 4096]  # truncated: a header that survives is refused when tensors are read
     folder = tmp_path_factory.mktemp("fuzz")
 
     @settings(max_examples=1500, deadline=None, derandomize=True, database=None,

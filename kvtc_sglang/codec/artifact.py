@@ -123,15 +123,18 @@ def read_header(path: str | Path) -> dict:
             n = int.from_bytes(fh.read(8), "little")
             if n <= 0 or n > 100_000_000:
                 raise ArtifactError(f"{path} is not a safetensors file (header length {n})")
-            meta = json.loads(fh.read(n)).get("__metadata__") or {}
+            outer = json.loads(fh.read(n))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"cannot read calibration file {path}: {e}") from e
-    if "kvtc" not in meta:
+    meta = outer.get("__metadata__") if isinstance(outer, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("kvtc"), str):
         raise ArtifactError(f"{path} is a safetensors file without a KVTC header")
     try:
         header = json.loads(meta["kvtc"])
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path} has a corrupt KVTC header: {e}") from e
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path}: the KVTC header is a JSON {type(header).__name__}, expected an object")
     if header.get("format") != FORMAT:
         raise ArtifactError(f"{path}: format is {header.get('format')!r}, expected {FORMAT!r}")
     version = header.get("format_version")
