@@ -16,7 +16,7 @@ from pathlib import Path
 from kvtc_sglang.cache.config import KVTCCacheConfig
 from kvtc_sglang.calibration.model import load_default_model
 from kvtc_sglang.codec import KVTCCodec, load_artifact
-from kvtc_sglang.eval.serving import ServingEvalConfig, serving_eval
+from kvtc_sglang.eval.serving import ServingEvalConfig, format_table, serving_eval
 
 DEFAULT = ServingEvalConfig()
 FULL = ServingEvalConfig(turns=8, turn_tokens=256, system_tokens=1536, users=16, user_tokens=64, pool_tokens=16384)
@@ -37,13 +37,7 @@ def main() -> None:
     rows = [serving_eval(lm, codec, KVTCCacheConfig(calibration=str(args.artifact)), sizes, sc)
             for sc in ("multi_turn", "shared_prompt")]
     print(f"calibration {args.artifact.name} (target {artifact.target_ratio:g}x), page size {args.page_size}\n")
-    print("| scenario | scored tokens | reused | restored | ratio | top-1 | mean KL | restore ms/token | "
-          "recompute ms/token |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['scenario']} | {r['scored_tokens']} | {r['reused_tokens']} | {r['restored_tokens']} | "
-              f"{r['ratio']:.1f}x | {100 * r['top1_agreement']:.1f}% | {r['mean_kl']:.4f} | "
-              f"{r['restore_ms_per_token']:.3f} | {r['recompute_ms_per_token']:.3f} |")
+    print(format_table(rows))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2))
 

@@ -1,4 +1,5 @@
-"""Main job: calibrate the default model (if no artifact exists yet) and print the evaluation report.
+"""Main job: calibrate the default model (if no artifact exists yet), print the evaluation report, then
+run the serving check (real K/V through SGLang's pool and KVTCRadixCache) with the 16x calibration.
 
 ``python -m kvtc_sglang [--ratios 8 16 20 32 64] [--artifacts artifacts]``
 """
@@ -38,6 +39,23 @@ def main() -> None:
             str(args.json),
         ]
     )
+
+    if 16 in args.ratios:
+        _serving_check(args.artifacts / artifact_name(DEFAULT_MODEL, 16))
+
+
+def _serving_check(path: Path) -> None:
+    from .cache.config import KVTCCacheConfig
+    from .calibration.model import load_default_model
+    from .codec import KVTCCodec, load_artifact
+    from .eval.serving import ServingEvalConfig, format_table, serving_eval
+
+    lm = load_default_model()
+    codec = KVTCCodec(load_artifact(path, expect=lm.spec))
+    cfg = KVTCCacheConfig(calibration=str(path))
+    rows = [serving_eval(lm, codec, cfg, ServingEvalConfig(), sc) for sc in ("multi_turn", "shared_prompt")]
+    print(f"\n## Serving check: {path.name} through SGLang's pool and KVTCRadixCache\n")
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def random_workload(rng, steps: int, vocab: int, max_len: int):
     seqs: list[list[int]] = []
     for _ in range(steps):
         if seqs and rng.random() < 0.6:
-            base = rng.choice(seqs)
+            base = rng.choice(seqs[-50:])  # recent conversations come back, old ones fade
             seq = base[: rng.randint(1, len(base))] + [rng.randrange(vocab) for _ in range(rng.randint(0, 40))]
         else:
             seq = [rng.randrange(vocab) for _ in range(rng.randint(1, 60))]

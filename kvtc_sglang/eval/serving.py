@@ -123,3 +123,19 @@ def serving_eval(lm: LoadedModel, codec: KVTCCodec, cache_cfg: KVTCCacheConfig, 
         "recompute_ms_per_token": 1e3 * tally["recompute_seconds"] / max(1, tally["reused"]),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table of :func:`serving_eval` results."""
+    lines = [
+        "| scenario | scored tokens | reused | restored | ratio | top-1 | mean KL | restore ms/token | "
+        "recompute ms/token |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['scenario']} | {r['scored_tokens']} | {r['reused_tokens']} | {r['restored_tokens']} | "
+            f"{r['ratio']:.1f}x | {100 * r['top1_agreement']:.1f}% | {r['mean_kl']:.4f} | "
+            f"{r['restore_ms_per_token']:.3f} | {r['recompute_ms_per_token']:.3f} |"
+        )
+    return "\n".join(lines)
