@@ -132,3 +132,20 @@ def test_launch_server_stops_with_one_clear_line():
     out = _launch("--model-path", "/nonexistent-model", "--kv-backend", "kvtc")
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1].startswith("kvtc: error: --kv-backend kvtc needs --kvtc-calibration")
+
+
+def test_start_up_refuses_a_local_model_the_calibration_does_not_fit(lm, artifact_path, tmp_path):
+    cfg = copy.deepcopy(lm.model.config)
+    cfg.save_pretrained(tmp_path / "same")
+    ok = parse(["--kv-backend", "kvtc", "--kvtc-calibration", str(artifact_path)])
+    ok.model_path = str(tmp_path / "same")
+    assert plugin.config_from_namespace(ok) is not None
+    cfg.num_key_value_heads = 1
+    cfg.save_pretrained(tmp_path / "other")
+    bad = parse(["--kv-backend", "kvtc", "--kvtc-calibration", str(artifact_path)])
+    bad.model_path = str(tmp_path / "other")
+    with pytest.raises(ValueError, match="num_kv_heads: calibration has 3, model has 1"):
+        plugin.config_from_namespace(bad)
+    bad.model_path, bad.tp_size = str(tmp_path / "same"), 2
+    with pytest.raises(ValueError, match="tp-size 1"):
+        plugin.config_from_namespace(bad)

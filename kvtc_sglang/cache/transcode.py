@@ -75,12 +75,12 @@ class TranscodeMixin:
 
     def _revive(self, node: TreeNode, source: torch.Tensor | None) -> bool:
         """Give compressed ``node`` device slots again: copied from ``source`` slots, or decoded."""
-        t0 = time.perf_counter()
         entry = self.compressed[node]
-        slots = self._alloc_slots(entry.num_tokens, keep=node)
+        slots = self._alloc_slots(entry.num_tokens, keep=node)  # may compress or evict others (timed there)
         if slots is None:
             self.stats.restore_no_memory += 1
             return False
+        t0 = time.perf_counter()
         if source is not None:
             self.kv.copy(source, slots)
             self.stats.adopted_tokens += entry.num_tokens

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from ..cache.config import ENV_VAR, KVTCCacheConfig
 from ..codec import ArtifactError, read_header
@@ -62,10 +63,40 @@ def config_from_namespace(ns: argparse.Namespace) -> KVTCCacheConfig | None:
         )
     config = KVTCCacheConfig(**given)
     try:
-        read_header(config.calibration)
+        header = read_header(config.calibration)
     except ArtifactError as e:
         raise ValueError(f"--kvtc-calibration: {e}") from e
+    _check_server_options(ns)
+    _check_model(ns, header, config.calibration)
     return config
+
+
+def _check_server_options(ns: argparse.Namespace) -> None:
+    refusals = (
+        ("disable_radix_cache", bool, "--disable-radix-cache leaves nothing to compress; drop it"),
+        ("enable_hierarchical_cache", bool, "--enable-hierarchical-cache cannot be combined with kvtc"),
+        ("tp_size", lambda x: x not in (None, 1), "kvtc calibrations cover all KV heads; run with --tp-size 1"),
+    )
+    for dest, bad, message in refusals:
+        if bad(getattr(ns, dest, None)):
+            raise ValueError(message)
+
+
+def _check_model(ns: argparse.Namespace, header: dict, path: str) -> None:
+    """Compare the calibration with the model's config when it is on local disk (else the backend
+    factory checks it in the scheduler, where SGLang has loaded the config)."""
+    model_path = getattr(ns, "model_path", None)
+    if not model_path or not Path(model_path, "config.json").is_file():
+        return
+    from transformers import AutoConfig
+
+    from ..codec.spec import ModelSpec, spec_from_config
+
+    cal = ModelSpec.from_json(header["model"])
+    model = spec_from_config(AutoConfig.from_pretrained(model_path), name=str(model_path), dtype=cal.dtype)
+    problems = cal.mismatches(model)
+    if problems:
+        raise ValueError(f"--kvtc-calibration {path} does not fit {model_path}: " + "; ".join(problems))
 
 
 def before_from_cli_args(*args: object, **kwargs: object) -> None:
