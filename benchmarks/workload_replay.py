@@ -45,13 +45,16 @@ def _segments(tok, kind: str, length: int, count: int) -> list[list[int]]:
 
 
 def agentic(tok, rng: random.Random, n: dict) -> list[list[int]]:
-    pool = _segments(tok, "prose", 96, n["sessions"] * n["turns"] * 2)
-    history = [[] for _ in range(n["sessions"])]
+    """User messages are prose, replies and tool outputs are code; each session starts with its own id."""
+    need = n["sessions"] * n["turns"]
+    users = _segments(tok, "prose", 96, min(need, 160))
+    replies = _segments(tok, "code", 96, need)
+    history = [[rng.randrange(1, 49152) for _ in range(8)] for _ in range(n["sessions"])]
     left = [n["turns"]] * n["sessions"]
     trace = []
     while any(left):
         s = rng.choice([i for i, t in enumerate(left) if t])
-        user, reply = pool.pop()[: rng.randint(24, 96)], pool.pop()[: rng.randint(48, 96)]
+        user, reply = rng.choice(users)[: rng.randint(24, 96)], replies.pop()[: rng.randint(48, 96)]
         history[s] = history[s] + user + reply
         trace.append(list(history[s]))
         left[s] -= 1
@@ -121,6 +124,7 @@ def main() -> None:
     ap.add_argument("--artifact", type=Path, default=Path("artifacts/smollm2-135m-instruct.r16.kvtc.safetensors"))
     ap.add_argument("--pool-tokens", type=int, default=2048)
     ap.add_argument("--page-size", type=int, default=1)
+    ap.add_argument("--store-fraction", type=float, default=0.25, help="KVTC: share of the pool for compressed KV")
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=Path("out/workload_replay.json"))
@@ -139,7 +143,7 @@ def main() -> None:
         trace = [t[:bank_len] for t in make(lm.tokenizer, random.Random(args.seed), n)]
         for backend in ("radix", "kvtc"):
             _, allocator = build_pool(codec.spec, args.pool_tokens, args.page_size)
-            cfg = KVTCCacheConfig(calibration=str(args.artifact))
+            cfg = KVTCCacheConfig(calibration=str(args.artifact), store_fraction=args.store_fraction)
             cache = build_cache(allocator, args.page_size, codec if backend == "kvtc" else None, cfg)
             r = replay(trace, cache, bank)
             r.update(workload=name, backend=backend, prefill_ms_per_token=ms_tok)
@@ -147,13 +151,13 @@ def main() -> None:
             print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in r.items()}), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2))
-    print(table(rows, args.pool_tokens))
+    print(table(rows, args.pool_tokens, args.store_fraction))
     plot(rows, args.plot)
 
 
-def table(rows: list[dict], pool: int) -> str:
+def table(rows: list[dict], pool: int, store_fraction: float) -> str:
     by = {(r["workload"], r["backend"]): r for r in rows}
-    out = [f"pool: {pool} token slots for both backends\n",
+    out = [f"pool: {pool} token slots for both backends; kvtc store: {store_fraction:g} of them\n",
            "| workload | backend | hit rate | recomputed | resident prefix tokens | vs radix | "
            "compress+restore s | recompute s saved |", "|---|---|---|---|---|---|---|---|"]
     for (w, b), r in by.items():

@@ -25,10 +25,18 @@ class EvictionMixin:
                 self._drop_subtree(node)
 
     def _evict_device(self, need: int) -> int:
-        """SGLang's LRU leaf eviction over device nodes; a leaf's compressed children go with it.
+        """SGLang's LRU leaf eviction over device nodes.
 
-        A device leaf whose compressed children still hold device nodes further down waits until those
-        are gone (deeper, more specific KV goes first)."""
+        Two passes: first only leaves with nothing compressed under them; then, if still short, leaves
+        whose compressed children go with them (evicting a 4-token sink would otherwise throw away every
+        compressed conversation under it). A leaf whose compressed children still hold device nodes
+        further down waits until those are gone (deeper, more specific KV goes first)."""
+        freed = self._evict_device_pass(need, keep_compressed=True)
+        if freed < need:
+            freed += self._evict_device_pass(need - freed, keep_compressed=False)
+        return freed
+
+    def _evict_device_pass(self, need: int, keep_compressed: bool) -> int:
         prio = self.eviction_strategy.get_priority
         heap = [(prio(n), id(n), n) for n in self.evictable_leaves]
         heapq.heapify(heap)
@@ -36,6 +44,8 @@ class EvictionMixin:
         while freed < need and heap:
             _, _, victim = heapq.heappop(heap)
             if victim not in self.evictable_leaves or victim in self._protect or _has_device_below(victim):
+                continue
+            if keep_compressed and victim.children:
                 continue
             up = victim.parent
             freed += self._drop_subtree(victim)
