@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from kvtc_sglang.cache.config import KVTCCacheConfig
@@ -49,3 +51,34 @@ def test_soak_ci_sized(codec, kv_bank):
     out = soak(codec, BankKV(*kv_bank), SoakConfig(steps=1500, pool_tokens=2048, page_size=16, check_every=25))
     assert out["compressions"] > 50 and out["restores"] > 10 and out["checksum_failures"] == 0
     assert out["invariant_checks"] > 50 and out["worst_rel_err"] < 0.5
+
+
+def test_fuzzed_blob_in_the_cache_never_writes_outside_its_slots(codec, artifact, kv_bank):
+    """40 seeded rounds of random byte damage to a stored blob: the match stops before the node (a miss,
+    never wrong KV), and no pool row outside the slots the restore allocated changes (compared bitwise:
+    arena rows hold blob bytes, which read as bf16 include NaNs)."""
+    rng = random.Random(7)
+    bank = BankKV(*kv_bank)
+    _, allocator = build_pool(artifact.spec, 1024, 1)
+    cache = build_cache(allocator, 1, codec, KVTCCacheConfig(calibration="t", window_tokens=8, idle_seconds=0.0))
+    drv = Driver(cache, bank)
+    seq = list(range(120))
+    for _ in range(40):
+        drv.finish(drv.start(seq))
+        cache.compress_idle(now=float("inf"))
+        [(node, entry)] = cache.compressed.items()
+        blob = cache.arena.get(entry.handle)
+        for _ in range(rng.randint(1, 4)):
+            blob[rng.randrange(blob.numel())] ^= rng.randint(1, 255)
+        cache.arena.free(entry.handle)
+        cache.compressed[node] = type(entry)(cache.arena.put(blob), entry.start, entry.num_tokens, entry.raw_bytes)
+        free_before = set(allocator.get_all_free_pages().tolist())
+        before = [b.view(torch.uint8).clone() for b in drv.kv.buffers]
+        n, k, _ = drv.read_prefix(seq)
+        taken = free_before - set(allocator.get_all_free_pages().tolist())  # slots the restore kept
+        keep = torch.ones(before[0].shape[0], dtype=torch.bool)
+        keep[list(taken)] = False
+        assert all(torch.equal(a[keep], b.view(torch.uint8)[keep]) for a, b in zip(before, drv.kv.buffers, strict=True))
+        assert n == 4 and torch.equal(k, bank.k[:, :4])
+        check_invariants(cache)
+    assert cache.stats.checksum_failures == 40

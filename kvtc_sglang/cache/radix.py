@@ -141,9 +141,11 @@ class KVTCRadixCache(TranscodeMixin, EvictionMixin, RadixCache):
     def insert(self, params: InsertParams) -> InsertResult:
         if self.disable:
             return super().insert(params)
+        if params.value is None:
+            raise ValueError("KVTCRadixCache.insert needs the KV slot indices (params.value), got None")
         self._ensure_arena()
         self.maybe_compress_idle()
-        if self.compressed and params.value is not None:
+        if self.compressed:
             key = params.key.page_aligned(self.page_size)
             self._revive_insert_path(key, params.value[: len(key)])
         return super().insert(params)
