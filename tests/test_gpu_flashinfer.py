@@ -14,12 +14,13 @@ import torch
 
 from kvtc_sglang.cache.config import KVTCCacheConfig
 from kvtc_sglang.cache.replay import BankKV, Driver, build_cache, build_pool
-from kvtc_sglang.codec import KVTCCodec
+from kvtc_sglang.codec import KVTCCodec, nvcomp_available
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None, reason="needs flashinfer"),
+    pytest.mark.skipif(not nvcomp_available(), reason="needs nvidia-nvcomp (pip install 'kvtc-sglang[gpu]')"),
 ]
 
 
