@@ -216,3 +216,23 @@ def test_randomized_under_memory_pressure(codec, artifact, bank):
     assert kvtc.stats.compressions > 0
     assert dk.hit_tokens > dv.hit_tokens, (dk.hit_tokens, dv.hit_tokens)
     check_invariants(kvtc)
+
+
+def test_full_store_never_drops_an_ancestor_of_the_node_being_compressed(codec, artifact, bank):
+    """Regression: making room for a node's blob must not drop a compressed ancestor (that would drop
+    the node itself and free its slots twice)."""
+    import dataclasses
+
+    cache = make(codec, artifact, 2048, 1, window_tokens=8, idle_seconds=0.0, min_tokens=8)
+    drv = Driver(cache, bank)
+    seq = list(range(600))
+    drv.finish(drv.start(seq))
+    cache.compress_idle(now=FUTURE)
+    assert len(cache.compressed) == 1  # [4, 592) compressed; the 8-token tail stays on device
+    filler = cache.arena.put(torch.zeros(cache.arena.free_bytes, dtype=torch.uint8))  # the store is full
+    cache.config = dataclasses.replace(cache.config, window_tokens=0)  # now the tail may compress too
+    assert cache.compress_idle(now=FUTURE) == 0 and cache.stats.store_full == 1
+    assert len(cache.compressed) == 1 and cache.stats.dropped_tokens == 0
+    check_invariants(cache)
+    cache.arena.free(filler)
+    assert drv.read_prefix(seq)[0] == 600

@@ -13,9 +13,15 @@ from .tree_walk import TreeNode, subtree_postorder
 
 class EvictionMixin:
     def _evict_compressed(self, nbytes: int, keep: TreeNode) -> None:
-        """Drop compressed nodes (leaves first, then least recently used) until ``nbytes`` fit the arena."""
+        """Drop compressed nodes (leaves first, then least recently used) until ``nbytes`` fit the arena.
+
+        ``keep`` and its ancestors are spared: dropping an ancestor would drop ``keep`` with it."""
+        spared = set(self._protect)
+        while keep is not None:
+            spared.add(keep)
+            keep = keep.parent
         order = sorted(
-            (n for n in self.compressed if n is not keep and n not in self._protect),
+            (n for n in self.compressed if n not in spared),
             key=lambda n: (len(n.children) > 0, n.last_access_time),
         )
         for node in order:
