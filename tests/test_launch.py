@@ -146,6 +146,12 @@ def test_start_up_refuses_a_local_model_the_calibration_does_not_fit(lm, artifac
     bad.model_path = str(tmp_path / "other")
     with pytest.raises(ValueError, match="num_kv_heads: calibration has 3, model has 1"):
         plugin.config_from_namespace(bad)
-    bad.model_path, bad.tp_size = str(tmp_path / "same"), 2
+    bad.model_path, bad.dtype = str(tmp_path / "same"), "float16"
+    with pytest.raises(ValueError, match="dtype: calibration has 'bfloat16', model has 'float16'"):
+        plugin.config_from_namespace(bad)
+    bad.dtype, bad.kv_cache_dtype = "auto", "fp8_e4m3"
+    with pytest.raises(ValueError, match="16-bit KV caches"):
+        plugin.config_from_namespace(bad)
+    bad.kv_cache_dtype, bad.tp_size = "auto", 2
     with pytest.raises(ValueError, match="tp-size 1"):
         plugin.config_from_namespace(bad)

@@ -93,7 +93,9 @@ def _check_model(ns: argparse.Namespace, header: dict, path: str) -> None:
     from ..codec.spec import ModelSpec, spec_from_config
 
     cal = ModelSpec.from_json(header["model"])
-    model = spec_from_config(AutoConfig.from_pretrained(model_path), name=str(model_path), dtype=cal.dtype)
+    hf = AutoConfig.from_pretrained(model_path)
+    dtype = _kv_dtype(ns, hf)
+    model = spec_from_config(hf, name=str(model_path), dtype=dtype or cal.dtype)
     problems = cal.mismatches(model)
     if problems:
         raise ValueError(f"--kvtc-calibration {path} does not fit {model_path}: " + "; ".join(problems))
@@ -127,3 +129,22 @@ def register() -> None:
     if not any(h is add_cli_args for _t, h, _s in hooks.get(target_add, [])):
         HookRegistry.register(target_add, add_cli_args, HookType.AFTER)
         HookRegistry.register(target_from, before_from_cli_args, HookType.BEFORE)
+
+
+_DTYPE_NAMES = {"half": "float16", "float16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float": "float32", "float32": "float32"}
+
+
+def _kv_dtype(ns: argparse.Namespace, hf: object) -> str | None:
+    """The KV cache dtype SGLang will use, as SGLang resolves ``--kv-cache-dtype``/``--dtype`` ("auto":
+    fp32 and fp16 checkpoints run in fp16, bf16 ones in bf16); ``None`` when it cannot be told here."""
+    kv = getattr(ns, "kv_cache_dtype", None) or "auto"
+    if kv != "auto":
+        if kv not in _DTYPE_NAMES:
+            raise ValueError(f"--kv-cache-dtype {kv}: kvtc compresses 16-bit KV caches (auto, bf16)")
+        return _DTYPE_NAMES[kv]
+    wanted = getattr(ns, "dtype", None) or "auto"
+    if wanted != "auto":
+        return _DTYPE_NAMES.get(wanted)
+    stored = str(getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None) or "").removeprefix("torch.")
+    return {"bfloat16": "bfloat16", "float16": "float16", "float32": "float16"}.get(stored)
