@@ -63,7 +63,9 @@ def agentic(tok, rng: random.Random, n: dict) -> list[list[int]]:
 
 def shared_prompt(tok, rng: random.Random, n: dict) -> list[list[int]]:
     systems = _segments(tok, "code", n["system"], n["apps"])
-    users = _segments(tok, "prose", 64, n["users"])
+    users = _segments(tok, "prose", 64, min(n["users"], 160))  # the held-out prose has ~250 such segments
+    if n["users"] > len(users):  # --full: user turns repeat (other apps, other lengths)
+        users = [rng.choice(users) for _ in range(n["users"])]
     return [systems[rng.randrange(n["apps"])] + u[: rng.randint(16, 64)] for u in users]
 
 
