@@ -12,10 +12,15 @@ from kvtc_sglang.cache.replay import BankKV, Driver, build_cache, build_pool
 from kvtc_sglang.cache.soak import SoakConfig, soak
 
 
-def _corrupt(cache, node) -> None:
+def _flip_tail(blob: torch.Tensor) -> None:
+    blob[-3] ^= 0x10
+
+
+def _damage(cache, node, damage=_flip_tail) -> None:
+    """Rewrite a compressed node's stored blob after ``damage`` changed it in place."""
     entry = cache.compressed[node]
     blob = cache.arena.get(entry.handle)
-    blob[-3] ^= 0x10
+    damage(blob)
     cache.arena.free(entry.handle)
     cache.compressed[node] = type(entry)(cache.arena.put(blob), entry.start, entry.num_tokens, entry.raw_bytes)
 
@@ -35,7 +40,7 @@ def test_one_bad_node_among_many_good_ones(codec, artifact, kv_bank):
         by_start.setdefault(entry.start, []).append(node)
     assert len(by_start[200]) == 4  # one compressed node per branch after the shared part
     bad = next(n for n in by_start[200] if n.key.token_ids[0] == 20_000)  # branch 1
-    _corrupt(cache, bad)
+    _damage(cache, bad)
     for b, seq in branches.items():
         n, k, v = drv.read_prefix(seq)
         assert n == (200 if b == 1 else 350), (b, n)
@@ -66,12 +71,13 @@ def test_fuzzed_blob_in_the_cache_never_writes_outside_its_slots(codec, artifact
     for _ in range(40):
         drv.finish(drv.start(seq))
         cache.compress_idle(now=float("inf"))
-        [(node, entry)] = cache.compressed.items()
-        blob = cache.arena.get(entry.handle)
-        for _ in range(rng.randint(1, 4)):
-            blob[rng.randrange(blob.numel())] ^= rng.randint(1, 255)
-        cache.arena.free(entry.handle)
-        cache.compressed[node] = type(entry)(cache.arena.put(blob), entry.start, entry.num_tokens, entry.raw_bytes)
+        [node] = cache.compressed
+
+        def flip(blob):
+            for _ in range(rng.randint(1, 4)):
+                blob[rng.randrange(blob.numel())] ^= rng.randint(1, 255)
+
+        _damage(cache, node, flip)
         free_before = set(allocator.get_all_free_pages().tolist())
         before = [b.view(torch.uint8).clone() for b in drv.kv.buffers]
         n, k, _ = drv.read_prefix(seq)

@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 ENV_VAR = "KVTC_SGLANG_CONFIG"  # how the launcher hands these options to SGLang's scheduler processes
+
+
+def refused_server_option(get: Callable[[str], object]) -> str | None:
+    """Why kvtc cannot run with these SGLang settings, or ``None``. ``get(name)`` reads a setting by the name
+    it has both in parsed CLI arguments and in ``TreeCacheBuildContext`` (launcher and factory share this)."""
+    if get("disable_radix_cache"):
+        return "--disable-radix-cache leaves nothing to compress; drop it"
+    if get("enable_hierarchical_cache"):
+        return "--enable-hierarchical-cache cannot be combined with kvtc; drop one"
+    tp = get("tp_size")
+    if tp not in (None, 1):
+        return f"kvtc calibrations cover all KV heads; run with --tp-size 1 (got {tp})"
+    return None
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..codec import ArtifactError, KVTCCodec, load_artifact
 from ..codec.spec import spec_from_config
-from .config import ENV_VAR, KVTCCacheConfig
+from .config import ENV_VAR, KVTCCacheConfig, refused_server_option
 from .radix import KVTCRadixCache
 
 logger = logging.getLogger(__name__)
@@ -30,13 +30,13 @@ def config_from_env(environ: os._Environ | dict | None = None) -> KVTCCacheConfi
 
 def check_context(ctx: Any) -> None:
     """Refuse configurations KVTC cannot serve, naming the option to change."""
+    refused = refused_server_option(lambda name: getattr(ctx, name, None))
+    if refused:
+        raise ValueError(f"kvtc: {refused}")
     refusals = [
-        (ctx.disable_radix_cache, "--disable-radix-cache leaves nothing to compress; drop it"),
-        (ctx.enable_hierarchical_cache, "--enable-hierarchical-cache cannot be combined with kvtc; drop one"),
         (ctx.is_hybrid_swa, "hybrid sliding-window attention models are not supported by kvtc"),
         (ctx.is_hybrid_ssm, "hybrid Mamba/SSM models are not supported by kvtc"),
         (getattr(ctx, "is_dsa", False), "DeepSeek sparse-attention (MLA) models are not supported by kvtc"),
-        (ctx.tp_size != 1, f"kvtc calibrations cover all KV heads; run with --tp-size 1 (got {ctx.tp_size})"),
     ]
     for bad, message in refusals:
         if bad:

@@ -233,13 +233,11 @@ class KVTCRadixCache(TranscodeMixin, EvictionMixin, RadixCache):
         one it covers in part is decoded. If neither can get slots, the node and its subtree are dropped
         and the insert stores the request's KV in their place.
         """
-        node, offset = self.root_node, 0
-        self._protect.update(self._key_path(key))
+        path = self._key_path(key)  # reviving keeps every node in place; a drop ends the walk
+        self._protect.update(path)
+        offset = 0
         try:
-            while offset < len(key):
-                child = node.children.get(key.child_key_at(offset, self.page_size))
-                if child is None:
-                    break
+            for child in path[1:]:
                 m = child.key.match_at(key, offset, page_size=self.page_size)
                 if child in self.compressed:
                     whole = m == len(child.key)
@@ -248,10 +246,7 @@ class KVTCRadixCache(TranscodeMixin, EvictionMixin, RadixCache):
                         if child in self.compressed:
                             self._drop_subtree(child)
                         break
-                if m < len(child.key):
-                    break
                 offset += m
-                node = child
         finally:
             self._protect.clear()
 

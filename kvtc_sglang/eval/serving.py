@@ -73,8 +73,7 @@ def _turn(lm: LoadedModel, drv: Driver, tokens: list[int], tally: dict) -> None:
     tally["top1"] += int((logp.argmax(-1) == ref.argmax(-1)).sum())
     tally["kl"] += float((ref.exp() * (ref - logp)).sum())
     tally["reused"] += n
-    adm_n = adm.matched
-    req = drv.commit(adm, k_all[:, adm_n:], v_all[:, adm_n:])
+    req = drv.commit(adm, k_all[:, adm.matched :], v_all[:, adm.matched :])
     if req is not None:
         drv.finish(req)
 

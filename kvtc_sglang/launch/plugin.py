@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..cache.config import ENV_VAR, KVTCCacheConfig
+from ..cache.config import ENV_VAR, KVTCCacheConfig, refused_server_option
 from ..codec import ArtifactError, read_header
 
 BACKEND = "kvtc"
@@ -66,20 +66,11 @@ def config_from_namespace(ns: argparse.Namespace) -> KVTCCacheConfig | None:
         header = read_header(config.calibration)
     except ArtifactError as e:
         raise ValueError(f"--kvtc-calibration: {e}") from e
-    _check_server_options(ns)
+    refused = refused_server_option(lambda name: getattr(ns, name, None))
+    if refused:
+        raise ValueError(refused)
     _check_model(ns, header, config.calibration)
     return config
-
-
-def _check_server_options(ns: argparse.Namespace) -> None:
-    refusals = (
-        ("disable_radix_cache", bool, "--disable-radix-cache leaves nothing to compress; drop it"),
-        ("enable_hierarchical_cache", bool, "--enable-hierarchical-cache cannot be combined with kvtc"),
-        ("tp_size", lambda x: x not in (None, 1), "kvtc calibrations cover all KV heads; run with --tp-size 1"),
-    )
-    for dest, bad, message in refusals:
-        if bad(getattr(ns, dest, None)):
-            raise ValueError(message)
 
 
 def _check_model(ns: argparse.Namespace, header: dict, path: str) -> None:
