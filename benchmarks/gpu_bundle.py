@@ -1,4 +1,5 @@
-"""Write a small folder with one real artifact and real K/V, for GPU checks on a machine without the model.
+"""Write a small folder with one real artifact, real K/V and the model's config, for GPU checks on a machine
+without the model (the config lets ``benchmarks/gpu_kernels.py`` time the same architecture's prefill).
 
 ``python benchmarks/gpu_bundle.py --artifact artifacts/smollm2-135m-instruct.r64.kvtc.safetensors --out gpu_bundle``
 """
@@ -6,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -31,6 +33,7 @@ def main() -> None:
         {"k": k.contiguous(), "v": v.contiguous(), "positions": torch.arange(args.tokens)},
         str(args.out / "kv.safetensors"),
     )
+    (args.out / "config.json").write_text(json.dumps(lm.model.config.to_dict(), default=str))
     print(f"wrote {args.out}")
 
 

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's CPU interpreter; must be set before any kernel module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.manual_seed(0)
 
 

@@ -17,6 +17,7 @@ from kvtc_sglang.codec import (
     KVTCCodec,
     ZlibDeflate,
 )
+from kvtc_sglang.codec.blob import BLOB_VERSION
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -139,8 +140,8 @@ def test_chunk_corruption_is_a_checksum_error(codec, small_blob):
 
 def test_newer_version_and_foreign_bytes_are_refused(codec, small_blob):
     newer = bytearray(small_blob)
-    newer[4:6] = struct.pack("<H", 2)
-    with pytest.raises(BlobVersionError, match="version 2"):
+    newer[4:6] = struct.pack("<H", BLOB_VERSION + 1)
+    with pytest.raises(BlobVersionError, match=f"version {BLOB_VERSION + 1}"):
         codec.decode(bytes(newer))
     with pytest.raises(BlobVersionError, match="not a KVTC blob"):
         codec.decode(b"GZIP" + small_blob[4:])

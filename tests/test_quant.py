@@ -18,21 +18,24 @@ from kvtc_sglang.codec.quant import (
 
 
 def pack_ref(codes: torch.Tensor, bits: int) -> bytes:
-    """Reference bit-packer: little-endian, code ``i`` at bit ``bits * i`` of the stream."""
-    acc = 0
-    for i, c in enumerate(codes.tolist()):
-        acc |= int(c) << (bits * i)
-    nbytes = (codes.numel() * bits + 7) // 8
-    return acc.to_bytes(nbytes, "little")
+    """Reference bit-packer: each row little-endian (code ``i`` at bit ``bits * i``), padded to a byte."""
+    out = b""
+    for row in codes.tolist():
+        acc = 0
+        for i, c in enumerate(row):
+            acc |= int(c) << (bits * i)
+        out += acc.to_bytes((len(row) * bits + 7) // 8, "little")
+    return out
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("n", [1, 7, 97, 1000, 4099])
-def test_pack_matches_reference_and_roundtrips(bits, n):
-    codes = torch.randint(0, 1 << bits, (n,), dtype=torch.uint8)
+def test_pack_matches_reference_and_roundtrips(bits, rows, n):
+    codes = torch.randint(0, 1 << bits, (rows, n), dtype=torch.uint8)
     packed = pack_codes(codes, bits)
     assert packed.numpy().tobytes() == pack_ref(codes, bits)
-    assert torch.equal(unpack_codes(packed, bits, n), codes)
+    assert torch.equal(unpack_codes(packed, bits, rows, n), codes)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -15,7 +15,6 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from ..codec import BlobError
-from ..codec.errors import BlobChecksumError
 from .arena import BlobHandle
 from .tree_walk import TreeNode
 
@@ -37,8 +36,9 @@ class TranscodeMixin:
         t0 = time.perf_counter()
         slots = node.value
         num_t = len(slots)
-        k, v = self.kv.gather(slots)  # [L, T, H, D] each
-        blob = self.codec.encode(k, v, torch.arange(start, start + num_t))
+        kv = self.kv
+        # Reads the rows in place (fused Triton kernel on CUDA, gather + torch on CPU).
+        blob = self.codec.encode_rows(kv.k_buffers, kv.v_buffers, slots, torch.arange(start, start + num_t))
         handle = self.arena.put(blob)
         if handle is None:
             self._evict_compressed(blob.numel(), keep=node)
@@ -49,7 +49,7 @@ class TranscodeMixin:
         self.token_to_kv_pool_allocator.free(slots)
         node.value = None
         self.evictable_size_ -= num_t
-        raw = 2 * k.numel() * k.element_size()
+        raw = 2 * len(kv.k_buffers) * num_t * kv.k_buffers[0][0].numel() * kv.k_buffers[0].element_size()
         self.compressed[node] = CompressedNode(handle, start, num_t, raw)
         s = self.stats
         s.compressions += 1
@@ -85,18 +85,17 @@ class TranscodeMixin:
             self.kv.copy(source, slots)
             self.stats.adopted_tokens += entry.num_tokens
         else:
-            try:
-                k, v, pos = self.codec.decode(self.arena.get(entry.handle))
-                want = torch.arange(entry.start, entry.start + entry.num_tokens)
-                if not torch.equal(pos.cpu(), want):
-                    raise BlobChecksumError(f"blob positions {pos[:1].tolist()}.. differ from node's {entry.start}..")
+            try:  # every check runs before the first row is written: a bad blob leaves the slots untouched
+                positions = torch.arange(entry.start, entry.start + entry.num_tokens)
+                self.codec.decode_rows(
+                    self.arena.get(entry.handle), self.kv.k_buffers, self.kv.v_buffers, slots, positions
+                )
             except BlobError as e:
                 logger.warning("kvtc: dropping a compressed node of %d tokens: %s", entry.num_tokens, e)
                 self.token_to_kv_pool_allocator.free(slots)
                 self.stats.checksum_failures += 1
                 self._drop_subtree(node)
                 return False
-            self.kv.scatter(slots, k, v)
             self.stats.restores += 1
             self.stats.restored_tokens += entry.num_tokens
         self._forget(node)

@@ -28,7 +28,7 @@ import torch
 from .errors import BlobCalibrationMismatchError, BlobChecksumError, BlobTruncatedError, BlobVersionError
 
 MAGIC = b"KVTC"
-BLOB_VERSION = 1
+BLOB_VERSION = 2  # 2: each component's row of packed codes starts on a byte
 _FIXED = struct.Struct("<4sHHI8sHHHBBIiI")
 _CHUNK = struct.Struct("<III")
 FLAG_EXPLICIT_POSITIONS = 1

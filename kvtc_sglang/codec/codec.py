@@ -1,8 +1,13 @@
 """KVTC transform coder: RoPE removal, cross-layer PCA, DP-allocated quantization, DEFLATE.
 
 Plan once (``KVTCCodec(artifact)`` moves the basis to each device on first use), run many
-(``encode`` / ``decode``). Sinks and the recent window are the caller's concern: the codec encodes
-exactly the tokens it is given.
+(``encode`` / ``decode``, or ``encode_rows`` / ``decode_rows`` straight from and into per-layer KV-pool
+buffers). Sinks and the recent window are the caller's concern: the codec encodes exactly the tokens it
+is given.
+
+Kernels: CUDA tensors go through the fused Triton kernels (:mod:`kvtc_sglang.triton_kernels`), CPU
+tensors through plain torch; both write the same payload format, and for the same coefficients the same
+bytes. ``kernels="triton"`` forces the Triton path (on the CPU only under ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from .quant import decode_coefficients, encode_coefficients, payload_nbytes
 from .rope import apply_rope, remove_rope
 
 DEFAULT_CHUNK_BYTES = 1 << 16
+KERNELS = ("auto", "torch", "triton")
 
 
 class _DeviceStream:
@@ -32,6 +38,15 @@ class _DeviceStream:
         self.rank = cal.basis.shape[1]
         self.fp8_scale = cal.fp8_scale.to(device)  # [R]
         self.alloc = cal.allocation
+        self._plan = None
+
+    @property
+    def plan(self):  # noqa: ANN201 (StreamPlan; imported lazily, the torch path never needs Triton)
+        if self._plan is None:
+            from ..triton_kernels.plan import StreamPlan  # noqa: PLC0415
+
+            self._plan = StreamPlan.build(self.alloc, self.mean.device)
+        return self._plan
 
 
 class KVTCCodec:
@@ -41,13 +56,21 @@ class KVTCCodec:
         artifact: calibration for this model (PCA bases, bit allocations, RoPE settings).
         entropy: lossless stage; default: nvCOMP for CUDA tensors, zlib for CPU tensors.
         chunk_bytes: raw payload bytes per DEFLATE chunk (each chunk has its own length and CRC32).
+        kernels: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
     """
 
     def __init__(
-        self, artifact: CalibrationArtifact, entropy: EntropyCoder | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+        self,
+        artifact: CalibrationArtifact,
+        entropy: EntropyCoder | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        kernels: str = "auto",
     ) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        self.kernels = kernels
         self.artifact = artifact
         self.spec = artifact.spec
         self.artifact_id = artifact.artifact_id
@@ -62,6 +85,10 @@ class KVTCCodec:
                 _DeviceStream(self.artifact.values, device),
             )
         return self._devices[device]
+
+    def uses_triton(self, device: torch.device) -> bool:
+        """Whether tensors on ``device`` go through the Triton kernels."""
+        return self.kernels == "triton" or (self.kernels == "auto" and device.type == "cuda")
 
     def _coder(self, device: torch.device) -> EntropyCoder:
         return self._entropy if self._entropy is not None else default_entropy_coder(device)
@@ -144,16 +171,71 @@ class KVTCCodec:
             The blob, ``[n]`` uint8 on ``k.device``, ``n <= max_blob_nbytes(T)``.
         """
         self._check_kv(k, v, positions)
-        ck, cv = self.transform(k, v, positions)
-        payload = self.quantize(ck, cv)  # [raw] uint8
+        if self.uses_triton(k.device):
+            slots = torch.arange(k.shape[1], device=k.device)
+            k_layers, v_layers = list(k.contiguous().unbind(0)), list(v.contiguous().unbind(0))  # L x [T, H, D]
+            payload = self._payload_triton(k_layers, v_layers, slots, positions)
+        else:
+            payload = self.quantize(*self.transform(k, v, positions))  # [raw] uint8
+        return self._wrap(payload, positions, k.dtype)
+
+    def encode_rows(
+        self, k_layers: list[torch.Tensor], v_layers: list[torch.Tensor], slots: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Encode the rows ``slots`` of per-layer KV-pool buffers (SGLang's ``k_buffer``/``v_buffer``).
+
+        Args:
+            k_layers, v_layers: ``L`` tensors ``[N, H, D]`` each (post-RoPE keys, values), one dtype and device.
+            slots: ``[T]`` integer rows to encode.
+            positions: ``[T]`` their absolute positions.
+
+        Returns:
+            The blob, ``[n]`` uint8 on the buffers' device. The Triton path reads the rows in place.
+        """
+        device = k_layers[0].device
+        if self.uses_triton(device):
+            self._check_positions(positions, slots.numel())
+            return self._wrap(self._payload_triton(k_layers, v_layers, slots, positions), positions, k_layers[0].dtype)
+        idx = slots.to(device)
+        k = torch.stack([b.index_select(0, idx) for b in k_layers])  # [L, T, H, D]
+        v = torch.stack([b.index_select(0, idx) for b in v_layers])  # [L, T, H, D]
+        return self.encode(k, v, positions)
+
+    def _check_positions(self, positions: torch.Tensor, num_tokens: int) -> None:
+        if positions.dim() != 1 or positions.numel() != num_tokens or positions.dtype.is_floating_point:
+            raise ValueError(
+                f"positions must be an integer [T={num_tokens}], got {positions.dtype} {list(positions.shape)}"
+            )
+
+    def _payload_triton(
+        self, k_layers: list[torch.Tensor], v_layers: list[torch.Tensor], slots: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        from ..triton_kernels.pipeline import encode_payload  # noqa: PLC0415 (optional path)
+
+        return encode_payload(self.spec, self._streams(k_layers[0].device), k_layers, v_layers, slots, positions)
+
+    def _decode_triton(
+        self,
+        payload: torch.Tensor,
+        k_layers: list[torch.Tensor],
+        v_layers: list[torch.Tensor],
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        from ..triton_kernels.pipeline import decode_payload  # noqa: PLC0415 (optional path)
+
+        decode_payload(self.spec, self._streams(k_layers[0].device), payload, k_layers, v_layers, slots, positions)
+
+    def _wrap(self, payload: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Entropy-code the payload and prepend the header: the blob on the payload's device."""
         chunks = list(torch.split(payload, self.chunk_bytes)) if payload.numel() else []
-        comp = self._coder(k.device).compress(chunks)
+        comp = self._coder(payload.device).compress(chunks)
         table = [
             (c.numel(), r.numel(), zlib.crc32(c.cpu().numpy().tobytes())) for c, r in zip(comp, chunks, strict=True)
         ]
         s = self.spec
-        header = build_header(self.artifact_id, (s.num_layers, s.num_kv_heads, s.head_dim), k.dtype, positions, table)
-        head = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(k.device)
+        header = build_header(self.artifact_id, (s.num_layers, s.num_kv_heads, s.head_dim), dtype, positions, table)
+        head = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(payload.device)
         return torch.cat([head, *comp])
 
     def read_header(self, blob: torch.Tensor | bytes) -> BlobHeader:
@@ -168,16 +250,8 @@ class KVTCCodec:
             )
         return header
 
-    def decode(
-        self, blob: torch.Tensor | bytes, device: torch.device | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decode a blob into ``(k, v, positions)``: ``[L, T, H, D]`` in the encoded dtype, ``[T]`` int64.
-
-        Raises a :class:`~kvtc_sglang.codec.errors.BlobError` subclass for any truncated, corrupted,
-        foreign or newer-version blob; never returns partially decoded data.
-        """
-        if device is None:
-            device = blob.device if isinstance(blob, torch.Tensor) else torch.device("cpu")
+    def _unwrap(self, blob: torch.Tensor | bytes, device: torch.device) -> tuple[BlobHeader, torch.Tensor]:
+        """Verify a blob (header, chunk lengths and CRC32s) and inflate it: ``(header, payload [raw] uint8)``."""
         data = bytes(blob) if isinstance(blob, (bytes, bytearray)) else blob.cpu().numpy().tobytes()
         header = self.read_header(data)
         num_t = header.num_tokens
@@ -195,6 +269,59 @@ class KVTCCodec:
         comp = [src[off : off + n] for off, n in spans]
         raw = self._coder(device).decompress(comp, [c[1] for c in header.chunks])
         payload = torch.cat(raw) if raw else torch.empty(0, dtype=torch.uint8, device=device)
-        ck, cv = self.dequantize(payload, num_t)
-        k, v = self.inverse_transform(ck, cv, header.positions, header.dtype)
+        return header, payload
+
+    def decode(
+        self, blob: torch.Tensor | bytes, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode a blob into ``(k, v, positions)``: ``[L, T, H, D]`` in the encoded dtype, ``[T]`` int64.
+
+        Raises a :class:`~kvtc_sglang.codec.errors.BlobError` subclass for any truncated, corrupted,
+        foreign or newer-version blob; never returns partially decoded data.
+        """
+        if device is None:
+            device = blob.device if isinstance(blob, torch.Tensor) else torch.device("cpu")
+        header, payload = self._unwrap(blob, device)
+        if self.uses_triton(device):
+            s, num_t = self.spec, header.num_tokens
+            k = torch.empty(s.num_layers, num_t, s.num_kv_heads, s.head_dim, dtype=header.dtype, device=device)
+            v = torch.empty_like(k)
+            slots = torch.arange(num_t, device=device)
+            self._decode_triton(payload, list(k.unbind(0)), list(v.unbind(0)), slots, header.positions)
+        else:
+            k, v = self.inverse_transform(*self.dequantize(payload, header.num_tokens), header.positions, header.dtype)
         return k, v, header.positions.to(device)
+
+    def decode_rows(
+        self,
+        blob: torch.Tensor | bytes,
+        k_layers: list[torch.Tensor],
+        v_layers: list[torch.Tensor],
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        """Decode a blob straight into the rows ``slots`` of per-layer KV-pool buffers.
+
+        ``positions [T]`` must equal the blob's; the blob's dtype must equal the buffers'. Every check
+        (header, CRC32s, positions, dtype) runs before the first row is written, so a bad blob raises a
+        :class:`~kvtc_sglang.codec.errors.BlobError` and leaves the buffers untouched.
+        """
+        device = k_layers[0].device
+        header, payload = self._unwrap(blob, device)
+        if not torch.equal(header.positions.cpu(), positions.cpu().to(header.positions.dtype)):
+            raise BlobChecksumError(
+                f"blob positions {header.positions[:1].tolist()}.. differ from {positions[:1].tolist()}.."
+            )
+        if header.dtype != k_layers[0].dtype or slots.numel() != header.num_tokens:
+            raise ValueError(
+                f"blob holds {header.num_tokens} {header.dtype} tokens, destination is {slots.numel()} rows of "
+                f"{k_layers[0].dtype}"
+            )
+        if self.uses_triton(device):
+            self._decode_triton(payload, k_layers, v_layers, slots, header.positions)
+            return
+        k, v = self.inverse_transform(*self.dequantize(payload, header.num_tokens), header.positions, header.dtype)
+        idx = slots.to(device)
+        for layer, (kb, vb) in enumerate(zip(k_layers, v_layers, strict=True)):
+            kb.index_copy_(0, idx, k[layer])
+            vb.index_copy_(0, idx, v[layer])

@@ -5,8 +5,9 @@ Pure torch, device-agnostic (CPU or CUDA); the Triton kernels must produce the s
 Payload layout of one stream (K or V) for ``T`` tokens, groups in allocation order:
 
 * integer group of ``s`` components, ``b`` bits: ``min`` fp16 ``[T]``, ``step`` fp16 ``[T]``, then the
-  codes component-major (``[s, T]``) packed little-endian, ``8 / b`` codes per byte, zero-padded to a
-  whole byte;
+  codes component-major (``[s, T]``), each component's row of ``T`` codes packed little-endian, ``8 / b``
+  codes per byte, zero-padded to a whole byte (``row_nbytes(T, b)``), so a block of 8 tokens of one
+  component is whole bytes and GPU programs write disjoint bytes;
 * fp8 group: float8 e4m3 bytes component-major ``[s, T]``.
 """
 
@@ -19,10 +20,15 @@ from .allocation import INT_KINDS, KIND_BITS, Allocation, Group
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 
 
+def row_nbytes(num_tokens: int, bits: int) -> int:
+    """Bytes of one component's packed row of ``num_tokens`` codes of ``bits`` bits."""
+    return (num_tokens * bits + 7) // 8
+
+
 def group_nbytes(group: Group, num_tokens: int) -> int:
     """Bytes one coded group takes in the payload for ``num_tokens`` tokens."""
     if group.kind in INT_KINDS:
-        return 4 * num_tokens + (group.size * num_tokens * KIND_BITS[group.kind] + 7) // 8
+        return 4 * num_tokens + group.size * row_nbytes(num_tokens, KIND_BITS[group.kind])
     if group.kind == "fp8":
         return group.size * num_tokens
     return 0
@@ -34,22 +40,21 @@ def payload_nbytes(alloc: Allocation, num_tokens: int) -> int:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes ``[n]`` uint8 (each < 2**bits) into ``[ceil(n * bits / 8)]`` uint8."""
+    """Pack integer codes ``[s, T]`` uint8 (each < 2**bits) row by row into ``[s * row_nbytes(T, bits)]`` uint8."""
     per = 8 // bits
-    n = codes.numel()
-    pad = (-n) % per
-    c = torch.nn.functional.pad(codes.reshape(-1).to(torch.int32), (0, pad))
-    c = c.reshape(-1, per)  # [n / per, per]
+    s, n = codes.shape
+    c = torch.nn.functional.pad(codes.to(torch.int32), (0, (-n) % per))  # [s, T'] with per | T'
+    c = c.reshape(s, -1, per)  # [s, T' / per, per]
     shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
-    return (c << shifts).sum(dim=1).to(torch.uint8)
+    return (c << shifts).sum(dim=2).to(torch.uint8).reshape(-1)
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``[ceil(n * bits / 8)]`` uint8 -> codes ``[n]`` uint8."""
+def unpack_codes(packed: torch.Tensor, bits: int, rows: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``[rows * row_nbytes(n, bits)]`` uint8 -> codes ``[rows, n]`` uint8."""
     per = 8 // bits
     shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
-    c = (packed.to(torch.int32)[:, None] >> shifts) & ((1 << bits) - 1)  # [nbytes, per]
-    return c.reshape(-1)[:n].to(torch.uint8)
+    c = (packed.to(torch.int32).reshape(rows, -1)[:, :, None] >> shifts) & ((1 << bits) - 1)  # [s, nbytes, per]
+    return c.reshape(rows, -1)[:, :n].to(torch.uint8)
 
 
 def quantize_int(seg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,7 +113,7 @@ def encode_coefficients(coeffs: torch.Tensor, alloc: Allocation, fp8_scale: torc
         codes, lo, step = quantize_int(seg, bits)
         parts.append(lo.view(torch.uint8).reshape(-1))  # [2T]
         parts.append(step.view(torch.uint8).reshape(-1))  # [2T]
-        parts.append(pack_codes(codes.t().reshape(-1), bits))  # component-major [s * T] codes
+        parts.append(pack_codes(codes.t(), bits))  # component-major rows [s, T] of codes
     if not parts:
         return torch.empty(0, dtype=torch.uint8, device=coeffs.device)
     out = torch.cat(parts)
@@ -139,8 +144,8 @@ def decode_coefficients(
         lo = payload[off : off + 2 * num_tokens].clone().view(torch.float16)  # clone: offset may be odd
         step = payload[off + 2 * num_tokens : off + 4 * num_tokens].clone().view(torch.float16)
         off += 4 * num_tokens
-        nbytes = (n * bits + 7) // 8
-        codes = unpack_codes(payload[off : off + nbytes], bits, n).reshape(g.size, num_tokens).t()
+        nbytes = g.size * row_nbytes(num_tokens, bits)
+        codes = unpack_codes(payload[off : off + nbytes], bits, g.size, num_tokens).t()  # [T, s]
         off += nbytes
         out[:, g.start : g.start + g.size] = dequantize_int(codes, lo, step)
     return out

@@ -1,0 +1,162 @@
+"""Triton kernels on a GPU: throughput vs roofline, restore vs prefill recompute, cost of the nvCOMP stage.
+
+Needs CUDA and nvCOMP; reads a bundle made by ``benchmarks/gpu_bundle.py`` (real artifact, real K/V and
+the model's config)::
+
+    python benchmarks/gpu_bundle.py --artifact artifacts/smollm2-135m-instruct.r64.kvtc.safetensors --out gpu_bundle
+    python benchmarks/gpu_kernels.py --bundle gpu_bundle --tokens 1024 4096 8192 32768
+
+For each prefix length ``T`` (the bundle's real K/V tiled to ``T`` tokens, written into a bf16 KV pool at
+page-16 slots) it reports:
+
+* encode (``project`` + ``quant_pack``, both streams) and decode (``decode_into``, both streams) kernel
+  time, GB/s of 16-bit K/V, and the fraction of the roofline: ``max(bytes / HBM bandwidth, FLOPs / peak)``
+  with the kernel's bytes (K/V, basis once, coefficients, payload) and FLOPs (``2 T F (R_k + R_v)``); the
+  peak is the fp32 FMA peak because the kernels use ``tl.dot(..., input_precision="ieee")``;
+* restore (``decode_rows``: CRC check, nvCOMP inflate, decode kernel into the pool) versus recomputing
+  the prefix's prefill with the same architecture on the same GPU (``LlamaForCausalLM`` built from the
+  bundled config with random weights: prefill time does not depend on the weight values);
+* the nvCOMP stage's share of encode and restore time.
+
+Timings are medians of ``--repeat`` CUDA-synchronised runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from kvtc_sglang.codec import KVTCCodec, load_artifact
+from kvtc_sglang.triton_kernels.pipeline import decode_payload, encode_payload
+
+# name fragment -> (HBM bytes/s, fp32 FMA FLOP/s), from the vendors' data sheets (dense, boost clock)
+DEVICES = {
+    "H100 PCIe": (2.0e12, 51.2e12),
+    "H100": (3.35e12, 66.9e12),  # SXM5 / HBM3
+    "H200": (4.8e12, 66.9e12),
+}
+
+
+def timed(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def device_peaks(name: str, hbm: float | None, flops: float | None) -> tuple[float, float]:
+    for frag, peaks in DEVICES.items():
+        if frag in name:
+            return hbm or peaks[0], flops or peaks[1]
+    if hbm is None or flops is None:
+        raise ValueError(f"unknown device {name!r}: pass --hbm-gbs and --fp32-tflops")
+    return hbm, flops
+
+
+def pool_with(k: torch.Tensor, v: torch.Tensor, page: int = 16):
+    """``L x [N, H, D]`` K/V buffers holding ``[L, T, H, D]`` K/V at shuffled page-aligned slots."""
+    num_l, num_t, heads, dim = k.shape
+    n_pages = -(-num_t // page) + 8
+    perm = torch.randperm(n_pages, generator=torch.Generator().manual_seed(0))[: -(-num_t // page)]
+    slots = ((perm[:, None] * page + torch.arange(page)).reshape(-1)[:num_t]).cuda()
+    kb = [torch.zeros(n_pages * page, heads, dim, dtype=k.dtype, device="cuda") for _ in range(num_l)]
+    vb = [torch.zeros_like(b) for b in kb]
+    for layer in range(num_l):
+        kb[layer][slots] = k[layer]
+        vb[layer][slots] = v[layer]
+    return kb, vb, slots
+
+
+def prefill_seconds(config: dict, num_t: int, repeat: int) -> float:
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+
+    cfg = LlamaConfig(**{**config, "max_position_embeddings": max(num_t, config.get("max_position_embeddings", 0))})
+    model = LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, num_t), device="cuda")
+    with torch.inference_mode():
+        return timed(lambda: model(ids, use_cache=True), repeat)
+
+
+def measure(codec: KVTCCodec, k0: torch.Tensor, v0: torch.Tensor, num_t: int, repeat: int) -> dict[str, float]:
+    """Seconds of each phase for ``num_t`` tokens (``k0``/``v0`` ``[L, T0, H, D]`` tiled), plus sizes."""
+    spec = codec.spec
+    streams = codec._streams(torch.device("cuda"))
+    reps = -(-num_t // k0.shape[1])
+    k = k0.repeat(1, reps, 1, 1)[:, :num_t].cuda()  # [L, T, H, D]
+    v = v0.repeat(1, reps, 1, 1)[:, :num_t].cuda()
+    pos = torch.arange(num_t)
+    kb, vb, slots = pool_with(k, v)
+    payload = encode_payload(spec, streams, kb, vb, slots, pos)
+    blob = codec.encode_rows(kb, vb, slots, pos)
+    chunks = list(torch.split(payload, codec.chunk_bytes))
+    coder = codec._coder(payload.device)
+    comp = coder.compress(chunks)
+    return {
+        "kv_bytes": 2 * k.numel() * k.element_size(),
+        "payload_bytes": payload.numel(),
+        "blob_bytes": blob.numel(),
+        "encode_kernels": timed(lambda: encode_payload(spec, streams, kb, vb, slots, pos), repeat),
+        "decode_kernels": timed(lambda: decode_payload(spec, streams, payload, kb, vb, slots, pos), repeat),
+        "encode_rows": timed(lambda: codec.encode_rows(kb, vb, slots, pos), repeat),
+        "restore": timed(lambda: codec.decode_rows(blob, kb, vb, slots, pos), repeat),
+        "nvcomp_compress": timed(lambda: coder.compress(chunks), repeat),
+        "nvcomp_decompress": timed(lambda: coder.decompress(comp, [c.numel() for c in chunks]), repeat),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 8192, 32768])
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--hbm-gbs", type=float, help="HBM bandwidth in GB/s (default: from the device name)")
+    p.add_argument("--fp32-tflops", type=float, help="fp32 FMA peak in TFLOP/s (default: from the device name)")
+    p.add_argument("--no-prefill", action="store_true", help="skip the recompute comparison")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    art = load_artifact(next(args.bundle.glob("*.kvtc.safetensors")))
+    kv = load_file(str(args.bundle / "kv.safetensors"))
+    cfg_path = args.bundle / "config.json"
+    config = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+    name = torch.cuda.get_device_name()
+    hbm, peak = device_peaks(name, args.hbm_gbs and args.hbm_gbs * 1e9, args.fp32_tflops and args.fp32_tflops * 1e12)
+    codec = KVTCCodec(art)
+    sk, sv = codec._streams(torch.device("cuda"))
+    feat = art.spec.num_features
+    print(f"device {name}; roofline {hbm / 1e12:.2f} TB/s, fp32 {peak / 1e12:.1f} TFLOP/s; r{art.target_ratio:g}")
+    print(f"F={feat}, R_k={sk.rank}, R_v={sv.rank}, torch {torch.__version__}")
+    print("| T | KV MB | encode ms | GB/s | roofline | decode ms | GB/s | roofline | restore ms | prefill ms | "
+          "prefill / restore | nvCOMP share enc / restore |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for num_t in args.tokens:
+        m = measure(codec, kv["k"], kv["v"], num_t, args.repeat)
+        flops = 2 * num_t * feat * (sk.rank + sv.rank)
+        basis = 4 * feat * (sk.rank + sv.rank)
+        coeffs = 4 * num_t * (sk.rank + sv.rank)
+        enc_roof = max((m["kv_bytes"] + basis + 2 * coeffs + m["payload_bytes"]) / hbm, flops / peak)
+        dec_roof = max((m["kv_bytes"] + basis + m["payload_bytes"]) / hbm, flops / peak)
+        pre = float("nan") if args.no_prefill or config is None else prefill_seconds(config, num_t, args.repeat)
+        gb, enc, dec, res = m["kv_bytes"] / 1e9, m["encode_kernels"], m["decode_kernels"], m["restore"]
+        print(
+            f"| {num_t} | {m['kv_bytes'] / 1e6:.0f} | {1e3 * enc:.2f} | {gb / enc:.0f} | {100 * enc_roof / enc:.0f}% | "
+            f"{1e3 * dec:.2f} | {gb / dec:.0f} | {100 * dec_roof / dec:.0f}% | {1e3 * res:.2f} | {1e3 * pre:.1f} | "
+            f"{pre / res:.1f}x | {100 * m['nvcomp_compress'] / m['encode_rows']:.0f}% / "
+            f"{100 * m['nvcomp_decompress'] / res:.0f}% |"
+        )
+
+
+if __name__ == "__main__":
+    main()
