@@ -62,16 +62,17 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokens", type=int, nargs="+", default=[2048])
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto", help="auto: Triton on CUDA")
     args = p.parse_args()
     if not (args.artifact or args.bundle):
         p.error("give --artifact or --bundle")
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     art, k0, v0 = load_kv(args)
-    codec = KVTCCodec(art)
+    codec = KVTCCodec(art, kernels=args.kernels)
     print(
         f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, artifact r{art.target_ratio:g}, "
-        f"threads {torch.get_num_threads()}"
+        f"threads {torch.get_num_threads()}, {'triton' if codec.uses_triton(device) else 'torch'} kernels"
     )
     print(
         "| tokens | KV MB (16-bit) | encode MB/s | decode MB/s | entropy share enc / dec | zlib-6 alone MB/s | "
