@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=1)
     ap.add_argument("--store-fraction", type=float, default=0.25, help="KVTC: share of the pool for compressed KV")
     ap.add_argument("--full", action="store_true")
+    ap.add_argument("--workloads", nargs="+", choices=("agentic", "shared_prompt", "code_edit"),
+                    default=["agentic", "shared_prompt", "code_edit"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=Path("out/workload_replay.json"))
     ap.add_argument("--plot", type=Path, default=Path("out/workload_replay.png"))
@@ -141,7 +143,8 @@ def main() -> None:
     bank = BankKV(k, v)
     ms_tok = prefill_ms_per_token(lm, bank_ids.tolist())
     rows = []
-    for name, make in (("agentic", agentic), ("shared_prompt", shared_prompt), ("code_edit", code_edit)):
+    makers = {"agentic": agentic, "shared_prompt": shared_prompt, "code_edit": code_edit}
+    for name, make in ((w, makers[w]) for w in args.workloads):
         trace = [t[:bank_len] for t in make(lm.tokenizer, random.Random(args.seed), n)]
         for backend in ("radix", "kvtc"):
             _, allocator = build_pool(codec.spec, args.pool_tokens, args.page_size)

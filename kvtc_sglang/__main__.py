@@ -1,7 +1,7 @@
 """Main job: calibrate the default model (if no artifact exists yet), print the evaluation report, then
 run the serving check (real K/V through SGLang's pool and KVTCRadixCache) with the 16x calibration.
 
-``python -m kvtc_sglang [--ratios 8 16 20 32 64] [--artifacts artifacts]``
+``python -m kvtc_sglang [--ratios 4 8 16 20 32 64] [--artifacts artifacts]``
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .eval.__main__ import main as eval_main
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m kvtc_sglang", description=__doc__)
-    p.add_argument("--ratios", type=float, nargs="+", default=[8, 16, 20, 32, 64])
+    p.add_argument("--ratios", type=float, nargs="+", default=[4, 8, 16, 20, 32, 64])
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     p.add_argument("--segments", type=int, default=3)
     p.add_argument("--json", type=Path, default=Path("out/eval.json"))

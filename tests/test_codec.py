@@ -154,3 +154,16 @@ def test_blob_from_another_calibration_is_refused(artifact, small_blob):
     other = KVTCCodec(dataclasses.replace(artifact, keys=other_keys))
     with pytest.raises(BlobCalibrationMismatchError, match="calibration"):
         other.decode(small_blob)
+
+
+def test_encode_rows_many_batches_the_entropy_stage_and_equals_one_by_one(codec, real_kv):
+    """Several nodes of one pool in one call (one batched DEFLATE call): the same blobs as one at a time."""
+    k, v, _ = real_kv
+    k_layers, v_layers = list(k.unbind(0)), list(v.unbind(0))  # L x [600, H, D], like a pool's buffers
+    segments = [(torch.arange(10, 60), torch.arange(10, 60)), (torch.tensor([300, 7, 450]), torch.arange(3) + 99)]
+    blobs = codec.encode_rows_many(k_layers, v_layers, segments)
+    assert len(blobs) == 2
+    for blob, (slots, pos) in zip(blobs, segments, strict=True):
+        assert torch.equal(blob, codec.encode_rows(k_layers, v_layers, slots, pos))
+        assert torch.equal(blob, codec.encode(k[:, slots], v[:, slots], pos))
+    assert codec.encode_rows_many(k_layers, v_layers, []) == []

@@ -84,3 +84,17 @@ def test_bad_config_and_shapes_are_refused():
         apply_rope(torch.randn(1, 4, 1, 64), torch.arange(3), cfg)
     with pytest.raises(ValueError, match=r"\[L, T, H, D\]"):
         apply_rope(torch.randn(4, 1, 64), torch.arange(4), cfg)
+
+
+def test_per_layer_rope_rotates_each_layer_with_its_own_base():
+    """Gemma 3 style: sliding-window layers at base 1e4, global layers at 1e6, in one call."""
+    local, glob = RopeConfig(theta=1e4, rotary_dim=64), RopeConfig(theta=1e6, rotary_dim=64)
+    ropes = (local, local, glob, local, glob)
+    k = torch.randn(5, 33, 1, 64)
+    positions = torch.arange(33) * 7
+    out = apply_rope(k, positions, ropes)
+    for layer, cfg in enumerate(ropes):
+        assert torch.equal(out[layer], apply_rope(k[layer : layer + 1], positions, cfg)[0])
+    torch.testing.assert_close(remove_rope(out, positions, ropes), k, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"one RoPE config per layer \(5\), got 2"):
+        apply_rope(k, positions, (local, glob))

@@ -94,6 +94,29 @@ def test_project_partial_rotary_and_strided_rows():
     torch.testing.assert_close(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
 
 
+def test_per_layer_rope_in_both_kernels():
+    """Gemma 3 style RoPE (a base per layer): projection and decode against the torch references."""
+    num_l, heads, head_dim, num_t = 3, 1, 64, 41
+    ropes = (RopeConfig(theta=1e4, rotary_dim=64), RopeConfig(theta=1e6, rotary_dim=64), RopeConfig(1e4, 64))
+    alloc = Allocation((Group(0, 16, "fp8"), Group(16, 64, "int8")))
+    basis, mean, fp8_scale = small_stream(num_l * heads * head_dim, alloc, seed=4)
+    bufs = pool(num_l, 64, heads, head_dim, torch.bfloat16, seed=8)
+    slots = slots_for(num_t, 1, 64, seed=5)
+    pos = torch.arange(500, 500 + num_t)
+    ref = project_ref(bufs, slots, mean, basis, ropes, pos)
+    out = project(LayerTable(bufs, heads, head_dim), slots, mean, basis, ropes, pos)
+    torch.testing.assert_close(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
+    payload = encode_coefficients(ref, alloc, fp8_scale)
+    dec_ref = [torch.zeros_like(b) for b in bufs]
+    dec = [torch.zeros_like(b) for b in bufs]
+    decode_into_ref(payload, alloc, fp8_scale, basis.t().contiguous(), mean, ropes, pos, dec_ref, slots)
+    plan = StreamPlan.build(alloc, DEVICE)
+    decode_into(payload, plan, fp8_scale, basis.t().contiguous(), mean, ropes, pos, LayerTable(dec, 1, 64), slots)
+    for a, b in zip(dec, dec_ref, strict=True):
+        scale = float(b.float().abs().max())
+        torch.testing.assert_close(a.float(), b.float(), atol=ULP[torch.bfloat16] * scale, rtol=0)
+
+
 def coefficient_cases(num_tokens: int, alloc: Allocation) -> torch.Tensor:
     """Coefficients ``[T, R]`` with the hard cases: constant rows (step 0), values past the fp8 and fp16
     ranges (row 3), and in row 4 every integer group's values exactly halfway between two codes."""

@@ -259,9 +259,10 @@ class KVTCRadixCache(TranscodeMixin, EvictionMixin, RadixCache):
         sink_end = -(-cfg.sink_tokens // ps) * ps
         min_tokens = max(ps, cfg.min_tokens // ps * ps)
         cands = compress_candidates(self.root_node, sink_end, cfg.window_tokens, ps, min_tokens)
-        freed = 0
+        targets: list[tuple[TreeNode, int]] = []
+        planned = 0
         for cand, start, lo, hi in cands:
-            if need is not None and freed >= need:
+            if need is not None and planned >= need:
                 break
             if cand.parent is None or cand.value is None or cand.lock_ref > 0 or cand in self._protect:
                 continue  # changed since the candidates were listed
@@ -272,5 +273,7 @@ class KVTCRadixCache(TranscodeMixin, EvictionMixin, RadixCache):
             target = cand
             if hi < lo + len(cand.key):
                 target = self._split_node(cand.key, cand, hi - lo)  # the new parent covers [lo, hi)
-            freed += self._compress(target, lo)
+            targets.append((target, lo))
+            planned += len(target.value)
+        freed = self._compress_many(targets) if targets else 0
         return freed

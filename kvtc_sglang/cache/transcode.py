@@ -33,35 +33,49 @@ class CompressedNode:
 
 class TranscodeMixin:
     def _compress(self, node: TreeNode, start: int) -> int:
+        return self._compress_many([(node, start)])
+
+    def _compress_many(self, targets: list[tuple[TreeNode, int]]) -> int:
+        """Compress device nodes ``(node, start position)``; returns the slots freed.
+
+        All nodes are encoded in one codec call (one batched entropy-coder launch), then stored one by one.
+        Making room in the store for one node may drop compressed subtrees that hold a later target;
+        such a target is skipped (its slots were freed with its subtree)."""
         t0 = time.perf_counter()
-        slots = node.value
-        num_t = len(slots)
         kv = self.kv
-        # Reads the rows in place (fused Triton kernel on CUDA, gather + torch on CPU).
-        blob = self.codec.encode_rows(kv.k_buffers, kv.v_buffers, slots, torch.arange(start, start + num_t))
-        handle = self.arena.put(blob)
-        if handle is None:
-            self._evict_compressed(blob.numel(), keep=node)
+        segments = [(n.value, torch.arange(lo, lo + len(n.value))) for n, lo in targets]
+        # Reads the rows in place (fused Triton kernels on CUDA, gather + torch on CPU).
+        blobs = self.codec.encode_rows_many(kv.k_buffers, kv.v_buffers, segments)
+        row_bytes = 2 * len(kv.k_buffers) * kv.k_buffers[0][0].numel() * kv.k_buffers[0].element_size()
+        freed = 0
+        for (node, start), blob in zip(targets, blobs, strict=True):
+            if node.parent is None or node.value is None:
+                continue  # dropped while making room for an earlier target
             handle = self.arena.put(blob)
             if handle is None:
-                self.stats.store_full += 1
-                return 0
-        self.token_to_kv_pool_allocator.free(slots)
-        node.value = None
-        self.evictable_size_ -= num_t
-        raw = 2 * len(kv.k_buffers) * num_t * kv.k_buffers[0][0].numel() * kv.k_buffers[0].element_size()
-        self.compressed[node] = CompressedNode(handle, start, num_t, raw)
-        s = self.stats
-        s.compressions += 1
-        s.compressed_tokens += num_t
-        s.resident_nodes += 1
-        s.resident_tokens += num_t
-        s.resident_raw_bytes += raw
-        s.resident_blob_bytes += handle.nbytes
-        s.compress_seconds += time.perf_counter() - t0
-        self._update_leaf_status(node)
-        self._update_leaf_status(node.parent)
-        return num_t
+                self._evict_compressed(blob.numel(), keep=node)
+                handle = self.arena.put(blob)
+                if handle is None:
+                    self.stats.store_full += 1
+                    continue
+            num_t = len(node.value)
+            self.token_to_kv_pool_allocator.free(node.value)
+            node.value = None
+            self.evictable_size_ -= num_t
+            raw = num_t * row_bytes
+            self.compressed[node] = CompressedNode(handle, start, num_t, raw)
+            s = self.stats
+            s.compressions += 1
+            s.compressed_tokens += num_t
+            s.resident_nodes += 1
+            s.resident_tokens += num_t
+            s.resident_raw_bytes += raw
+            s.resident_blob_bytes += handle.nbytes
+            self._update_leaf_status(node)
+            self._update_leaf_status(node.parent)
+            freed += num_t
+        self.stats.compress_seconds += time.perf_counter() - t0
+        return freed
 
     def _forget(self, node: TreeNode) -> CompressedNode:
         entry = self.compressed.pop(node)

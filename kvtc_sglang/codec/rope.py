@@ -8,6 +8,7 @@ followed by re-application is exact to floating-point tolerance at any position.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,11 +97,27 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, cfg: RopeConfig, sign: flo
     return torch.cat([out, rest], dim=-1) if rest.numel() else out
 
 
-def apply_rope(k: torch.Tensor, positions: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
-    """Rotate pre-RoPE keys ``[L, T, H, D]`` to ``positions [T]``; returns float32 ``[L, T, H, D]``."""
-    return _rotate(k, positions, cfg, 1.0)
+def _per_layer(x: torch.Tensor, positions: torch.Tensor, ropes: RopeConfig | Sequence[RopeConfig], sign: float):
+    if isinstance(ropes, RopeConfig):
+        return _rotate(x, positions, ropes, sign)
+    if len(ropes) != x.shape[0]:
+        raise ValueError(f"need one RoPE config per layer ({x.shape[0]}), got {len(ropes)}")
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for cfg in dict.fromkeys(ropes):  # each distinct config once, over the layers that use it
+        idx = torch.tensor([i for i, c in enumerate(ropes) if c == cfg], device=x.device)
+        out[idx] = _rotate(x[idx], positions, cfg, sign)
+    return out
 
 
-def remove_rope(k: torch.Tensor, positions: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
+def apply_rope(k: torch.Tensor, positions: torch.Tensor, cfg: RopeConfig | Sequence[RopeConfig]) -> torch.Tensor:
+    """Rotate pre-RoPE keys ``[L, T, H, D]`` to ``positions [T]``; returns float32 ``[L, T, H, D]``.
+
+    ``cfg`` is one config for every layer, or one per layer (models such as Gemma 3 use different
+    RoPE bases for sliding-window and global layers).
+    """
+    return _per_layer(k, positions, cfg, 1.0)
+
+
+def remove_rope(k: torch.Tensor, positions: torch.Tensor, cfg: RopeConfig | Sequence[RopeConfig]) -> torch.Tensor:
     """Undo :func:`apply_rope`: post-RoPE keys ``[L, T, H, D]`` -> float32 pre-RoPE keys."""
-    return _rotate(k, positions, cfg, -1.0)
+    return _per_layer(k, positions, cfg, -1.0)

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from ..calibration.fit import artifact_name
-from ..calibration.model import load_default_model
+from ..calibration.model import DEFAULT_MODEL, MODELS, load_model
 from ..codec import KVTCCodec, load_artifact
 from .harness import EvalConfig, evaluate
-from .methods import Method, fp8_method, kivi_method, kvtc_method, pca_truncation_method
+from .methods import Method, deflate_method, fp8_method, kivi_method, kvtc_method, pca_truncation_method
 
 
 def build_methods(codecs: dict[float, KVTCCodec], no_sink_ratio: float, trunc_ratios: list[float]) -> dict:
@@ -22,6 +22,7 @@ def build_methods(codecs: dict[float, KVTCCodec], no_sink_ratio: float, trunc_ra
         methods[f"kvtc r{ratio:g}"] = (kvtc_method(codec), True)
     if no_sink_ratio in codecs:
         methods[f"kvtc r{no_sink_ratio:g}, no sink exemption"] = (kvtc_method(codecs[no_sink_ratio]), False)
+    methods["deflate only (lossless)"] = (deflate_method(), True)
     methods["fp8 e4m3"] = (fp8_method, True)
     methods["kivi 4-bit"] = (kivi_method(4), True)
     methods["kivi 2-bit"] = (kivi_method(2), True)
@@ -50,22 +51,23 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m kvtc_sglang.eval", description=__doc__)
+    p.add_argument("--model", choices=MODELS, default=DEFAULT_MODEL, help="model to evaluate")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="folder of calibration artifacts")
-    p.add_argument("--ratios", type=float, nargs="+", default=[8, 16, 20, 32, 64])
+    p.add_argument("--ratios", type=float, nargs="+", default=[4, 8, 16, 20, 32, 64])
     p.add_argument("--segments", type=int, default=3, help="held-out segments per kind (prose, code)")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--continuation", type=int, default=256)
     p.add_argument("--json", type=Path, default=None, help="write the full report (per-layer errors) here")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    lm = load_default_model()
+    lm = load_model(args.model)
     codecs = {}
     for ratio in args.ratios:
         path = args.artifacts / artifact_name(lm.spec.name, ratio)
         codecs[float(ratio)] = KVTCCodec(load_artifact(path, expect=lm.spec))
     cfg = EvalConfig(context=args.context, continuation=args.continuation, segments_per_kind=args.segments)
     no_sink = 16.0 if 16.0 in codecs else min(codecs)
-    methods = build_methods(codecs, no_sink, [r for r in (8.0, 16.0, 20.0) if r in codecs])
+    methods = build_methods(codecs, no_sink, [r for r in (4.0, 8.0, 16.0, 20.0) if r in codecs])
     with torch.inference_mode():
         results = evaluate(lm, cfg, methods)
     print(

@@ -7,7 +7,9 @@ methods the paper compares against, written here in torch at their textbook sett
 * ``kivi{2,4}``: KIVI-style asymmetric quantization, keys per channel over groups of 32 tokens,
   values per token per head, fp16 min and step;
 * ``pca-trunc``: the same calibrated PCA basis, keeping the leading ``F / ratio`` coefficients in
-  fp16 and dropping the rest (no DP, no quantization).
+  fp16 and dropping the rest (no DP, no quantization);
+* ``deflate``: lossless, the 16-bit K/V bytes raw-DEFLATEd as KVTC's entropy stage does (64 KiB chunks,
+  zlib level 6): what the entropy stage alone buys.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..codec import KVTCCodec
+from ..codec import KVTCCodec, ZlibDeflate
 from ..codec.quant import dequantize_int, quantize_int
 
 
@@ -89,5 +91,18 @@ def pca_truncation_method(codec: KVTCCodec, ratio: float) -> Method:
         cv = torch.nn.functional.pad(cv[:, :keep].half().float(), (0, cv.shape[1] - keep))
         k2, v2 = codec.inverse_transform(ck, cv, positions, k.dtype)
         return Result(k2, v2, 2 * 16.0 * keep * k.shape[1], None)
+
+    return run
+
+
+def deflate_method(chunk_bytes: int = 1 << 16) -> Method:
+    """Lossless baseline: the K and V bytes (as stored, 16-bit) through the codec's raw-DEFLATE stage."""
+    coder = ZlibDeflate()
+
+    def run(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> Result:
+        del positions
+        raw = torch.cat([k.contiguous().view(torch.uint8).reshape(-1), v.contiguous().view(torch.uint8).reshape(-1)])
+        comp = coder.compress(list(torch.split(raw, chunk_bytes)))
+        return Result(k, v, 8.0 * raw.numel(), 8.0 * sum(c.numel() for c in comp))
 
     return run

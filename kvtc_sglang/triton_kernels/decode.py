@@ -9,6 +9,8 @@ restored node lands directly in the pages FlashInfer reads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -17,7 +19,7 @@ from ..codec.quant import decode_coefficients
 from ..codec.rope import RopeConfig, apply_rope
 from .common import LayerTable, check_device, e4m3_bits_to_fp32, is_interpreted, rope_layout, tl_dtype
 from .plan import KIND_FP8, KIND_INT, StreamPlan
-from .project import _head_dims, rope_tables
+from .project import _head_dims, first_rope, rope_tables
 
 _INT: tl.constexpr = tl.constexpr(KIND_INT)
 _FP8: tl.constexpr = tl.constexpr(KIND_FP8)
@@ -66,7 +68,7 @@ def _dequant_tile(payload_ptr, comp_group, group_start, group_bits, group_kind, 
 def _decode_kernel(
     payload_ptr, comp_group, group_start, group_bits, group_kind, group_off, fp8_scale_ptr,
     basis_ptr, mean_ptr, cos_ptr, sin_ptr, layer_ptrs, slots_ptr,
-    num_tokens, rank, row_stride,
+    num_tokens, rank, row_stride, rope_stride,
     L: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DTYPE: tl.constexpr,
     HALF: tl.constexpr, HALF_P: tl.constexpr, REST_P: tl.constexpr,
     ROTATE: tl.constexpr, GPTJ: tl.constexpr,
@@ -98,7 +100,7 @@ def _decode_kernel(
     xa = acc_a + tl.load(mean_ptr + f0 + dim_a, mask=d_ok, other=0.0)[None, :]
     xb = acc_b + tl.load(mean_ptr + f0 + dim_b, mask=d_ok, other=0.0)[None, :]
     if ROTATE:
-        cs_off = t[:, None] * HALF + tl.arange(0, HALF_P)[None, :]
+        cs_off = layer * rope_stride + t[:, None] * HALF + tl.arange(0, HALF_P)[None, :]
         cs_mask = t_ok[:, None] & d_ok[None, :]
         cos = tl.load(cos_ptr + cs_off, mask=cs_mask, other=0.0)
         sin = tl.load(sin_ptr + cs_off, mask=cs_mask, other=0.0)
@@ -124,7 +126,7 @@ def decode_into(
     fp8_scale: torch.Tensor,
     dec_basis: torch.Tensor,
     mean: torch.Tensor,
-    rope: RopeConfig | None,
+    rope: RopeConfig | Sequence[RopeConfig] | None,
     positions: torch.Tensor | None,
     table: LayerTable,
     slots: torch.Tensor,
@@ -136,7 +138,8 @@ def decode_into(
         plan, fp8_scale: the stream's plan and ``[R]`` fp32 fp8 scales.
         dec_basis: ``[R, F]`` fp32 decoding basis (per-feature scale folded in).
         mean: ``[F]`` fp32.
-        rope, positions: the model's RoPE and ``[T]`` absolute positions for keys; ``None`` for values.
+        rope, positions: the model's RoPE (one config or one per layer) and ``[T]`` absolute positions
+            for keys; ``None`` for values.
         table: the destination per-layer buffers ``L x [N, H, D]``; written in their dtype.
         slots: ``[T]`` destination rows.
     """
@@ -152,14 +155,14 @@ def decode_into(
         raise ValueError(f"mean must be [F={feat}] and fp8_scale [R={plan.rank}], got {list(mean.shape)}")
     payload = payload.contiguous()
     check_device(_decode_kernel, payload, dec_basis, mean, fp8_scale, slots, plan.comp_group)
-    rotate = rope is not None
-    half, half_p, rest_p = rope_layout(rope.rotary_dim if rope else head_dim, head_dim, rotate)
-    if rotate:
+    rope0 = first_rope(rope)
+    half, half_p, rest_p = rope_layout(rope0.rotary_dim if rope0 else head_dim, head_dim, rope0 is not None)
+    cos = sin = mean  # unused without rope
+    rope_stride = 0
+    if rope0 is not None:
         if positions is None or positions.shape != (num_t,):
             raise ValueError(f"positions must be [T={num_t}] with rope, got {positions}")
-        cos, sin = rope_tables(positions, rope, table.device)
-    else:
-        cos = sin = mean  # unused
+        cos, sin, rope_stride = rope_tables(positions, rope, table.device)
     if num_t == 0:
         return
     big = is_interpreted(_decode_kernel)
@@ -170,10 +173,10 @@ def decode_into(
         payload, plan.comp_group, plan.group_start, plan.group_bits, plan.group_kind,
         plan.group_offsets(num_t), fp8_scale,
         dec_basis, mean, cos, sin, table.ptrs, slots,
-        num_t, plan.rank, table.row_stride,
+        num_t, plan.rank, table.row_stride, rope_stride,
         L=table.num_layers, H=heads, D=head_dim, DTYPE=tl_dtype(table.dtype),
         HALF=half, HALF_P=half_p, REST_P=rest_p,
-        ROTATE=rotate, GPTJ=bool(rope and rope.style == "gptj"),
+        ROTATE=rope0 is not None, GPTJ=bool(rope0 and rope0.style == "gptj"),
         BLOCK_T=block_t, BLOCK_R=block_r, PRECISION="ieee",
     )  # fmt: skip
 
@@ -184,7 +187,7 @@ def decode_into_ref(
     fp8_scale: torch.Tensor,
     dec_basis: torch.Tensor,
     mean: torch.Tensor,
-    rope: RopeConfig | None,
+    rope: RopeConfig | Sequence[RopeConfig] | None,
     positions: torch.Tensor | None,
     buffers: list[torch.Tensor],
     slots: torch.Tensor,

@@ -43,7 +43,7 @@ def encode_payload(
     num_t = slots.numel()
     nk = sk.plan.nbytes(num_t)
     payload = torch.empty(nk + sv.plan.nbytes(num_t), dtype=torch.uint8, device=tk.device)  # caller-sized
-    ck = project(tk, slots, sk.mean, sk.enc_basis, spec.rope, positions)  # [T, R_k] fp32
+    ck = project(tk, slots, sk.mean, sk.enc_basis, spec.ropes, positions)  # [T, R_k] fp32
     quant_pack(ck, sk.plan, sk.fp8_scale, out=payload[:nk])
     cv = project(tv, slots, sv.mean, sv.enc_basis, None)  # [T, R_v] fp32
     quant_pack(cv, sv.plan, sv.fp8_scale, out=payload[nk:])
@@ -63,5 +63,5 @@ def decode_payload(
     tk, tv = _tables(spec, k_layers, v_layers)
     sk, sv = streams
     nk = sk.plan.nbytes(slots.numel())
-    decode_into(payload[:nk], sk.plan, sk.fp8_scale, sk.dec_basis, sk.mean, spec.rope, positions, tk, slots)
+    decode_into(payload[:nk], sk.plan, sk.fp8_scale, sk.dec_basis, sk.mean, spec.ropes, positions, tk, slots)
     decode_into(payload[nk:], sv.plan, sv.fp8_scale, sv.dec_basis, sv.mean, None, None, tv, slots)

@@ -7,6 +7,8 @@ K/V is ever made. The quantize-and-pack kernel (:mod:`.quant_pack`) turns the co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -31,7 +33,7 @@ def _head_dims(HALF: tl.constexpr, HALF_P: tl.constexpr, REST_P: tl.constexpr, G
 @triton.jit
 def _project_kernel(
     layer_ptrs, slots_ptr, cos_ptr, sin_ptr, mean_ptr, basis_ptr, out_ptr,
-    num_tokens, rank, row_stride,
+    num_tokens, rank, row_stride, rope_stride,
     # geometry
     L: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DTYPE: tl.constexpr,
     HALF: tl.constexpr, HALF_P: tl.constexpr, REST_P: tl.constexpr,
@@ -48,14 +50,14 @@ def _project_kernel(
     rows = tl.load(slots_ptr + t, mask=t_ok, other=0).to(tl.int64) * row_stride  # [BT]
     dim_a, dim_b, dim_c, d_ok = _head_dims(HALF, HALF_P, REST_P, GPTJ)
     c_ok = dim_c < D
-    if ROTATE:
-        cs_off = t[:, None] * HALF + tl.arange(0, HALF_P)[None, :]
-        cs_mask = t_ok[:, None] & d_ok[None, :]
-        cos = tl.load(cos_ptr + cs_off, mask=cs_mask, other=0.0)  # [BT, HALF_P]
-        sin = tl.load(sin_ptr + cs_off, mask=cs_mask, other=0.0)
+    cs_off = t[:, None] * HALF + tl.arange(0, HALF_P)[None, :]
+    cs_mask = t_ok[:, None] & d_ok[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for layer in range(L):
         base = tl.load(layer_ptrs + layer).to(tl.pointer_type(DTYPE))
+        if ROTATE:  # rope_stride is 0 when every layer shares one RoPE
+            cos = tl.load(cos_ptr + layer * rope_stride + cs_off, mask=cs_mask, other=0.0)  # [BT, HALF_P]
+            sin = tl.load(sin_ptr + layer * rope_stride + cs_off, mask=cs_mask, other=0.0)
         for h in range(H):
             f0 = (layer * H + h) * D  # feature index of this head's dim 0
             head = base + rows[:, None] + h * D
@@ -88,12 +90,27 @@ def _project_kernel(
     tl.store(out, acc, mask=t_ok[:, None] & r_ok[None, :])
 
 
-def rope_tables(positions: torch.Tensor, rope: RopeConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin ``[T, rotary_dim / 2]`` fp32 on ``device``, angles computed in float64 as the torch path does."""
+def rope_tables(
+    positions: torch.Tensor, rope: RopeConfig | Sequence[RopeConfig], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """cos, sin ``[L' , T, rotary_dim / 2]`` fp32 on ``device`` and the layer stride (0 when ``L' = 1``).
+
+    ``rope`` is one config or one per layer (which must agree on rotary_dim and style); angles are
+    computed in float64 as the torch path does.
+    """
     from ..codec.rope import _cos_sin  # noqa: PLC0415 (one definition of the angles)
 
-    cos, sin = _cos_sin(positions.cpu(), rope)  # [T, 1, rotary/2] each
-    return cos[:, 0].contiguous().to(device), sin[:, 0].contiguous().to(device)
+    ropes = [rope] if isinstance(rope, RopeConfig) else list(rope)
+    if len({(r.rotary_dim, r.style) for r in ropes}) != 1:
+        raise ValueError(f"per-layer RoPE configs must share rotary_dim and style, got {set(ropes)}")
+    tables = {r: _cos_sin(positions.cpu(), r) for r in dict.fromkeys(ropes)}  # [T, 1, rotary/2] each
+    cos = torch.stack([tables[r][0][:, 0] for r in ropes]).contiguous().to(device)  # [L', T, rotary/2]
+    sin = torch.stack([tables[r][1][:, 0] for r in ropes]).contiguous().to(device)
+    return cos, sin, (0 if len(ropes) == 1 else cos.shape[1] * cos.shape[2])
+
+
+def first_rope(rope: RopeConfig | Sequence[RopeConfig] | None) -> RopeConfig | None:
+    return rope if rope is None or isinstance(rope, RopeConfig) else rope[0]
 
 
 def project(
@@ -101,7 +118,7 @@ def project(
     slots: torch.Tensor,
     mean: torch.Tensor,
     basis: torch.Tensor,
-    rope: RopeConfig | None,
+    rope: RopeConfig | Sequence[RopeConfig] | None,
     positions: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -112,7 +129,8 @@ def project(
         slots: ``[T]`` integer rows of the tokens to encode.
         mean: ``[F = L * H * D]`` fp32 calibration mean.
         basis: ``[F, R]`` fp32 encoding basis (per-feature scale folded in).
-        rope: the model's RoPE for keys (removed before projecting); ``None`` for values.
+        rope: the model's RoPE for keys (removed before projecting), one config or one per layer;
+            ``None`` for values.
         positions: ``[T]`` absolute positions, required with ``rope``.
         out: optional caller-owned ``[T, R]`` fp32 output.
 
@@ -133,14 +151,14 @@ def project(
     if out.shape != (num_t, rank) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be contiguous [T={num_t}, R={rank}] float32, got {list(out.shape)} {out.dtype}")
     check_device(_project_kernel, slots, mean, basis, out)
-    rotate = rope is not None
-    half, half_p, rest_p = rope_layout(rope.rotary_dim if rope else head_dim, head_dim, rotate)
-    if rotate:
+    rope0 = first_rope(rope)
+    half, half_p, rest_p = rope_layout(rope0.rotary_dim if rope0 else head_dim, head_dim, rope0 is not None)
+    cos = sin = mean  # unused without rope
+    rope_stride = 0
+    if rope0 is not None:
         if positions is None or positions.shape != (num_t,):
             raise ValueError(f"positions must be [T={num_t}] with rope, got {positions}")
-        cos, sin = rope_tables(positions, rope, table.device)
-    else:
-        cos = sin = mean  # unused
+        cos, sin, rope_stride = rope_tables(positions, rope, table.device)
     if num_t == 0 or rank == 0:
         return out
     big = is_interpreted(_project_kernel)  # the interpreter pays per program, not per element
@@ -149,10 +167,10 @@ def project(
     grid = (triton.cdiv(num_t, block_t), triton.cdiv(rank, block_r))
     _project_kernel[grid](
         table.ptrs, slots, cos, sin, mean, basis, out,
-        num_t, rank, table.row_stride,
+        num_t, rank, table.row_stride, rope_stride,
         L=table.num_layers, H=heads, D=head_dim, DTYPE=tl_dtype(table.dtype),
         HALF=half, HALF_P=half_p, REST_P=rest_p,
-        ROTATE=rotate, GPTJ=bool(rope and rope.style == "gptj"),
+        ROTATE=rope0 is not None, GPTJ=bool(rope0 and rope0.style == "gptj"),
         BLOCK_T=block_t, BLOCK_R=block_r, PRECISION="ieee",
     )  # fmt: skip
     return out
@@ -163,7 +181,7 @@ def project_ref(
     slots: torch.Tensor,
     mean: torch.Tensor,
     basis: torch.Tensor,
-    rope: RopeConfig | None,
+    rope: RopeConfig | Sequence[RopeConfig] | None,
     positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-torch :func:`project`: gather ``[L, T, H, D]``, remove RoPE, ``[T, F] - mean`` then ``@ basis``."""
