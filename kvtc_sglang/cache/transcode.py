@@ -1,7 +1,7 @@
-"""Moving one radix node between the KV pool and the compressed store (mixin of ``KVTCRadixCache``).
+"""Moving radix nodes between the KV pool and the compressed store (mixin of ``KVTCRadixCache``).
 
-``_compress`` gathers a device node's K/V from every layer at its slots, encodes it at the node's absolute
-positions (its depth), stores the blob in the arena and frees the slots. ``_revive`` does the reverse into
+``_compress_many`` reads device nodes' K/V from every layer at their slots, encodes each at its absolute
+positions (its depth) in one codec call, stores the blobs in the arena and frees the slots. ``_revive`` does the reverse into
 freshly allocated slots, either decoding the blob or copying an inserting request's identical fresh KV.
 """
 
@@ -32,9 +32,6 @@ class CompressedNode:
 
 
 class TranscodeMixin:
-    def _compress(self, node: TreeNode, start: int) -> int:
-        return self._compress_many([(node, start)])
-
     def _compress_many(self, targets: list[tuple[TreeNode, int]]) -> int:
         """Compress device nodes ``(node, start position)``; returns the slots freed.
 
