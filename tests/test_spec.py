@@ -46,3 +46,24 @@ def test_unknown_model_type_is_named():
     cfg.model_type = "mamba"
     with pytest.raises(ValueError, match="unknown \\(model_type 'mamba'\\) is not supported"):
         spec_from_config(cfg, "x", "bfloat16")
+
+
+def test_gemma3_per_layer_rope_matches_transformers_rotary():
+    """The spec's per-layer RoPE rotates keys exactly as Gemma 3's own rotary embedding does, per layer type."""
+    import torch
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding, apply_rotary_pos_emb
+
+    from kvtc_sglang.codec.rope import apply_rope
+
+    cfg = gemma3_config()
+    spec = spec_from_config(cfg, "gemma3-270m", "bfloat16", serving=False)
+    rotary = Gemma3RotaryEmbedding(cfg)
+    k = torch.randn(cfg.num_hidden_layers, 37, 1, 256)  # [L, T, H, D]
+    positions = torch.arange(37) * 13
+    ours = apply_rope(k, positions, spec.ropes)
+    for layer, layer_type in enumerate(cfg.layer_types):
+        x = k[layer : layer + 1].permute(0, 2, 1, 3)  # [1, H, T, D]
+        cos, sin = rotary(x, positions[None, :], layer_type)
+        _, ref = apply_rotary_pos_emb(x, x, cos, sin)
+        atol = 2e-5 + 1e-7 * float(positions.max()) * float(k.abs().max())  # transformers' fp32 angles
+        torch.testing.assert_close(ours[layer], ref[0].permute(1, 0, 2), atol=atol, rtol=1e-5)
