@@ -1,8 +1,9 @@
 """Moving radix nodes between the KV pool and the compressed store (mixin of ``KVTCRadixCache``).
 
 ``_compress_many`` reads device nodes' K/V from every layer at their slots, encodes each at its absolute
-positions (its depth) in one codec call, stores the blobs in the arena and frees the slots. ``_revive`` does the reverse into
-freshly allocated slots, either decoding the blob or copying an inserting request's identical fresh KV.
+positions (its depth) in one codec call, stores the blobs in the arena and frees the slots. ``_revive``
+does the reverse into freshly allocated slots, either decoding the blob or copying an inserting
+request's identical fresh KV.
 """
 
 from __future__ import annotations

@@ -178,6 +178,7 @@ def decode_into(
         HALF=half, HALF_P=half_p, REST_P=rest_p,
         ROTATE=rope0 is not None, GPTJ=bool(rope0 and rope0.style == "gptj"),
         BLOCK_T=block_t, BLOCK_R=block_r, PRECISION="ieee",
+        enable_fp_fusion=False,  # lo + code * step rounds as torch does (no FMA contraction)
     )  # fmt: skip
 
 
