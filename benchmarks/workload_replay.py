@@ -96,9 +96,10 @@ def replay(trace: list[list[int]], cache, bank: BankKV) -> dict:
     total = drv.hit_tokens + drv.computed_tokens
     return {
         "requests": len(trace),
+        "requests_not_admitted": drv.failed,
         "input_tokens": total,
         "hit_tokens": drv.hit_tokens,
-        "hit_rate": drv.hit_tokens / total,
+        "hit_rate": drv.hit_tokens / total if total else 0.0,
         "recomputed_tokens": drv.computed_tokens,
         "resident_prefix_tokens": cache.total_size() + (cache.compressed_size() if stats else 0),
         "device_tokens": cache.total_size(),

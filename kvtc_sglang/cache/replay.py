@@ -117,6 +117,8 @@ class Driver:
     def _alloc(self, n: int) -> torch.Tensor | None:
         short = n - self.allocator.available_size()
         if short > 0:
+            if short > self.cache.evictable_size():
+                return None  # like SGLang's scheduler: a request that cannot fit waits, it does not flush the cache
             self.cache.evict(EvictParams(num_tokens=short))
         return self.allocator.alloc(n) if self.allocator.available_size() >= n else None
 

@@ -17,9 +17,9 @@ import triton.language as tl
 
 from ..codec.quant import decode_coefficients
 from ..codec.rope import RopeConfig, apply_rope
-from .common import LayerTable, check_device, e4m3_bits_to_fp32, is_interpreted, rope_layout, tl_dtype
+from .common import LayerTable, check_device, e4m3_bits_to_fp32, is_interpreted, tl_dtype
 from .plan import KIND_FP8, KIND_INT, StreamPlan
-from .project import _head_dims, first_rope, rope_tables
+from .project import _head_dims, rope_args
 
 _INT: tl.constexpr = tl.constexpr(KIND_INT)
 _FP8: tl.constexpr = tl.constexpr(KIND_FP8)
@@ -155,14 +155,7 @@ def decode_into(
         raise ValueError(f"mean must be [F={feat}] and fp8_scale [R={plan.rank}], got {list(mean.shape)}")
     payload = payload.contiguous()
     check_device(_decode_kernel, payload, dec_basis, mean, fp8_scale, slots, plan.comp_group)
-    rope0 = first_rope(rope)
-    half, half_p, rest_p = rope_layout(rope0.rotary_dim if rope0 else head_dim, head_dim, rope0 is not None)
-    cos = sin = mean  # unused without rope
-    rope_stride = 0
-    if rope0 is not None:
-        if positions is None or positions.shape != (num_t,):
-            raise ValueError(f"positions must be [T={num_t}] with rope, got {positions}")
-        cos, sin, rope_stride = rope_tables(positions, rope, table.device)
+    ra = rope_args(rope, positions, num_t, head_dim, placeholder=mean)
     if num_t == 0:
         return
     big = is_interpreted(_decode_kernel)
@@ -172,11 +165,10 @@ def decode_into(
     _decode_kernel[grid](
         payload, plan.comp_group, plan.group_start, plan.group_bits, plan.group_kind,
         plan.group_offsets(num_t), fp8_scale,
-        dec_basis, mean, cos, sin, table.ptrs, slots,
-        num_t, plan.rank, table.row_stride, rope_stride,
+        dec_basis, mean, ra.cos, ra.sin, table.ptrs, slots,
+        num_t, plan.rank, table.row_stride, ra.stride,
         L=table.num_layers, H=heads, D=head_dim, DTYPE=tl_dtype(table.dtype),
-        HALF=half, HALF_P=half_p, REST_P=rest_p,
-        ROTATE=rope0 is not None, GPTJ=bool(rope0 and rope0.style == "gptj"),
+        HALF=ra.half, HALF_P=ra.half_p, REST_P=ra.rest_p, ROTATE=ra.rotate, GPTJ=ra.gptj,
         BLOCK_T=block_t, BLOCK_R=block_r, PRECISION="ieee",
         enable_fp_fusion=False,  # lo + code * step rounds as torch does (no FMA contraction)
     )  # fmt: skip

@@ -8,6 +8,7 @@ K/V is ever made. The quantize-and-pack kernel (:mod:`.quant_pack`) turns the co
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -109,8 +110,36 @@ def rope_tables(
     return cos, sin, (0 if len(ropes) == 1 else cos.shape[1] * cos.shape[2])
 
 
-def first_rope(rope: RopeConfig | Sequence[RopeConfig] | None) -> RopeConfig | None:
-    return rope if rope is None or isinstance(rope, RopeConfig) else rope[0]
+@dataclass(frozen=True)
+class RopeArgs:
+    """What a launcher passes the kernels about RoPE (see :func:`rope_args`)."""
+
+    half: int  # HALF: dims paired per half
+    half_p: int  # HALF_P: its padded block
+    rest_p: int  # REST_P: padded block of the unrotated dims (0: none)
+    cos: torch.Tensor  # [L', T, HALF] fp32 (a placeholder without RoPE)
+    sin: torch.Tensor
+    stride: int  # layer stride of cos/sin (0: one table for every layer)
+    rotate: bool
+    gptj: bool
+
+
+def rope_args(
+    rope: RopeConfig | Sequence[RopeConfig] | None,
+    positions: torch.Tensor | None,
+    num_tokens: int,
+    head_dim: int,
+    placeholder: torch.Tensor,
+) -> RopeArgs:
+    """Checks ``positions`` and builds the cos/sin tables for keys; ``rope=None`` (values) splits ``D`` in halves."""
+    rope0 = rope if rope is None or isinstance(rope, RopeConfig) else rope[0]
+    half, half_p, rest_p = rope_layout(rope0.rotary_dim if rope0 else head_dim, head_dim, rope0 is not None)
+    if rope0 is None:
+        return RopeArgs(half, half_p, rest_p, placeholder, placeholder, 0, False, False)
+    if positions is None or positions.shape != (num_tokens,):
+        raise ValueError(f"positions must be [T={num_tokens}] with rope, got {positions}")
+    cos, sin, stride = rope_tables(positions, rope, placeholder.device)
+    return RopeArgs(half, half_p, rest_p, cos, sin, stride, True, rope0.style == "gptj")
 
 
 def project(
@@ -151,14 +180,7 @@ def project(
     if out.shape != (num_t, rank) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be contiguous [T={num_t}, R={rank}] float32, got {list(out.shape)} {out.dtype}")
     check_device(_project_kernel, slots, mean, basis, out)
-    rope0 = first_rope(rope)
-    half, half_p, rest_p = rope_layout(rope0.rotary_dim if rope0 else head_dim, head_dim, rope0 is not None)
-    cos = sin = mean  # unused without rope
-    rope_stride = 0
-    if rope0 is not None:
-        if positions is None or positions.shape != (num_t,):
-            raise ValueError(f"positions must be [T={num_t}] with rope, got {positions}")
-        cos, sin, rope_stride = rope_tables(positions, rope, table.device)
+    ra = rope_args(rope, positions, num_t, head_dim, placeholder=mean)
     if num_t == 0 or rank == 0:
         return out
     big = is_interpreted(_project_kernel)  # the interpreter pays per program, not per element
@@ -166,11 +188,10 @@ def project(
     block_r = 256 if big else 64
     grid = (triton.cdiv(num_t, block_t), triton.cdiv(rank, block_r))
     _project_kernel[grid](
-        table.ptrs, slots, cos, sin, mean, basis, out,
-        num_t, rank, table.row_stride, rope_stride,
+        table.ptrs, slots, ra.cos, ra.sin, mean, basis, out,
+        num_t, rank, table.row_stride, ra.stride,
         L=table.num_layers, H=heads, D=head_dim, DTYPE=tl_dtype(table.dtype),
-        HALF=half, HALF_P=half_p, REST_P=rest_p,
-        ROTATE=rope0 is not None, GPTJ=bool(rope0 and rope0.style == "gptj"),
+        HALF=ra.half, HALF_P=ra.half_p, REST_P=ra.rest_p, ROTATE=ra.rotate, GPTJ=ra.gptj,
         BLOCK_T=block_t, BLOCK_R=block_r, PRECISION="ieee",
     )  # fmt: skip
     return out
