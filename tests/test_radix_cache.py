@@ -236,3 +236,34 @@ def test_full_store_never_drops_an_ancestor_of_the_node_being_compressed(codec, 
     check_invariants(cache)
     cache.arena.free(filler)
     assert drv.read_prefix(seq)[0] == 600
+
+
+def test_batched_compression_skips_a_node_dropped_for_an_earlier_one(codec, artifact, bank):
+    """One evict() batch compresses A then B; making store room for A drops compressed X, B's parent, and
+    B with it. B's blob must then be discarded: its slots were already freed with X's subtree."""
+    import dataclasses
+    from array import array
+
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    cache = make(codec, artifact, 2048, 1, window_tokens=8, idle_seconds=0.0, min_tokens=8)
+    drv = Driver(cache, bank)
+    seq1, seq2 = list(range(600)), list(range(1000, 1500))
+    drv.finish(drv.start(seq1))
+    cache.compress_idle(now=FUTURE)  # X = seq1[4:592) compressed; B = seq1[592:600) stays on device
+    drv.finish(drv.start(seq2))  # A = seq2, on device
+    x_node, b_node = cache._key_path(RadixKey(array("q", seq1)))[-2:]
+    assert x_node in cache.compressed and b_node.value is not None
+    b_node.last_access_time = time.monotonic() + 10  # A is the least recently used: it goes first
+    room = cache.arena.free_bytes - 10_000  # A's blob (~0.6 MB) fits only once X's is dropped
+    filler = cache.arena.put(torch.zeros(room, dtype=torch.uint8))
+    cache.config = dataclasses.replace(cache.config, window_tokens=0)  # B may compress now too
+    free_before = cache.token_to_kv_pool_allocator.available_size()
+    cache.compress_idle(now=FUTURE)
+    assert x_node not in cache.compressed and x_node.parent is None and b_node.value is None  # B went with X
+    assert cache.stats.dropped_tokens >= 588
+    assert cache.stats.compressions == 2  # X earlier, A now; B's blob discarded
+    assert cache.token_to_kv_pool_allocator.available_size() == free_before + 496 + 8  # A's and B's slots, once
+    check_invariants(cache)
+    cache.arena.free(filler)
+    assert drv.read_prefix(seq2)[0] == 500

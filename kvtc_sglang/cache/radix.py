@@ -259,21 +259,26 @@ class KVTCRadixCache(TranscodeMixin, EvictionMixin, RadixCache):
         sink_end = -(-cfg.sink_tokens // ps) * ps
         min_tokens = max(ps, cfg.min_tokens // ps * ps)
         cands = compress_candidates(self.root_node, sink_end, cfg.window_tokens, ps, min_tokens)
-        targets: list[tuple[TreeNode, int]] = []
-        planned = 0
-        for cand, start, lo, hi in cands:
-            if need is not None and planned >= need:
-                break
-            if cand.parent is None or cand.value is None or cand.lock_ref > 0 or cand in self._protect:
-                continue  # changed since the candidates were listed
-            if now is not None and now - cand.last_access_time < cfg.idle_seconds:
-                continue
-            if lo > start:
-                self._split_node(cand.key, cand, lo - start)  # cand keeps [lo, end)
-            target = cand
-            if hi < lo + len(cand.key):
-                target = self._split_node(cand.key, cand, hi - lo)  # the new parent covers [lo, hi)
-            targets.append((target, lo))
-            planned += len(target.value)
-        freed = self._compress_many(targets) if targets else 0
+        freed, i = 0, 0
+        while i < len(cands) and (need is None or freed < need):
+            # One batch: enough nodes for what is still needed (all of them for idle compression). A node
+            # dropped while making store room for another frees no slots, so another batch may follow.
+            targets: list[tuple[TreeNode, int]] = []
+            planned = 0
+            while i < len(cands) and (need is None or freed + planned < need):
+                cand, start, lo, hi = cands[i]
+                i += 1
+                if cand.parent is None or cand.value is None or cand.lock_ref > 0 or cand in self._protect:
+                    continue  # changed since the candidates were listed
+                if now is not None and now - cand.last_access_time < cfg.idle_seconds:
+                    continue
+                if lo > start:
+                    self._split_node(cand.key, cand, lo - start)  # cand keeps [lo, end)
+                target = cand
+                if hi < lo + len(cand.key):
+                    target = self._split_node(cand.key, cand, hi - lo)  # the new parent covers [lo, hi)
+                targets.append((target, lo))
+                planned += len(target.value)
+            if targets:
+                freed += self._compress_many(targets)
         return freed
