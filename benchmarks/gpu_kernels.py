@@ -18,7 +18,10 @@ page-16 slots) it reports:
   bundled config with random weights: prefill time does not depend on the weight values);
 * the nvCOMP stage's share of encode and restore time.
 
-Timings are medians of ``--repeat`` CUDA-synchronised runs after a warm-up.
+Timings are medians of ``--repeat`` CUDA-synchronised runs after a warm-up. ``--smoke`` runs the same
+steps on the CPU under ``TRITON_INTERPRET=1`` (tiny sizes, timings meaningless) to check the script::
+
+    TRITON_INTERPRET=1 python benchmarks/gpu_kernels.py --bundle gpu_bundle --tokens 16 --repeat 1 --smoke
 """
 
 from __future__ import annotations
@@ -42,14 +45,22 @@ DEVICES = {
 }
 
 
+DEVICE = torch.device("cuda")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeat: int) -> float:
     fn()
     times = []
     for _ in range(repeat):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -68,8 +79,8 @@ def pool_with(k: torch.Tensor, v: torch.Tensor, page: int = 16):
     num_l, num_t, heads, dim = k.shape
     n_pages = -(-num_t // page) + 8
     perm = torch.randperm(n_pages, generator=torch.Generator().manual_seed(0))[: -(-num_t // page)]
-    slots = ((perm[:, None] * page + torch.arange(page)).reshape(-1)[:num_t]).cuda()
-    kb = [torch.zeros(n_pages * page, heads, dim, dtype=k.dtype, device="cuda") for _ in range(num_l)]
+    slots = ((perm[:, None] * page + torch.arange(page)).reshape(-1)[:num_t]).to(DEVICE)
+    kb = [torch.zeros(n_pages * page, heads, dim, dtype=k.dtype, device=DEVICE) for _ in range(num_l)]
     vb = [torch.zeros_like(b) for b in kb]
     for layer in range(num_l):
         kb[layer][slots] = k[layer]
@@ -81,8 +92,8 @@ def prefill_seconds(config: dict, num_t: int, repeat: int) -> float:
     from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
 
     cfg = LlamaConfig(**{**config, "max_position_embeddings": max(num_t, config.get("max_position_embeddings", 0))})
-    model = LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
-    ids = torch.randint(0, cfg.vocab_size, (1, num_t), device="cuda")
+    model = LlamaForCausalLM(cfg).to(device=DEVICE, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, num_t), device=DEVICE)
     with torch.inference_mode():
         return timed(lambda: model(ids, use_cache=True), repeat)
 
@@ -90,10 +101,10 @@ def prefill_seconds(config: dict, num_t: int, repeat: int) -> float:
 def measure(codec: KVTCCodec, k0: torch.Tensor, v0: torch.Tensor, num_t: int, repeat: int) -> dict[str, float]:
     """Seconds of each phase for ``num_t`` tokens (``k0``/``v0`` ``[L, T0, H, D]`` tiled), plus sizes."""
     spec = codec.spec
-    streams = codec._streams(torch.device("cuda"))
+    streams = codec._streams(DEVICE)
     reps = -(-num_t // k0.shape[1])
-    k = k0.repeat(1, reps, 1, 1)[:, :num_t].cuda()  # [L, T, H, D]
-    v = v0.repeat(1, reps, 1, 1)[:, :num_t].cuda()
+    k = k0.repeat(1, reps, 1, 1)[:, :num_t].to(DEVICE)  # [L, T, H, D]
+    v = v0.repeat(1, reps, 1, 1)[:, :num_t].to(DEVICE)
     pos = torch.arange(num_t)
     kb, vb, slots = pool_with(k, v)
     payload = encode_payload(spec, streams, kb, vb, slots, pos)
@@ -122,19 +133,23 @@ def main() -> None:
     p.add_argument("--hbm-gbs", type=float, help="HBM bandwidth in GB/s (default: from the device name)")
     p.add_argument("--fp32-tflops", type=float, help="fp32 FMA peak in TFLOP/s (default: from the device name)")
     p.add_argument("--no-prefill", action="store_true", help="skip the recompute comparison")
+    p.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1: check the script, not speed")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA GPU")
+    global DEVICE  # noqa: PLW0603 (one switch for the whole script)
+    if args.smoke:
+        DEVICE = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (or --smoke)")
     from safetensors.torch import load_file  # noqa: PLC0415
 
     art = load_artifact(next(args.bundle.glob("*.kvtc.safetensors")))
     kv = load_file(str(args.bundle / "kv.safetensors"))
     cfg_path = args.bundle / "config.json"
     config = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "H100 (smoke run on the CPU)"
     hbm, peak = device_peaks(name, args.hbm_gbs and args.hbm_gbs * 1e9, args.fp32_tflops and args.fp32_tflops * 1e12)
-    codec = KVTCCodec(art)
-    sk, sv = codec._streams(torch.device("cuda"))
+    codec = KVTCCodec(art, kernels="triton")
+    sk, sv = codec._streams(DEVICE)
     feat = art.spec.num_features
     print(f"device {name}; roofline {hbm / 1e12:.2f} TB/s, fp32 {peak / 1e12:.1f} TFLOP/s; r{art.target_ratio:g}")
     print(f"F={feat}, R_k={sk.rank}, R_v={sv.rank}, torch {torch.__version__}")
