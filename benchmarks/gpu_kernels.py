@@ -12,7 +12,8 @@ page-16 slots) it reports:
 * encode (``project`` + ``quant_pack``, both streams) and decode (``decode_into``, both streams) kernel
   time, GB/s of 16-bit K/V, and the fraction of the roofline: ``max(bytes / HBM bandwidth, FLOPs / peak)``
   with the kernel's bytes (K/V, basis once, coefficients, payload) and FLOPs (``2 T F (R_k + R_v)``); the
-  peak is the fp32 FMA peak because the kernels use ``tl.dot(..., input_precision="ieee")``;
+  peak follows ``--precision``: the fp32 FMA peak for "ieee" (the default), the TF32 tensor-core peak
+  for "tf32", a third of it for "tf32x3" (three TF32 products per fp32 one);
 * restore (``decode_rows``: CRC check, nvCOMP inflate, decode kernel into the pool) versus recomputing
   the prefix's prefill with the same architecture on the same GPU (``LlamaForCausalLM`` built from the
   bundled config with random weights: prefill time does not depend on the weight values);
@@ -35,13 +36,14 @@ from pathlib import Path
 import torch
 
 from kvtc_sglang.codec import KVTCCodec, load_artifact
+from kvtc_sglang.codec.codec import DOT_PRECISIONS
 from kvtc_sglang.triton_kernels.pipeline import decode_payload, encode_payload
 
-# name fragment -> (HBM bytes/s, fp32 FMA FLOP/s), from the vendors' data sheets (dense, boost clock)
+# name fragment -> (HBM bytes/s, fp32 FMA FLOP/s, dense TF32 tensor FLOP/s), vendors' data sheets
 DEVICES = {
-    "H100 PCIe": (2.0e12, 51.2e12),
-    "H100": (3.35e12, 66.9e12),  # SXM5 / HBM3
-    "H200": (4.8e12, 66.9e12),
+    "H100 PCIe": (2.0e12, 51.2e12, 378e12),
+    "H100": (3.35e12, 66.9e12, 494.7e12),  # SXM5 / HBM3
+    "H200": (4.8e12, 66.9e12, 494.7e12),
 }
 
 
@@ -65,12 +67,14 @@ def timed(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def device_peaks(name: str, hbm: float | None, flops: float | None) -> tuple[float, float]:
-    for frag, peaks in DEVICES.items():
+def device_peaks(name: str, precision: str, hbm: float | None, flops: float | None) -> tuple[float, float]:
+    """HBM bytes/s and the FLOP/s peak of the kernels' dot precision (overrides win)."""
+    for frag, (bw, fp32, tf32) in DEVICES.items():
         if frag in name:
-            return hbm or peaks[0], flops or peaks[1]
+            peak = {"ieee": fp32, "tf32": tf32, "tf32x3": tf32 / 3}[precision]
+            return hbm or bw, flops or peak
     if hbm is None or flops is None:
-        raise ValueError(f"unknown device {name!r}: pass --hbm-gbs and --fp32-tflops")
+        raise ValueError(f"unknown device {name!r}: pass --hbm-gbs and --peak-tflops")
     return hbm, flops
 
 
@@ -100,14 +104,14 @@ def prefill_seconds(config: dict, num_t: int, repeat: int) -> float:
 
 def measure(codec: KVTCCodec, k0: torch.Tensor, v0: torch.Tensor, num_t: int, repeat: int) -> dict[str, float]:
     """Seconds of each phase for ``num_t`` tokens (``k0``/``v0`` ``[L, T0, H, D]`` tiled), plus sizes."""
-    spec = codec.spec
+    spec, prec = codec.spec, codec.dot_precision
     streams = codec._streams(DEVICE)
     reps = -(-num_t // k0.shape[1])
     k = k0.repeat(1, reps, 1, 1)[:, :num_t].to(DEVICE)  # [L, T, H, D]
     v = v0.repeat(1, reps, 1, 1)[:, :num_t].to(DEVICE)
     pos = torch.arange(num_t)
     kb, vb, slots = pool_with(k, v)
-    payload = encode_payload(spec, streams, kb, vb, slots, pos)
+    payload = encode_payload(spec, streams, kb, vb, slots, pos, prec)
     blob = codec.encode_rows(kb, vb, slots, pos)
     chunks = list(torch.split(payload, codec.chunk_bytes))
     coder = codec._coder(payload.device)
@@ -116,8 +120,8 @@ def measure(codec: KVTCCodec, k0: torch.Tensor, v0: torch.Tensor, num_t: int, re
         "kv_bytes": 2 * k.numel() * k.element_size(),
         "payload_bytes": payload.numel(),
         "blob_bytes": blob.numel(),
-        "encode_kernels": timed(lambda: encode_payload(spec, streams, kb, vb, slots, pos), repeat),
-        "decode_kernels": timed(lambda: decode_payload(spec, streams, payload, kb, vb, slots, pos), repeat),
+        "encode_kernels": timed(lambda: encode_payload(spec, streams, kb, vb, slots, pos, prec), repeat),
+        "decode_kernels": timed(lambda: decode_payload(spec, streams, payload, kb, vb, slots, pos, prec), repeat),
         "encode_rows": timed(lambda: codec.encode_rows(kb, vb, slots, pos), repeat),
         "restore": timed(lambda: codec.decode_rows(blob, kb, vb, slots, pos), repeat),
         "nvcomp_compress": timed(lambda: coder.compress(chunks), repeat),
@@ -131,7 +135,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 8192, 32768])
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--hbm-gbs", type=float, help="HBM bandwidth in GB/s (default: from the device name)")
-    p.add_argument("--fp32-tflops", type=float, help="fp32 FMA peak in TFLOP/s (default: from the device name)")
+    p.add_argument("--peak-tflops", type=float, help="peak of the dot precision in TFLOP/s (default: device name)")
+    p.add_argument("--precision", choices=DOT_PRECISIONS, default="ieee", help="tl.dot precision of the kernels")
     p.add_argument("--no-prefill", action="store_true", help="skip the recompute comparison")
     p.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1: check the script, not speed")
     args = p.parse_args()
@@ -147,11 +152,14 @@ def main() -> None:
     cfg_path = args.bundle / "config.json"
     config = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
     name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "H100 (smoke run on the CPU)"
-    hbm, peak = device_peaks(name, args.hbm_gbs and args.hbm_gbs * 1e9, args.fp32_tflops and args.fp32_tflops * 1e12)
-    codec = KVTCCodec(art, kernels="triton")
+    hbm, peak = device_peaks(
+        name, args.precision, args.hbm_gbs and args.hbm_gbs * 1e9, args.peak_tflops and args.peak_tflops * 1e12
+    )
+    codec = KVTCCodec(art, kernels="triton", dot_precision=args.precision)
     sk, sv = codec._streams(DEVICE)
     feat = art.spec.num_features
-    print(f"device {name}; roofline {hbm / 1e12:.2f} TB/s, fp32 {peak / 1e12:.1f} TFLOP/s; r{art.target_ratio:g}")
+    print(f"device {name}; roofline {hbm / 1e12:.2f} TB/s, {args.precision} {peak / 1e12:.1f} TFLOP/s")
+    print(f"artifact r{art.target_ratio:g}")
     print(f"F={feat}, R_k={sk.rank}, R_v={sv.rank}, torch {torch.__version__}")
     print("| T | KV MB | encode ms | GB/s | roofline | decode ms | GB/s | roofline | restore ms | prefill ms | "
           "prefill / restore | nvCOMP share enc / restore |")  # fmt: skip

@@ -229,3 +229,17 @@ def test_bad_inputs_are_refused_with_the_expected_values():
     with pytest.raises(ValueError, match=r"payload must be \[\d+\] uint8 for T=2"):
         decode_into(torch.zeros(3, dtype=torch.uint8, device=DEVICE), plan, fp8_scale, basis.t().contiguous(), mean,
                     None, None, table, torch.tensor([0, 1]))  # fmt: skip
+
+
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
+def test_tensor_core_precisions_stay_close(precision):
+    """Faster dot precisions (tensor cores on a GPU; the interpreter computes fp32) within TF32's error."""
+    num_l, heads, head_dim, num_t = 2, 2, 32, 33
+    basis, mean, _ = small_stream(num_l * heads * head_dim, MIXED, seed=9)
+    bufs = pool(num_l, 40, heads, head_dim, torch.float16, seed=3)
+    slots = slots_for(num_t, 1, 40, seed=6)
+    ref = project_ref(bufs, slots, mean, basis, None)
+    out = project(LayerTable(bufs, heads, head_dim), slots, mean, basis, None, precision=precision)
+    torch.testing.assert_close(out, ref, atol=2e-3 * float(ref.abs().max()), rtol=0)
+    with pytest.raises(ValueError, match="dot precision must be one of"):
+        project(LayerTable(bufs, heads, head_dim), slots, mean, basis, None, precision="bf16")

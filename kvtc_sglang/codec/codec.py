@@ -26,6 +26,9 @@ from .rows import RowsMixin
 
 DEFAULT_CHUNK_BYTES = 1 << 16
 KERNELS = ("auto", "torch", "triton")
+# tl.dot input precision of the Triton projections: "ieee" is exact fp32 (FMA units); "tf32x3" (about
+# fp32 accuracy) and "tf32" (10-bit mantissa products) run on tensor cores. The interpreter computes fp32.
+DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
 class _DeviceStream:
@@ -58,6 +61,8 @@ class KVTCCodec(RowsMixin):
         entropy: lossless stage; default: nvCOMP for CUDA tensors, zlib for CPU tensors.
         chunk_bytes: raw payload bytes per DEFLATE chunk (each chunk has its own length and CRC32).
         kernels: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
+        dot_precision: the Triton projections' ``tl.dot`` precision: ``"ieee"`` (exact fp32, default),
+            ``"tf32x3"`` or ``"tf32"`` (tensor cores; faster, less exact).
     """
 
     def __init__(
@@ -66,12 +71,16 @@ class KVTCCodec(RowsMixin):
         entropy: EntropyCoder | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         kernels: str = "auto",
+        dot_precision: str = "ieee",
     ) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
         self.kernels = kernels
+        if dot_precision not in DOT_PRECISIONS:
+            raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
+        self.dot_precision = dot_precision
         self.artifact = artifact
         self.spec = artifact.spec
         self.artifact_id = artifact.artifact_id

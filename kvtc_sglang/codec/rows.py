@@ -64,7 +64,8 @@ class RowsMixin:
     ) -> torch.Tensor:
         from ..triton_kernels.pipeline import encode_payload  # noqa: PLC0415 (optional path)
 
-        return encode_payload(self.spec, self._streams(k_layers[0].device), k_layers, v_layers, slots, positions)
+        streams = self._streams(k_layers[0].device)
+        return encode_payload(self.spec, streams, k_layers, v_layers, slots, positions, self.dot_precision)
 
     def _decode_triton(
         self,
@@ -76,7 +77,8 @@ class RowsMixin:
     ) -> None:
         from ..triton_kernels.pipeline import decode_payload  # noqa: PLC0415 (optional path)
 
-        decode_payload(self.spec, self._streams(k_layers[0].device), payload, k_layers, v_layers, slots, positions)
+        streams = self._streams(k_layers[0].device)
+        decode_payload(self.spec, streams, payload, k_layers, v_layers, slots, positions, self.dot_precision)
 
     def decode_rows(
         self,

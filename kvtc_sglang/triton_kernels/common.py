@@ -11,7 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ..codec.codec import DOT_PRECISIONS
+
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def check_precision(precision: str) -> str:
+    if precision not in DOT_PRECISIONS:
+        raise ValueError(f"dot precision must be one of {DOT_PRECISIONS}, got {precision!r}")
+    return precision
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ..codec.quant import decode_coefficients
 from ..codec.rope import RopeConfig, apply_rope
-from .common import LayerTable, check_device, e4m3_bits_to_fp32, is_interpreted, tl_dtype
+from .common import LayerTable, check_device, check_precision, e4m3_bits_to_fp32, is_interpreted, tl_dtype
 from .plan import KIND_FP8, KIND_INT, StreamPlan
 from .project import _head_dims, rope_args
 
@@ -130,6 +130,7 @@ def decode_into(
     positions: torch.Tensor | None,
     table: LayerTable,
     slots: torch.Tensor,
+    precision: str = "ieee",
 ) -> None:
     """Decode one stream's payload into the pool rows at ``slots``.
 
@@ -142,6 +143,7 @@ def decode_into(
             for keys; ``None`` for values.
         table: the destination per-layer buffers ``L x [N, H, D]``; written in their dtype.
         slots: ``[T]`` destination rows.
+        precision: ``tl.dot`` input precision, one of :data:`~.common.DOT_PRECISIONS`.
     """
     slots = table.check_slots(slots)
     num_t = slots.numel()
@@ -169,7 +171,7 @@ def decode_into(
         num_t, plan.rank, table.row_stride, ra.stride,
         L=table.num_layers, H=heads, D=head_dim, DTYPE=tl_dtype(table.dtype),
         HALF=ra.half, HALF_P=ra.half_p, REST_P=ra.rest_p, ROTATE=ra.rotate, GPTJ=ra.gptj,
-        BLOCK_T=block_t, BLOCK_R=block_r, PRECISION="ieee",
+        BLOCK_T=block_t, BLOCK_R=block_r, PRECISION=check_precision(precision),
         enable_fp_fusion=False,  # lo + code * step rounds as torch does (no FMA contraction)
     )  # fmt: skip
 

@@ -36,6 +36,7 @@ def encode_payload(
     v_layers: list[torch.Tensor],
     slots: torch.Tensor,
     positions: torch.Tensor,
+    precision: str = "ieee",
 ) -> torch.Tensor:
     """Raw payload ``[nbytes_k + nbytes_v]`` uint8 of the rows ``slots`` of ``L x [N, H, D]`` K/V buffers."""
     tk, tv = _tables(spec, k_layers, v_layers)
@@ -43,9 +44,9 @@ def encode_payload(
     num_t = slots.numel()
     nk = sk.plan.nbytes(num_t)
     payload = torch.empty(nk + sv.plan.nbytes(num_t), dtype=torch.uint8, device=tk.device)  # caller-sized
-    ck = project(tk, slots, sk.mean, sk.enc_basis, spec.ropes, positions)  # [T, R_k] fp32
+    ck = project(tk, slots, sk.mean, sk.enc_basis, spec.ropes, positions, precision=precision)  # [T, R_k]
     quant_pack(ck, sk.plan, sk.fp8_scale, out=payload[:nk])
-    cv = project(tv, slots, sv.mean, sv.enc_basis, None)  # [T, R_v] fp32
+    cv = project(tv, slots, sv.mean, sv.enc_basis, None, precision=precision)  # [T, R_v] fp32
     quant_pack(cv, sv.plan, sv.fp8_scale, out=payload[nk:])
     return payload
 
@@ -58,10 +59,11 @@ def decode_payload(
     v_layers: list[torch.Tensor],
     slots: torch.Tensor,
     positions: torch.Tensor,
+    precision: str = "ieee",
 ) -> None:
     """Write the tokens of ``payload`` into rows ``slots`` of ``L x [N, H, D]`` K/V buffers."""
     tk, tv = _tables(spec, k_layers, v_layers)
     sk, sv = streams
     nk = sk.plan.nbytes(slots.numel())
-    decode_into(payload[:nk], sk.plan, sk.fp8_scale, sk.dec_basis, sk.mean, spec.ropes, positions, tk, slots)
-    decode_into(payload[nk:], sv.plan, sv.fp8_scale, sv.dec_basis, sv.mean, None, None, tv, slots)
+    decode_into(payload[:nk], sk.plan, sk.fp8_scale, sk.dec_basis, sk.mean, spec.ropes, positions, tk, slots, precision)
+    decode_into(payload[nk:], sv.plan, sv.fp8_scale, sv.dec_basis, sv.mean, None, None, tv, slots, precision)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..codec.rope import RopeConfig, remove_rope
-from .common import LayerTable, check_device, is_interpreted, rope_layout, tl_dtype
+from .common import LayerTable, check_device, check_precision, is_interpreted, rope_layout, tl_dtype
 
 
 @triton.jit
@@ -150,6 +150,7 @@ def project(
     rope: RopeConfig | Sequence[RopeConfig] | None,
     positions: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    precision: str = "ieee",
 ) -> torch.Tensor:
     """Coefficients of the pool rows at ``slots``.
 
@@ -162,6 +163,7 @@ def project(
             ``None`` for values.
         positions: ``[T]`` absolute positions, required with ``rope``.
         out: optional caller-owned ``[T, R]`` fp32 output.
+        precision: ``tl.dot`` input precision, one of :data:`~.common.DOT_PRECISIONS`.
 
     Returns:
         ``[T, R]`` fp32 coefficients.
@@ -192,7 +194,7 @@ def project(
         num_t, rank, table.row_stride, ra.stride,
         L=table.num_layers, H=heads, D=head_dim, DTYPE=tl_dtype(table.dtype),
         HALF=ra.half, HALF_P=ra.half_p, REST_P=ra.rest_p, ROTATE=ra.rotate, GPTJ=ra.gptj,
-        BLOCK_T=block_t, BLOCK_R=block_r, PRECISION="ieee",
+        BLOCK_T=block_t, BLOCK_R=block_r, PRECISION=check_precision(precision),
     )  # fmt: skip
     return out
 
