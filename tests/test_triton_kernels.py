@@ -112,6 +112,8 @@ def test_per_layer_rope_in_both_kernels():
     decode_into_ref(payload, alloc, fp8_scale, basis.t().contiguous(), mean, ropes, pos, dec_ref, slots)
     plan = StreamPlan.build(alloc, DEVICE)
     decode_into(payload, plan, fp8_scale, basis.t().contiguous(), mean, ropes, pos, LayerTable(dec, 1, 64), slots)
+    with pytest.raises(ValueError, match=r"one RoPE config per layer \(3\), got 2"):
+        project(LayerTable(bufs, heads, head_dim), slots, mean, basis, ropes[:2], pos)
     for a, b in zip(dec, dec_ref, strict=True):
         scale = float(b.float().abs().max())
         torch.testing.assert_close(a.float(), b.float(), atol=ULP[torch.bfloat16] * scale, rtol=0)

@@ -157,7 +157,7 @@ def decode_into(
         raise ValueError(f"mean must be [F={feat}] and fp8_scale [R={plan.rank}], got {list(mean.shape)}")
     payload = payload.contiguous()
     check_device(_decode_kernel, payload, dec_basis, mean, fp8_scale, slots, plan.comp_group)
-    ra = rope_args(rope, positions, num_t, head_dim, placeholder=mean)
+    ra = rope_args(rope, positions, num_t, table.num_layers, head_dim, placeholder=mean)
     if num_t == 0:
         return
     big = is_interpreted(_decode_kernel)

@@ -128,10 +128,13 @@ def rope_args(
     rope: RopeConfig | Sequence[RopeConfig] | None,
     positions: torch.Tensor | None,
     num_tokens: int,
+    num_layers: int,
     head_dim: int,
     placeholder: torch.Tensor,
 ) -> RopeArgs:
     """Checks ``positions`` and builds the cos/sin tables for keys; ``rope=None`` (values) splits ``D`` in halves."""
+    if rope is not None and not isinstance(rope, RopeConfig) and len(rope) != num_layers:
+        raise ValueError(f"need one RoPE config per layer ({num_layers}), got {len(rope)}")
     rope0 = rope if rope is None or isinstance(rope, RopeConfig) else rope[0]
     half, half_p, rest_p = rope_layout(rope0.rotary_dim if rope0 else head_dim, head_dim, rope0 is not None)
     if rope0 is None:
@@ -182,7 +185,7 @@ def project(
     if out.shape != (num_t, rank) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be contiguous [T={num_t}, R={rank}] float32, got {list(out.shape)} {out.dtype}")
     check_device(_project_kernel, slots, mean, basis, out)
-    ra = rope_args(rope, positions, num_t, head_dim, placeholder=mean)
+    ra = rope_args(rope, positions, num_t, table.num_layers, head_dim, placeholder=mean)
     if num_t == 0 or rank == 0:
         return out
     big = is_interpreted(_project_kernel)  # the interpreter pays per program, not per element
