@@ -62,6 +62,15 @@ def slots_for(num_tokens: int, page_size: int, rows: int, seed: int) -> torch.Te
     return (pages[:, None] * page_size + torch.arange(page_size)).reshape(-1)[:num_tokens].to(DEVICE)
 
 
+def assert_project_matches(bufs, slots, mean, basis, rope, *, pos) -> torch.Tensor:
+    """``project`` against ``project_ref`` to 1e-5 of the coefficients' scale; returns the reference."""
+    heads, head_dim = bufs[0].shape[1:]
+    ref = project_ref(bufs, slots, mean, basis, rope, pos)
+    out = project(LayerTable(bufs, heads, head_dim), slots, mean, basis, rope, pos)
+    torch.testing.assert_close(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
+    return ref
+
+
 @pytest.mark.parametrize("num_tokens", [1, 7, 97, 1031])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
@@ -75,9 +84,7 @@ def test_project_matches_reference(num_tokens, dtype, rope):
     bufs = pool(num_l, num_tokens + 40, heads, head_dim, dtype, seed=num_tokens)
     slots = slots_for(num_tokens, 1, num_tokens + 40, seed=1)
     pos = torch.arange(3, 3 + num_tokens)
-    ref = project_ref(bufs, slots, mean, basis, rope, pos)
-    out = project(LayerTable(bufs, heads, head_dim), slots, mean, basis, rope, pos)
-    torch.testing.assert_close(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
+    assert_project_matches(bufs, slots, mean, basis, rope, pos=pos)
 
 
 def test_project_partial_rotary_and_strided_rows():
@@ -89,9 +96,7 @@ def test_project_partial_rotary_and_strided_rows():
     bufs = [b[:, 0, : heads * head_dim].view(80, heads, head_dim) for b in wide]  # [80, 2, 64], row stride 144
     slots = slots_for(num_t, 1, 80, seed=2)
     pos = torch.arange(1000, 1000 + num_t)
-    ref = project_ref(bufs, slots, mean, basis, rope, pos)
-    out = project(LayerTable(bufs, heads, head_dim), slots, mean, basis, rope, pos)
-    torch.testing.assert_close(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
+    assert_project_matches(bufs, slots, mean, basis, rope, pos=pos)
 
 
 def test_per_layer_rope_in_both_kernels():
@@ -103,9 +108,7 @@ def test_per_layer_rope_in_both_kernels():
     bufs = pool(num_l, 64, heads, head_dim, torch.bfloat16, seed=8)
     slots = slots_for(num_t, 1, 64, seed=5)
     pos = torch.arange(500, 500 + num_t)
-    ref = project_ref(bufs, slots, mean, basis, ropes, pos)
-    out = project(LayerTable(bufs, heads, head_dim), slots, mean, basis, ropes, pos)
-    torch.testing.assert_close(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
+    ref = assert_project_matches(bufs, slots, mean, basis, ropes, pos=pos)
     payload = encode_coefficients(ref, alloc, fp8_scale)
     dec_ref = [torch.zeros_like(b) for b in bufs]
     dec = [torch.zeros_like(b) for b in bufs]

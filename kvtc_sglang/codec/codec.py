@@ -126,10 +126,7 @@ class KVTCCodec(RowsMixin):
                 raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
         if v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
             raise ValueError(f"k and v must match: {k.shape}/{k.dtype}/{k.device} vs {v.shape}/{v.dtype}/{v.device}")
-        if positions.dim() != 1 or positions.numel() != k.shape[1]:
-            raise ValueError(f"positions must be [T={k.shape[1]}], got shape {list(positions.shape)}")
-        if positions.dtype.is_floating_point:
-            raise ValueError(f"positions must be an integer tensor, got {positions.dtype}")
+        self._check_positions(positions, k.shape[1])
 
     def transform(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys without RoPE and values, centred and projected: ``([T, R_k], [T, R_v])`` float32."""

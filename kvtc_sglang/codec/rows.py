@@ -42,8 +42,8 @@ class RowsMixin:
         device = k_layers[0].device
         payloads = []
         for slots, positions in segments:
-            self._check_positions(positions, slots.numel())
             if self.uses_triton(device):
+                self._check_positions(positions, slots.numel())
                 payloads.append(self._payload_triton(k_layers, v_layers, slots, positions))
                 continue
             idx = slots.to(device)

@@ -8,12 +8,13 @@ per token count ``T``, where each group's bytes start in the payload. Payload la
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 
 from ..codec.allocation import INT_KINDS, KIND_BITS, Allocation
-from ..codec.quant import group_nbytes
+from ..codec.quant import group_nbytes, payload_nbytes
 
 KIND_DROP, KIND_INT, KIND_FP8 = 0, 1, 2
 _MAX_CACHED_T = 256  # token counts whose offset tables are kept per plan
@@ -38,6 +39,7 @@ class StreamPlan:
         group_start, group_size, group_bits, group_kind: ``[G]`` int32, coded groups in payload order.
         comp_group: ``[R]`` int32, the coded group of each component, ``-1`` for dropped components.
         classes: the groups split by kind, for the quantize-and-pack launches.
+        alloc: the allocation the tables were built from (payload sizes come from it).
     """
 
     rank: int
@@ -47,8 +49,7 @@ class StreamPlan:
     group_kind: torch.Tensor
     comp_group: torch.Tensor
     classes: tuple[GroupClass, ...]
-    sizes: tuple[int, ...]
-    kinds: tuple[str, ...]
+    alloc: Allocation
     _offsets: dict[int, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -78,21 +79,12 @@ class StreamPlan:
             group_kind=col([KIND_FP8 if g.kind == "fp8" else KIND_INT for g in groups]),
             comp_group=comp_group.to(device),
             classes=tuple(classes),
-            sizes=tuple(g.size for g in groups),
-            kinds=tuple(g.kind for g in groups),
+            alloc=alloc,
         )
 
     def nbytes(self, num_tokens: int) -> int:
         """Payload bytes of this stream for ``num_tokens`` tokens."""
-        return int(self._host_offsets(num_tokens)[-1])
-
-    def _host_offsets(self, num_tokens: int) -> list[int]:
-        from ..codec.allocation import Group  # noqa: PLC0415 (local: only for the size formula)
-
-        offs = [0]
-        for size, kind in zip(self.sizes, self.kinds, strict=True):
-            offs.append(offs[-1] + group_nbytes(Group(0, size, kind), num_tokens))
-        return offs
+        return payload_nbytes(self.alloc, num_tokens)
 
     def group_offsets(self, num_tokens: int) -> torch.Tensor:
         """``[G + 1]`` int64 byte offsets of each group in the payload for ``num_tokens`` tokens (cached)."""
@@ -100,6 +92,8 @@ class StreamPlan:
         if cached is None:
             if len(self._offsets) >= _MAX_CACHED_T:
                 self._offsets.pop(next(iter(self._offsets)))
-            cached = torch.tensor(self._host_offsets(num_tokens), dtype=torch.int64, device=self.group_start.device)
+            sizes = [group_nbytes(g, num_tokens) for g in self.alloc.coded_groups()]
+            offsets = [0, *itertools.accumulate(sizes)]
+            cached = torch.tensor(offsets, dtype=torch.int64, device=self.group_start.device)
             self._offsets[num_tokens] = cached
         return cached
