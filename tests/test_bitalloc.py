@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from kvtc_sglang.calibration.bitalloc import allocate_bits, measure_group_errors
 from kvtc_sglang.codec.allocation import Allocation, Group, group_bits
-from kvtc_sglang.codec.bitalloc import allocate_bits, measure_group_errors
 
 KINDS = ("int2", "int4", "int8", "fp8")
 
@@ -73,7 +73,7 @@ def test_dp_respects_budget_and_beats_truncation_on_real_heldout_kv(artifact, co
 
 
 def test_budget_is_monotone():
-    import kvtc_sglang.codec.bitalloc as ba
+    import kvtc_sglang.calibration.bitalloc as ba
 
     gen = torch.Generator().manual_seed(1)
     coeffs = torch.randn(256, 300, generator=gen) * torch.logspace(1, -2, 300)
@@ -91,7 +91,7 @@ def test_budget_is_monotone():
 
 def test_joint_budget_is_never_worse_than_an_even_split():
     """With one budget for K and V the DP may move bits to the stream that needs them most."""
-    from kvtc_sglang.codec.bitalloc import allocate_bits_joint
+    from kvtc_sglang.calibration.bitalloc import allocate_bits_joint
 
     gen = torch.Generator().manual_seed(3)
     # 16 tokens: every group size is measured on all tokens, so the DP objective is the exact error

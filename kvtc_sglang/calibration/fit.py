@@ -16,12 +16,12 @@ from tqdm import tqdm
 
 from ..codec.allocation import Allocation
 from ..codec.artifact import CalibrationArtifact, StreamCalibration
-from ..codec.bitalloc import allocate_bits, allocate_bits_joint, measure_group_errors
-from ..codec.pca import CovarianceAccumulator, PCAFit
 from ..codec.quant import FP8_MAX
 from ..codec.rope import remove_rope
+from .bitalloc import allocate_bits, allocate_bits_joint, measure_group_errors
 from .corpus import token_sequences
 from .model import LoadedModel, prefill_kv
+from .pca import CovarianceAccumulator, PCAFit
 
 KINDS = ("int2", "int4", "int8", "fp8")
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .allocation import GROUP_SIZES, INT_KINDS, KIND_BITS, Allocation, Group, group_bits
-from .quant import dequantize_fp8, dequantize_int, quantize_fp8, quantize_int
+from ..codec.allocation import GROUP_SIZES, INT_KINDS, KIND_BITS, Allocation, Group, group_bits
+from ..codec.quant import dequantize_fp8, dequantize_int, quantize_fp8, quantize_int
 
 _UNIT_BITS = 2
 # Tokens used to measure a group's error: fewer for big groups, whose error averages over more values.
