@@ -1,7 +1,7 @@
 """Workload replays: vanilla SGLang ``RadixCache`` vs ``KVTCRadixCache`` at the same KV memory (CPU).
 
 Seeded traces built from real held-out text (SmolLM2 tokenizer), replayed through SGLang 0.5.23's real
-pool, allocator and radix caches by the scheduler-like driver (``kvtc_sglang.cache.replay``). The K/V
+pool, allocator and radix caches by the scheduler-like driver (``kvtc_sglang.workloads.replay``). The K/V
 written for a token at depth ``d`` is SmolLM2's real K/V of real text at position ``d``, so blob sizes are
 real. Both backends get a pool of ``--pool-tokens`` slots; KVTC carves its compressed store out of it.
 
@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from kvtc_sglang.cache.config import KVTCCacheConfig
-from kvtc_sglang.cache.invariants import check_invariants
-from kvtc_sglang.cache.replay import BankKV, Driver, build_cache, build_pool
 from kvtc_sglang.calibration.corpus import token_sequences
 from kvtc_sglang.calibration.model import load_default_model, prefill_kv
 from kvtc_sglang.codec import KVTCCodec, load_artifact
+from kvtc_sglang.workloads.invariants import check_invariants
+from kvtc_sglang.workloads.replay import BankKV, Driver, build_cache, build_pool
 
 SIZES = {  # default (minutes on 2 CPU cores) and --full
     False: {"sessions": 24, "turns": 6, "apps": 8, "system": 768, "users": 96, "files": 8, "file": 896, "edits": 64},

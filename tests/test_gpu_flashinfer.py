@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from kvtc_sglang.cache.config import KVTCCacheConfig
-from kvtc_sglang.cache.replay import BankKV, Driver, build_cache, build_pool
 from kvtc_sglang.codec import KVTCCodec, nvcomp_available
+from kvtc_sglang.workloads.replay import BankKV, Driver, build_cache, build_pool
 
 pytestmark = [
     pytest.mark.gpu,

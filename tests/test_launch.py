@@ -17,8 +17,8 @@ from sglang.srt.mem_cache.registry import TreeCacheBuildContext, get_radix_cache
 from kvtc_sglang.cache.config import ENV_VAR, KVTCCacheConfig
 from kvtc_sglang.cache.factory import build_kvtc_cache
 from kvtc_sglang.cache.radix import KVTCRadixCache
-from kvtc_sglang.cache.replay import build_pool
 from kvtc_sglang.launch import plugin
+from kvtc_sglang.workloads.replay import build_pool
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -83,7 +83,7 @@ def test_registered_factory_builds_the_cache(lm, artifact_path, monkeypatch):
     assert get_radix_cache_factory("kvtc") is build_kvtc_cache
     monkeypatch.setenv(ENV_VAR, KVTCCacheConfig(calibration=str(artifact_path)).to_json())
     cache = get_radix_cache_factory("kvtc")(_ctx(lm))
-    assert isinstance(cache, KVTCRadixCache) and cache.arena_tokens == 256
+    assert isinstance(cache, KVTCRadixCache) and cache.store_max_tokens == 512 and cache.store.num_slots == 0
 
 
 @pytest.mark.parametrize(

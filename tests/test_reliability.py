@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import torch
 
 from kvtc_sglang.cache.config import KVTCCacheConfig
-from kvtc_sglang.cache.invariants import check_invariants
-from kvtc_sglang.cache.replay import BankKV, Driver, build_cache, build_pool
-from kvtc_sglang.cache.soak import SoakConfig, soak
+from kvtc_sglang.workloads.invariants import check_invariants
+from kvtc_sglang.workloads.replay import BankKV, Driver, build_cache, build_pool
+from kvtc_sglang.workloads.soak import SoakConfig, soak
 
 
 def _flip_tail(blob: torch.Tensor) -> None:
@@ -18,11 +19,11 @@ def _flip_tail(blob: torch.Tensor) -> None:
 
 def _damage(cache, node, damage=_flip_tail) -> None:
     """Rewrite a compressed node's stored blob after ``damage`` changed it in place."""
-    entry = cache.compressed[node]
-    blob = cache.arena.get(entry.handle)
+    entry = cache.io.entries[node]
+    blob = cache.store.get(entry.handle)
     damage(blob)
-    cache.arena.free(entry.handle)
-    cache.compressed[node] = type(entry)(cache.arena.put(blob), entry.start, entry.num_tokens, entry.raw_bytes)
+    cache.store.free(entry.handle)
+    cache.io.entries[node] = dataclasses.replace(entry, handle=cache.store.put(blob))
 
 
 def test_one_bad_node_among_many_good_ones(codec, artifact, kv_bank):
@@ -36,7 +37,7 @@ def test_one_bad_node_among_many_good_ones(codec, artifact, kv_bank):
         drv.finish(drv.start(seq))
     cache.compress_idle(now=float("inf"))
     by_start = {}
-    for node, entry in cache.compressed.items():
+    for node, entry in cache.io.entries.items():
         by_start.setdefault(entry.start, []).append(node)
     assert len(by_start[200]) == 4  # one compressed node per branch after the shared part
     bad = next(n for n in by_start[200] if n.key.token_ids[0] == 20_000)  # branch 1
@@ -52,7 +53,7 @@ def test_one_bad_node_among_many_good_ones(codec, artifact, kv_bank):
 
 def test_soak_ci_sized(codec, kv_bank):
     """1500 scheduler-like steps, 4 concurrent lock holders, paged pool under pressure (the long run is
-    ``python -m kvtc_sglang.cache.soak``)."""
+    ``python -m kvtc_sglang.workloads.soak``)."""
     out = soak(codec, BankKV(*kv_bank), SoakConfig(steps=1500, pool_tokens=2048, page_size=16, check_every=25))
     assert out["compressions"] > 50 and out["restores"] > 10 and out["checksum_failures"] == 0
     assert out["invariant_checks"] > 50 and out["worst_rel_err"] < 0.5
@@ -61,7 +62,7 @@ def test_soak_ci_sized(codec, kv_bank):
 def test_fuzzed_blob_in_the_cache_never_writes_outside_its_slots(codec, artifact, kv_bank):
     """40 seeded rounds of random byte damage to a stored blob: the match stops before the node (a miss,
     never wrong KV), and no pool row outside the slots the restore allocated changes (compared bitwise:
-    arena rows hold blob bytes, which read as bf16 include NaNs)."""
+    store rows hold blob bytes, which read as bf16 include NaNs)."""
     rng = random.Random(7)
     bank = BankKV(*kv_bank)
     _, allocator = build_pool(artifact.spec, 1024, 1)
@@ -71,7 +72,7 @@ def test_fuzzed_blob_in_the_cache_never_writes_outside_its_slots(codec, artifact
     for _ in range(40):
         drv.finish(drv.start(seq))
         cache.compress_idle(now=float("inf"))
-        [node] = cache.compressed
+        [node] = cache.io.entries
 
         def flip(blob):
             for _ in range(rng.randint(1, 4)):

@@ -20,6 +20,12 @@ def refused_server_option(get: Callable[[str], object]) -> str | None:
     tp = get("tp_size")
     if tp not in (None, 1):
         return f"kvtc calibrations cover all KV heads; run with --tp-size 1 (got {tp})"
+    spec = get("speculative_algorithm")
+    if spec not in (None, "", "NONE"):
+        return (
+            f"speculative decoding ({spec}) is not supported by kvtc: restores do not refill a draft model's "
+            "KV pool; drop --speculative-algorithm"
+        )
     return None
 
 
@@ -31,8 +37,12 @@ class KVTCCacheConfig:
         calibration: path of the calibration artifact (``*.kvtc.safetensors``) for the served model.
         sink_tokens: leading tokens of every sequence that are never compressed (attention sinks).
         window_tokens: most recent tokens of every cached sequence (each leaf path) never compressed.
-        idle_seconds: an unlocked node untouched this long is compressed at the next cache operation.
-        store_fraction: share of the KV pool's token slots reserved at start-up to hold compressed blobs.
+        idle_seconds: an unlocked node untouched this long may be compressed by the per-step scheduler tick.
+        idle_watermark: idle compression runs only while the pool's used share (``1 - free / size``) is
+            above this, and stops once it is back below; pressure-driven compression (``evict``) always runs.
+        store_fraction: most of the KV pool's token slots the compressed store may borrow. The store takes
+            free slots page by page when a blob needs room and gives them back when its blobs are dropped,
+            so nothing is reserved at start-up (its slots count as evictable for SGLang's admission).
         min_tokens: smallest span worth compressing (a blob has a header of about 60 bytes).
         chunk_bytes: raw bytes per DEFLATE chunk inside a blob.
     """
@@ -41,7 +51,8 @@ class KVTCCacheConfig:
     sink_tokens: int = 4
     window_tokens: int = 128
     idle_seconds: float = 30.0
-    store_fraction: float = 0.25
+    idle_watermark: float = 0.75
+    store_fraction: float = 0.5
     min_tokens: int = 16
     chunk_bytes: int = 1 << 16
 
@@ -60,6 +71,8 @@ class KVTCCacheConfig:
             raise ValueError(f"min_tokens must be >= 1, got {self.min_tokens!r}")
         if not isinstance(self.store_fraction, (int, float)) or not 0.0 < self.store_fraction < 1.0:
             raise ValueError(f"store_fraction must be in (0, 1), got {self.store_fraction!r}")
+        if not isinstance(self.idle_watermark, (int, float)) or not 0.0 <= self.idle_watermark < 1.0:
+            raise ValueError(f"idle_watermark must be in [0, 1), got {self.idle_watermark!r}")
         if not isinstance(self.chunk_bytes, int) or self.chunk_bytes < 1024:
             raise ValueError(f"chunk_bytes must be an integer >= 1024, got {self.chunk_bytes!r}")
 

@@ -38,6 +38,11 @@ def check_context(ctx: Any) -> None:
         (ctx.is_hybrid_ssm, "hybrid Mamba/SSM models are not supported by kvtc"),
         (getattr(ctx, "is_dsa", False), "DeepSeek sparse-attention (MLA) models are not supported by kvtc"),
     ]
+    spec = getattr(getattr(ctx, "server_args", None), "speculative_algorithm", None)
+    if spec not in (None, "", "NONE"):
+        refusals.append(
+            (True, f"speculative decoding ({spec}) is not supported: restores do not refill the draft model's KV")
+        )
     for bad, message in refusals:
         if bad:
             raise ValueError(f"kvtc: {message}")
@@ -59,10 +64,11 @@ def build_kvtc_cache(ctx: Any) -> KVTCRadixCache:
         raise ValueError(f"kvtc: {e}") from e
     cache = KVTCRadixCache(ctx.params, KVTCCodec(artifact, chunk_bytes=config.chunk_bytes), config)
     logger.info(
-        "kvtc: calibration %s (%.0fx target), %d slots reserved for compressed KV, sinks %d, window %d",
+        "kvtc: calibration %s (%.0fx target), compressed store up to %d slots (borrowed on demand), sinks %d, "
+        "window %d",
         path.name,
         artifact.target_ratio,
-        cache.arena_tokens,
+        cache.store_max_tokens,
         config.sink_tokens,
         config.window_tokens,
     )

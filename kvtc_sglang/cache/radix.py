@@ -1,46 +1,55 @@
 """``KVTCRadixCache``: SGLang's ``RadixCache`` whose cold nodes are transform-coded in place.
 
-A node is either *device* (``node.value`` holds KV-pool slot indices, as in SGLang) or *compressed*
-(``node.value is None``; its blob lives in :class:`~kvtc_sglang.cache.arena.BlobArena`, which is carved out
-of the KV pool). Invariants:
+A node is *device* (``node.value`` holds KV-pool slots, as in SGLang) or *compressed* (``node.value is
+None``; its blob is in :class:`~kvtc_sglang.cache.store.BlobStore`). This class does the tree surgery; the
+:class:`~kvtc_sglang.cache.transcode.Transcoder` encodes, stores and restores, and the
+:class:`~kvtc_sglang.cache.policy.CompressionPolicy` orders the work. How it meets SGLang's scheduler:
 
-- a compressed node is unlocked, so is its whole subtree (locking walks to the root through device nodes);
-- ``evictable_size_``/``protected_size_`` count device tokens only, as SGLang's scheduler expects;
-- sinks (the first ``sink_tokens``) and each leaf path's last ``window_tokens`` are never compressed;
-- ``match_prefix`` restores compressed nodes on the matched path into freshly allocated slots, so callers
-  only ever see ordinary device indices; a restore that fails (no memory, bad blob) ends the match there.
+- ``match_prefix`` changes nothing but recency (and splits device nodes, as SGLang's does): compressed
+  tokens on the matched path are reported as ``host_hit_length`` with ``best_match_node``; SGLang budgets
+  them and, only for a request it admits, calls ``init_load_back``, which restores all of them or none.
+- ``insert`` (it runs inside the allocator's deferred-free groups) neither allocates nor compresses: a
+  compressed node on the inserted path takes the inserting request's own exact KV slots.
+- Idle compression runs in ``scheduler_tick`` (once per scheduler loop, outside free groups), only while
+  the pool is fuller than ``idle_watermark``; ``evict`` compresses under pressure.
+- ``evictable_size`` = unlocked device tokens + the store's borrowed slots; ``protected_size`` = locked
+  device tokens; with the allocator's free slots they add up to the pool.
+- Invariants: a compressed node and its subtree are unlocked; sinks and each leaf path's last
+  ``window_tokens`` are never compressed.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
     EvictParams,
     EvictResult,
+    InitLoadBackParams,
     InsertParams,
     InsertResult,
     MatchPrefixParams,
     MatchResult,
 )
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
+from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
 
 from ..codec import KVTCCodec
-from .arena import BlobArena
 from .config import KVTCCacheConfig
-from .eviction import EvictionMixin
 from .kv_io import PoolKV
+from .policy import CompressionPolicy
 from .stats import KVTCStats
-from .transcode import CompressedNode, TranscodeMixin
-from .tree_walk import compress_candidates, subtree_postorder
+from .store import BlobStore
+from .surgery import TreeSurgery
+from .transcode import Transcoder
 
 logger = logging.getLogger(__name__)
 
 
-class KVTCRadixCache(TranscodeMixin, EvictionMixin, RadixCache):
+class KVTCRadixCache(TreeSurgery):
     """Radix cache with KVTC-compressed cold nodes.
 
     Args:
@@ -52,57 +61,49 @@ class KVTCRadixCache(TranscodeMixin, EvictionMixin, RadixCache):
     def __init__(self, params: CacheInitParams, codec: KVTCCodec, config: KVTCCacheConfig) -> None:
         if params.is_eagle:
             raise ValueError("kvtc does not support EAGLE speculative decoding (bigram radix keys)")
-        self.codec = codec
+        allocator = params.token_to_kv_pool_allocator
+        spec = codec.spec
+        kv = PoolKV(allocator.get_kvcache(), spec.num_layers, spec.num_kv_heads, spec.head_dim)
+        if str(kv.dtype).removeprefix("torch.") != spec.dtype:
+            raise ValueError(f"KV pool dtype is {kv.dtype}, calibration is for {spec.dtype}")
+        ps = params.page_size
         self.config = config
+        self.codec = codec
         self.stats = KVTCStats()
-        self.compressed: dict[TreeNode, CompressedNode] = {}
-        self.arena: BlobArena | None = None
+        self.store_max_tokens = max(ps, int(allocator.size * config.store_fraction) // ps * ps)
+        self.store = BlobStore(kv.buffers, allocator, ps, self.store_max_tokens)
+        self.io = Transcoder(codec, kv, self.store, self.stats)
+        self.policy = CompressionPolicy(config, ps)
         self._protect: set[TreeNode] = set()
         self._last_idle_check = float("-inf")
         super().__init__(params)  # calls reset()
-        allocator = self.token_to_kv_pool_allocator
-        spec = codec.spec
-        self.kv = PoolKV(allocator.get_kvcache(), spec.num_layers, spec.num_kv_heads, spec.head_dim)
-        if str(self.kv.dtype).removeprefix("torch.") != spec.dtype:
-            raise ValueError(f"KV pool dtype is {self.kv.dtype}, calibration is for {spec.dtype}")
-        ps = self.page_size
-        self.arena_tokens = max(ps, int(allocator.size * config.store_fraction) // ps * ps)
-        self._ensure_arena()
 
-    # ----- store and accounting -----
-
-    def _ensure_arena(self) -> None:
-        """(Re)reserve the arena's slots; after ``reset`` SGLang clears the allocator, so this is lazy."""
-        if self.arena is not None or not hasattr(self, "kv"):
-            return
-        slots = self.token_to_kv_pool_allocator.alloc(self.arena_tokens)
-        if slots is None:
-            raise RuntimeError(
-                f"cannot reserve {self.arena_tokens} KV slots for the compressed store: only "
-                f"{self.token_to_kv_pool_allocator.available_size()} free"
-            )
-        self.arena = BlobArena(self.kv.buffers, slots)
+    # ----- accounting -----
 
     def reset(self) -> None:
-        if self.arena is not None:
-            self.token_to_kv_pool_allocator.free(self.arena.slots)
-            self.arena = None
-        self.compressed = {}
-        self.stats.resident_nodes = self.stats.resident_tokens = 0
-        self.stats.resident_raw_bytes = self.stats.resident_blob_bytes = 0
+        self.io.clear()  # gives the store's pages back (SGLang clears the allocator right after)
         super().reset()
 
+    def evictable_size(self) -> int:
+        """Unlocked device tokens plus the store's borrowed slots (dropping blobs gives those back)."""
+        return self.evictable_size_ + self.store.num_slots
+
     def protected_size(self) -> int:
-        """Locked device tokens plus the slots reserved for the compressed store."""
-        return self.protected_size_ + (self.arena.slots.numel() if self.arena is not None else 0)
+        """Locked device tokens (compressed nodes are never locked)."""
+        return self.protected_size_
 
     def compressed_size(self) -> int:
-        """Tokens held compressed."""
+        """Tokens held only compressed."""
         return self.stats.resident_tokens
 
     def _device_values(self) -> list[torch.Tensor]:
-        nodes = subtree_postorder(self.root_node)
-        return [n.value for n, _ in nodes if n is not self.root_node and n.value is not None]
+        out, stack = [], list(self.root_node.children.values())
+        while stack:
+            n = stack.pop()
+            if n.value is not None:
+                out.append(n.value)
+            stack.extend(n.children.values())
+        return out
 
     def total_size(self) -> int:
         """Device tokens in the tree (compressed nodes hold none)."""
@@ -115,170 +116,121 @@ class KVTCRadixCache(TranscodeMixin, EvictionMixin, RadixCache):
     def available_and_evictable_str(self) -> str:
         return f"{super().available_and_evictable_str()} {self.stats.summary()}"
 
-    # ----- public API -----
+    # ----- SGLang's protocol -----
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         key = params.key
         if self.disable or len(key) == 0:
             return self._empty_match_result
-        self._ensure_arena()
         key = key.page_aligned(self.page_size)
         if len(key) == 0:
             return self._empty_match_result
-        values, last = self._walk(key, restore=True)
+        device_len, last_device, host_len, best = self._match(key)
         return MatchResult(
-            device_prefix_len=sum(len(v) for v in values),
-            last_device_node=last,
-            last_host_node=last,
-            best_match_node=last,
+            device_prefix_len=device_len,
+            last_device_node=last_device,
+            last_host_node=last_device,
+            best_match_node=best,
+            host_hit_length=host_len,
         )
 
     def touch_prefix(self, key: RadixKey) -> None:
         if self.disable or len(key) == 0:
             return
-        self._walk(key.page_aligned(self.page_size), restore=False)
+        key = key.page_aligned(self.page_size)
+        if len(key):
+            self._match(key, split=False)
+
+    def init_load_back(self, params: InitLoadBackParams) -> tuple[int, TreeNode] | None:
+        """Restore the compressed part of a matched path for an admitted request: all promised tokens or none.
+
+        Returns ``(host_hit_length, node ending the promised prefix)``, or ``(0, the device node the match
+        ended on)`` when anything fails (no memory, a damaged blob, the path changed): the request then
+        recomputes. Never ``None``: retrying could not succeed where this failed, and would stall admission.
+        Restored slots belong to the tree (``load_back_is_cache_owned``)."""
+        promised, target = params.host_hit_length, params.best_match_node
+        path = self._path_to(target)
+        first = next((i for i, n in enumerate(path) if n in self.io.entries), None)
+        fallback = path[first - 1] if first else self.root_node
+        req = params.req
+        if req is not None and req.last_node is not fallback:
+            fallback = req.last_node
+            first = None  # the tree moved under the request since its match
+        if promised <= 0 or first is None:
+            return 0, fallback
+        region = path[first:]
+        excess = sum(len(n.key) for n in region) - promised
+        if not 0 <= excess < len(region[-1].key):
+            self.stats.load_back_failures += 1
+            return 0, fallback
+        self._protect.update(path)
+        try:
+            for node in region:
+                if node in self.io.entries and not self._restore(node):
+                    self.stats.load_back_failures += 1
+                    return 0, fallback
+        finally:
+            self._protect.clear()
+        last = region[-1]
+        if excess:
+            last = self._split_node(last.key, last, len(last.key) - excess)
+        self.stats.load_backs += 1
+        return promised, last
+
+    def load_back_is_cache_owned(self) -> bool:
+        return True
 
     def insert(self, params: InsertParams) -> InsertResult:
+        """SGLang's insert; compressed nodes on the path first take the request's own slots (no allocation).
+
+        ``prefix_len`` then ends where the first compressed node began: SGLang frees the request's slots
+        below it as duplicates and leaves the rest, which the tree now owns."""
         if self.disable:
             return super().insert(params)
         if params.value is None:
             raise ValueError("KVTCRadixCache.insert needs the KV slot indices (params.value), got None")
-        self._ensure_arena()
-        self.maybe_compress_idle()
-        if self.compressed:
+        first = None
+        if self.io.entries:
             key = params.key.page_aligned(self.page_size)
-            self._revive_insert_path(key, params.value[: len(key)])
-        return super().insert(params)
+            first = self._adopt_insert_path(key, params.value[: len(key)])
+        result = super().insert(params)
+        if first is not None and result.prefix_len > first:
+            result = replace(result, prefix_len=first)
+        return result
 
     def evict(self, params: EvictParams) -> EvictResult:
-        """Free ``params.num_tokens`` slots: compress cold nodes first (LRU), evict only what is still short."""
+        """Free ``params.num_tokens`` slots in the policy's order (compress first, drop blobs last)."""
         if self.disable:
             return EvictResult()
-        self._ensure_arena()
         start = time.perf_counter()
-        need = params.num_tokens
-        freed = self._compress_cold(need, now=None)
-        if freed < need:
-            freed += self._evict_device(need - freed)
+        need, freed = params.num_tokens, 0
+        steps = {
+            "compress": lambda n: self._compress_cold(n, now=None),
+            "device_leaves": lambda n: self._evict_device_pass(n, keep_compressed=True),
+            "store": self._shrink_store,
+            "device_with_compressed": lambda n: self._evict_device_pass(n, keep_compressed=False),
+        }
+        for step in self.policy.evict_steps:
+            if freed >= need:
+                break
+            freed += steps[step](need - freed)
         self.update_eviction_metrics(freed, start)
         return EvictResult(num_tokens_evicted=freed)
 
-    def maybe_compress_idle(self, now: float | None = None) -> int:
-        """Compress nodes idle past ``idle_seconds``, at most every ``idle_seconds / 4``."""
-        now = time.monotonic() if now is None else now
+    def scheduler_tick(self) -> None:
+        """Once per scheduler loop iteration, outside free groups: idle compression above the watermark."""
+        if self.disable:
+            return
+        now = time.monotonic()
         if now - self._last_idle_check < max(0.05, self.config.idle_seconds / 4):
-            return 0
+            return
         self._last_idle_check = now
-        return self.compress_idle(now)
+        allocator = self.token_to_kv_pool_allocator
+        over = allocator.size - allocator.available_size() - int(self.config.idle_watermark * allocator.size)
+        if over > 0:
+            self._compress_cold(over, now=now)
 
     def compress_idle(self, now: float | None = None) -> int:
-        """Compress every eligible node untouched for ``idle_seconds``; returns the slots freed."""
-        self._ensure_arena()
+        """Compress every eligible node idle for ``idle_seconds`` at ``now``, whatever the pool usage (tools,
+        tests); returns the slots freed net of store growth."""
         return self._compress_cold(None, now=time.monotonic() if now is None else now)
-
-    # ----- walking the tree -----
-
-    def _walk(self, key: RadixKey, restore: bool) -> tuple[list[torch.Tensor], TreeNode]:
-        """Match ``key`` from the root; with ``restore`` decode compressed nodes on the way (else stop)."""
-        now = time.monotonic()
-        node = self.root_node
-        node.last_access_time = now
-        values: list[torch.Tensor] = []
-        if restore:
-            self._protect.update(self._key_path(key))  # restoring must not evict what it is about to match
-        try:
-            while len(key) > 0:
-                child = node.children.get(key.child_key(self.page_size))
-                if child is None:
-                    break
-                if child in self.compressed:
-                    if not restore:
-                        break
-                    if not self._revive(child, source=None):
-                        break
-                child.last_access_time = now
-                prefix_len = child.key.match(key, page_size=self.page_size)
-                if prefix_len < len(child.key):
-                    if not restore:
-                        break
-                    node = self._split_node(child.key, child, prefix_len)
-                    values.append(node.value)
-                    break
-                values.append(child.value)
-                node = child
-                key = key[prefix_len:]
-        finally:
-            self._protect.clear()
-        return values, node
-
-    def _key_path(self, key: RadixKey) -> list[TreeNode]:
-        """Nodes ``key`` runs through (the root included), without touching the tree."""
-        node, offset, path = self.root_node, 0, [self.root_node]
-        while offset < len(key):
-            child = node.children.get(key.child_key_at(offset, self.page_size))
-            if child is None:
-                break
-            path.append(child)
-            m = child.key.match_at(key, offset, page_size=self.page_size)
-            if m < len(child.key):
-                break
-            offset += m
-            node = child
-        return path
-
-    def _revive_insert_path(self, key: RadixKey, value: torch.Tensor) -> None:
-        """Make compressed nodes on ``key``'s path device nodes before SGLang's insert walks it.
-
-        A node the key covers whole takes a copy of the inserting request's fresh KV (exact, no decode);
-        one it covers in part is decoded. If neither can get slots, the node and its subtree are dropped
-        and the insert stores the request's KV in their place.
-        """
-        path = self._key_path(key)  # reviving keeps every node in place; a drop ends the walk
-        self._protect.update(path)
-        offset = 0
-        try:
-            for child in path[1:]:
-                m = child.key.match_at(key, offset, page_size=self.page_size)
-                if child in self.compressed:
-                    whole = m == len(child.key)
-                    ok = self._revive(child, source=value[offset : offset + m] if whole else None)
-                    if not ok:
-                        if child in self.compressed:
-                            self._drop_subtree(child)
-                        break
-                offset += m
-        finally:
-            self._protect.clear()
-
-    # ----- compress / restore -----
-
-    def _compress_cold(self, need: int | None, now: float | None) -> int:
-        """Compress eligible nodes, least recently used first; idle ones only when ``now`` is given."""
-        cfg = self.config
-        ps = self.page_size
-        sink_end = -(-cfg.sink_tokens // ps) * ps
-        min_tokens = max(ps, cfg.min_tokens // ps * ps)
-        cands = compress_candidates(self.root_node, sink_end, cfg.window_tokens, ps, min_tokens)
-        freed, i = 0, 0
-        while i < len(cands) and (need is None or freed < need):
-            # One batch: enough nodes for what is still needed (all of them for idle compression). A node
-            # dropped while making store room for another frees no slots, so another batch may follow.
-            targets: list[tuple[TreeNode, int]] = []
-            planned = 0
-            while i < len(cands) and (need is None or freed + planned < need):
-                cand, start, lo, hi = cands[i]
-                i += 1
-                if cand.parent is None or cand.value is None or cand.lock_ref > 0 or cand in self._protect:
-                    continue  # changed since the candidates were listed
-                if now is not None and now - cand.last_access_time < cfg.idle_seconds:
-                    continue
-                if lo > start:
-                    self._split_node(cand.key, cand, lo - start)  # cand keeps [lo, end)
-                target = cand
-                if hi < lo + len(cand.key):
-                    target = self._split_node(cand.key, cand, hi - lo)  # the new parent covers [lo, hi)
-                targets.append((target, lo))
-                planned += len(target.value)
-            if targets:
-                freed += self._compress_many(targets)
-        return freed

@@ -21,6 +21,10 @@ class KVTCStats:
     restore_seconds: float = 0.0
     adopted_tokens: int = 0
     restore_no_memory: int = 0
+    retained_tokens: int = 0  # device tokens whose blob is kept (going cold again costs no encode)
+    reused_blobs: int = 0  # compressions served by a kept blob
+    load_backs: int = 0  # init_load_back calls that loaded all promised tokens
+    load_back_failures: int = 0  # init_load_back calls that loaded nothing (the request recomputes)
     checksum_failures: int = 0
     dropped_nodes: int = 0
     dropped_tokens: int = 0
@@ -38,7 +42,7 @@ class KVTCStats:
         return (
             f"kvtc: {self.resident_tokens} tokens in {self.resident_nodes} compressed nodes "
             f"({self.resident_blob_bytes / 2**20:.1f} MiB, {self.ratio:.1f}x), "
-            f"compressions={self.compressions} restores={self.restores} "
+            f"compressions={self.compressions} reused_blobs={self.reused_blobs} restores={self.restores} "
             f"restore_ms={1e3 * self.restore_seconds:.1f} checksum_failures={self.checksum_failures} "
             f"dropped_tokens={self.dropped_tokens}"
         )

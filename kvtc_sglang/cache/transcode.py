@@ -1,129 +1,129 @@
-"""Moving radix nodes between the KV pool and the compressed store (mixin of ``KVTCRadixCache``).
+"""Encoding, storing and restoring radix nodes' KV: one object owns the codec, the pool I/O, the blob store,
+the counters and the book of which nodes have blobs. It never changes the tree (``KVTCRadixCache`` does).
 
-``_compress_many`` reads device nodes' K/V from every layer at their slots, encodes each at its absolute
-positions (its depth) in one codec call, stores the blobs in the arena and frees the slots. ``_revive``
-does the reverse into freshly allocated slots, either decoding the blob or copying an inserting
-request's identical fresh KV.
+A node's blob is in one of two books:
+
+- ``entries``: *compressed* nodes (``node.value is None``); the blob is the only copy of their KV;
+- ``retained``: *device* nodes that still hold their blob (restored, or adopted by an insert). Going cold
+  again only frees their slots: already-lossy KV is never re-encoded, and no encode work is repeated.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
-from ..codec import BlobError
-from .arena import BlobHandle
+from ..codec import KVTCCodec
+from .kv_io import PoolKV
+from .stats import KVTCStats
+from .store import BlobHandle, BlobStore
 from .tree_walk import TreeNode
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class CompressedNode:
-    """Book-keeping of one compressed node: its blob and the absolute positions it covers."""
+    """One blob: the ``num_tokens`` tokens at positions ``start..`` it encodes. The node it belongs to covers
+    its tokens ``[skip, num_tokens)`` (``skip > 0`` after an insert took the head of the node)."""
 
     handle: BlobHandle
-    start: int  # depth of the node's first token = its RoPE position
+    start: int  # RoPE position of the blob's first token
     num_tokens: int
     raw_bytes: int
+    skip: int = 0
+
+    @property
+    def node_tokens(self) -> int:
+        return self.num_tokens - self.skip
 
 
-class TranscodeMixin:
-    def _compress_many(self, targets: list[tuple[TreeNode, int]]) -> int:
-        """Compress device nodes ``(node, start position)``; returns the slots freed.
+class Transcoder:
+    """Args: codec of the served model; ``kv``: the pool's buffers; ``store``: where blobs live; ``stats``."""
 
-        All nodes are encoded in one codec call (one batched entropy-coder launch), then stored one by one.
-        Making room in the store for one node may drop compressed subtrees that hold a later target;
-        such a target is skipped (its slots were freed with its subtree)."""
+    def __init__(self, codec: KVTCCodec, kv: PoolKV, store: BlobStore, stats: KVTCStats) -> None:
+        self.codec = codec
+        self.kv = kv
+        self.store = store
+        self.stats = stats
+        self.entries: dict[TreeNode, CompressedNode] = {}
+        self.retained: dict[TreeNode, CompressedNode] = {}
+        kb = kv.k_buffers[0]
+        self.token_bytes = 2 * len(kv.k_buffers) * kb[0].numel() * kb.element_size()  # raw KV bytes per token
+
+    # ----- encode / decode -----
+
+    def encode(self, targets: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+        """Blobs (``[nbytes]`` uint8) of pool rows ``(slots [T_i] int64, first position)``, one codec call."""
+        if not targets:
+            return []
         t0 = time.perf_counter()
-        kv = self.kv
-        segments = [(n.value, torch.arange(lo, lo + len(n.value))) for n, lo in targets]
+        segments = [(slots, torch.arange(lo, lo + len(slots))) for slots, lo in targets]
         # Reads the rows in place (fused Triton kernels on CUDA, gather + torch on CPU).
-        blobs = self.codec.encode_rows_many(kv.k_buffers, kv.v_buffers, segments)
-        row_bytes = 2 * len(kv.k_buffers) * kv.k_buffers[0][0].numel() * kv.k_buffers[0].element_size()
-        freed = 0
-        for (node, start), blob in zip(targets, blobs, strict=True):
-            if node.parent is None or node.value is None:
-                continue  # dropped while making room for an earlier target
-            handle = self.arena.put(blob)
-            if handle is None:
-                self._evict_compressed(blob.numel(), keep=node)
-                handle = self.arena.put(blob)
-                if handle is None:
-                    self.stats.store_full += 1
-                    continue
-            num_t = len(node.value)
-            self.token_to_kv_pool_allocator.free(node.value)
-            node.value = None
-            self.evictable_size_ -= num_t
-            raw = num_t * row_bytes
-            self.compressed[node] = CompressedNode(handle, start, num_t, raw)
-            s = self.stats
-            s.compressions += 1
-            s.compressed_tokens += num_t
-            s.resident_nodes += 1
-            s.resident_tokens += num_t
-            s.resident_raw_bytes += raw
-            s.resident_blob_bytes += handle.nbytes
-            self._update_leaf_status(node)
-            self._update_leaf_status(node.parent)
-            freed += num_t
+        blobs = self.codec.encode_rows_many(self.kv.k_buffers, self.kv.v_buffers, segments)
         self.stats.compress_seconds += time.perf_counter() - t0
-        return freed
+        return blobs
 
-    def _forget(self, node: TreeNode) -> CompressedNode:
-        entry = self.compressed.pop(node)
-        self.arena.free(entry.handle)
+    def decode_into(self, entry: CompressedNode, slots: torch.Tensor) -> None:
+        """Write the blob's ``num_tokens`` rows into pool ``slots`` (``[num_tokens]`` int64).
+
+        Raises ``BlobError`` before writing anything when the blob is damaged."""
+        t0 = time.perf_counter()
+        positions = torch.arange(entry.start, entry.start + entry.num_tokens)
+        self.codec.decode_rows(self.store.get(entry.handle), self.kv.k_buffers, self.kv.v_buffers, slots, positions)
+        self.stats.restore_seconds += time.perf_counter() - t0
+
+    def make_entry(self, handle: BlobHandle, start: int, num_tokens: int) -> CompressedNode:
+        return CompressedNode(handle, start, num_tokens, num_tokens * self.token_bytes)
+
+    # ----- books -----
+
+    def add(self, node: TreeNode, entry: CompressedNode) -> None:
+        """``node`` is compressed now; ``entry`` is its blob."""
+        self.entries[node] = entry
+        s = self.stats
+        s.resident_nodes += 1
+        s.resident_tokens += entry.node_tokens
+        s.resident_raw_bytes += entry.raw_bytes
+        s.resident_blob_bytes += entry.handle.nbytes
+
+    def pop(self, node: TreeNode) -> CompressedNode:
+        """Take ``node`` out of the compressed book (its blob stays stored)."""
+        entry = self.entries.pop(node)
         s = self.stats
         s.resident_nodes -= 1
-        s.resident_tokens -= entry.num_tokens
+        s.resident_tokens -= entry.node_tokens
         s.resident_raw_bytes -= entry.raw_bytes
         s.resident_blob_bytes -= entry.handle.nbytes
         return entry
 
-    def _revive(self, node: TreeNode, source: torch.Tensor | None) -> bool:
-        """Give compressed ``node`` device slots again: copied from ``source`` slots, or decoded."""
-        entry = self.compressed[node]
-        slots = self._alloc_slots(entry.num_tokens, keep=node)  # may compress or evict others (timed there)
-        if slots is None:
-            self.stats.restore_no_memory += 1
-            return False
-        t0 = time.perf_counter()
-        if source is not None:
-            self.kv.copy(source, slots)
-            self.stats.adopted_tokens += entry.num_tokens
-        else:
-            try:  # every check runs before the first row is written: a bad blob leaves the slots untouched
-                positions = torch.arange(entry.start, entry.start + entry.num_tokens)
-                self.codec.decode_rows(
-                    self.arena.get(entry.handle), self.kv.k_buffers, self.kv.v_buffers, slots, positions
-                )
-            except BlobError as e:
-                logger.warning("kvtc: dropping a compressed node of %d tokens: %s", entry.num_tokens, e)
-                self.token_to_kv_pool_allocator.free(slots)
-                self.stats.checksum_failures += 1
-                self._drop_subtree(node)
-                return False
-            self.stats.restores += 1
-            self.stats.restored_tokens += entry.num_tokens
-        self._forget(node)
-        node.value = slots
-        self.evictable_size_ += entry.num_tokens
-        self._update_leaf_status(node)
-        self._update_leaf_status(node.parent)
-        self.stats.restore_seconds += time.perf_counter() - t0
-        return True
+    def narrow(self, node: TreeNode, head_tokens: int) -> None:
+        """The first ``head_tokens`` of compressed ``node`` left it (an insert took them)."""
+        entry = self.pop(node)
+        self.add(node, replace(entry, skip=entry.skip + head_tokens))
 
-    def _alloc_slots(self, num_tokens: int, keep: TreeNode) -> torch.Tensor | None:
-        allocator = self.token_to_kv_pool_allocator
-        short = num_tokens - allocator.available_size()
-        if short > 0:
-            if short > self.evictable_size_:
-                return None  # even evicting every unlocked device token would not do: touch nothing
-            self._protect.add(keep)
-            self.evict(EvictParams(num_tokens=short))
-        return allocator.alloc(num_tokens) if allocator.available_size() >= num_tokens else None
+    def retain(self, node: TreeNode, entry: CompressedNode) -> None:
+        """Keep ``entry`` for device ``node`` if the blob covers exactly the node; else free it."""
+        if entry.skip:
+            self.store.free(entry.handle)
+            return
+        self.retained[node] = entry
+        self.stats.retained_tokens += entry.num_tokens
+
+    def take_retained(self, node: TreeNode) -> CompressedNode:
+        entry = self.retained.pop(node)
+        self.stats.retained_tokens -= entry.num_tokens
+        return entry
+
+    def drop_retained(self, node: TreeNode) -> None:
+        if node in self.retained:
+            self.store.free(self.take_retained(node).handle)
+
+    def clear(self) -> None:
+        """Forget every blob and give the store's pages back."""
+        for entry in [*self.entries.values(), *self.retained.values()]:
+            self.store.free(entry.handle)
+        self.entries, self.retained = {}, {}
+        s = self.stats
+        s.resident_nodes = s.resident_tokens = s.resident_raw_bytes = s.resident_blob_bytes = 0
+        s.retained_tokens = 0

@@ -19,11 +19,11 @@ import torch
 from transformers import DynamicCache
 
 from ..cache.config import KVTCCacheConfig
-from ..cache.invariants import check_invariants
-from ..cache.replay import Driver, build_cache, build_pool
 from ..calibration.corpus import token_sequences
 from ..calibration.model import LoadedModel, cache_to_kv
 from ..codec import KVTCCodec
+from ..workloads.invariants import check_invariants
+from ..workloads.replay import Driver, build_cache, build_pool
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,11 @@ _OPTIONS = (  # (flag, dest, type, config field, help)
      "Most recent tokens of each cached sequence never compressed (default 128)."),
     ("--kvtc-idle-seconds", "kvtc_idle_seconds", float, "idle_seconds",
      "Compress an unused radix node after this many seconds (default 30)."),
+    ("--kvtc-idle-watermark", "kvtc_idle_watermark", float, "idle_watermark",
+     "Idle compression only while the KV pool is more than this share used (default 0.75)."),
     ("--kvtc-store-fraction", "kvtc_store_fraction", float, "store_fraction",
-     "Share of the KV pool reserved for compressed KV (default 0.25)."),
+     "Most of the KV pool the compressed store may borrow; it grows into free slots and gives them back "
+     "on demand (default 0.5)."),
 )
 
 

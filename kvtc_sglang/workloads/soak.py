@@ -6,7 +6,7 @@ are checked (no leaked or double-freed slot, sizes add up, compressed nodes unlo
 compressed), and every finishing request's prefix is read back from the pool and compared with the K/V
 that was written for it (real SmolLM2 K/V of held-out text)::
 
-    python -m kvtc_sglang.cache.soak --artifact artifacts/smollm2-135m-instruct.r16.kvtc.safetensors \
+    python -m kvtc_sglang.workloads.soak --artifact artifacts/smollm2-135m-instruct.r16.kvtc.safetensors \
         --steps 20000
 """
 
@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cache.config import KVTCCacheConfig
 from ..calibration.corpus import token_sequences
 from ..calibration.model import load_default_model, prefill_kv
 from ..codec import KVTCCodec, load_artifact
-from .config import KVTCCacheConfig
 from .invariants import check_invariants
 from .replay import BankKV, Driver, build_cache, build_pool, random_workload
 

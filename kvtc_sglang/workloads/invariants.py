@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .tree_walk import subtree_postorder
+from ..cache.tree_walk import subtree_postorder
 
 
 def _free_slots(allocator) -> torch.Tensor:
@@ -26,9 +26,9 @@ def check_invariants(cache, held_slots: int = 0) -> dict:
     nodes = [(n, s) for n, s in subtree_postorder(cache.root_node) if n is not cache.root_node]
     device = [n for n, _ in nodes if n.value is not None]
     used = [n.value for n in device]
-    arena = getattr(cache, "arena", None)
-    if arena is not None:
-        used.append(arena.slots)
+    store = getattr(cache, "store", None)
+    if store is not None:
+        used.append(store.held_slots())
     used_slots = torch.cat(used) if used else torch.empty(0, dtype=torch.int64)
     if used_slots.unique().numel() != used_slots.numel():
         raise RuntimeError(f"a slot is used twice: {used_slots.numel() - used_slots.unique().numel()} duplicates")
@@ -51,7 +51,14 @@ def check_invariants(cache, held_slots: int = 0) -> dict:
             f"evictable/protected sizes are {cache.evictable_size_}/{cache.protected_size_}, "
             f"tree holds {evictable}/{protected}"
         )
-    compressed = getattr(cache, "compressed", {})
+    io = getattr(cache, "io", None)
+    compressed = io.entries if io is not None else {}
+    if io is not None:
+        for node in io.retained:
+            if node.value is None or node.parent is None or node in compressed:
+                raise RuntimeError("a node with a kept blob is not a device node in the tree")
+        if cache.evictable_size() != cache.evictable_size_ + store.num_slots:
+            raise RuntimeError("evictable_size() must count the store's borrowed slots")
     ps = cache.page_size
     sink_end = -(-cache.config.sink_tokens // ps) * ps if compressed else 0
     for node, entry in compressed.items():
@@ -59,11 +66,11 @@ def check_invariants(cache, held_slots: int = 0) -> dict:
             raise RuntimeError("a compressed node still holds slots or is detached from the tree")
         if any(n.lock_ref > 0 for n, _ in subtree_postorder(node)):
             raise RuntimeError("a compressed node or one below it is locked")
-        if entry.start < sink_end:
+        if entry.start + entry.skip < sink_end:
             raise RuntimeError(f"a compressed node starts at {entry.start}, inside the {sink_end} sink tokens")
     return {
         "free": allocator.available_size(),
         "device_tokens": sum(len(n.value) for n in device),
-        "compressed_tokens": sum(e.num_tokens for e in compressed.values()),
+        "compressed_tokens": sum(e.node_tokens for e in compressed.values()),
         "nodes": len(nodes),
     }

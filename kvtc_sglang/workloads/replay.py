@@ -15,16 +15,22 @@ from typing import Protocol
 import torch
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams, TreeLock
+from sglang.srt.mem_cache.base_prefix_cache import (
+    EvictParams,
+    InitLoadBackParams,
+    InsertParams,
+    MatchPrefixParams,
+    TreeLock,
+)
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
+from ..cache.config import KVTCCacheConfig
+from ..cache.kv_io import PoolKV
+from ..cache.radix import KVTCRadixCache
 from ..codec import KVTCCodec, ModelSpec
 from ..codec.spec import DTYPES
-from .config import KVTCCacheConfig
-from .kv_io import PoolKV
-from .radix import KVTCRadixCache
 
 
 class KVSource(Protocol):
@@ -111,8 +117,15 @@ class Driver:
         self.failed = 0
 
     def match(self, tokens: list[int]) -> tuple[int, object]:
+        """Match, then (as SGLang's ``PrefillAdder`` does for an admitted request) load back what the match
+        reported as not resident (``host_hit_length``): all of it or nothing."""
         m = self.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens))))
-        return m.device_prefix_len, m.last_device_node
+        if m.host_hit_length == 0:
+            return m.device_prefix_len, m.last_device_node
+        loaded = self.cache.init_load_back(InitLoadBackParams(m.best_match_node, m.host_hit_length))
+        if loaded is None or loaded[0] not in (0, m.host_hit_length):
+            raise RuntimeError(f"init_load_back must load all {m.host_hit_length} promised tokens or none: {loaded}")
+        return m.device_prefix_len + loaded[0], loaded[1]
 
     def _alloc(self, n: int) -> torch.Tensor | None:
         short = n - self.allocator.available_size()

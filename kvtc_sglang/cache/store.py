@@ -1,0 +1,182 @@
+"""Compressed-blob storage in KV-pool rows the store borrows from SGLang's allocator, page by page.
+
+Each slot owns one row in each of the pool's ``2L`` K/V buffers (``H * D * itemsize`` bytes); the store uses
+those rows as fixed-size blocks for blobs. It reserves nothing at start-up: when a blob needs room it takes
+a free page (``P`` slots) from the allocator, up to ``max_slots``; when the last blob on a page is freed,
+the page goes straight back. Lower pages are filled first, so pages at the top empty out and return.
+
+Accounting (what SGLang's scheduler sees): borrowed slots are neither free nor locked; the cache reports
+them as *evictable*, because dropping the blobs on them (compressed nodes are never locked) gives them
+back. ``available + evictable + protected`` therefore still adds up to the pool, as SGLang's idle leak
+check expects, and ``PrefillBudget`` may count them, as it counts evictable device tokens.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlobHandle:
+    """Where one blob lives: block ids (ascending; ``slot position * 2L + buffer``) and its length."""
+
+    blocks: torch.Tensor  # [num_blocks] int64, CPU
+    nbytes: int
+
+
+class BlobStore:
+    """Block allocator over the pool rows of slots borrowed from ``allocator``.
+
+    Args:
+        buffers: the pool's ``2L`` buffers, each ``[num_slots, H, D]``, contiguous.
+        allocator: SGLang's token/paged allocator of that pool (``alloc``/``free``/``available_size``).
+        page_size: ``P``; the store borrows and returns whole pages.
+        max_slots: most slots the store may hold at once (a multiple of ``P``).
+    """
+
+    def __init__(self, buffers: list[torch.Tensor], allocator, page_size: int, max_slots: int) -> None:
+        if not buffers:
+            raise ValueError("BlobStore needs at least one buffer")
+        for b in buffers:
+            if not b.is_contiguous():
+                raise ValueError("BlobStore buffers must be contiguous")
+        if max_slots < page_size or max_slots % page_size:
+            raise ValueError(f"max_slots must be a positive multiple of page_size {page_size}, got {max_slots}")
+        self._rows = [b.view(torch.uint8).view(b.shape[0], -1) for b in buffers]  # 2L x [num_slots, row_bytes]
+        self.row_bytes = self._rows[0].shape[1]
+        self.device = buffers[0].device
+        self.allocator = allocator
+        self.page_size = page_size
+        self.max_pages = max_slots // page_size
+        self.blocks_per_page = len(buffers) * page_size
+        self._page_slots: list[torch.Tensor | None] = [None] * self.max_pages  # page -> [P] int64 slots
+        self._page_used = [0] * self.max_pages  # used blocks per page
+        self._free: list[int] = []  # min-heap of free block ids on held pages
+        self._free_set: set[int] = set()
+        self.num_pages = 0
+
+    # ----- sizes -----
+
+    @property
+    def num_slots(self) -> int:
+        """Slots borrowed from the pool now."""
+        return self.num_pages * self.page_size
+
+    @property
+    def free_bytes(self) -> int:
+        """Bytes free on held pages (more may be borrowed)."""
+        return len(self._free_set) * self.row_bytes
+
+    def blocks_for(self, nbytes: int) -> int:
+        return max(1, -(-nbytes // self.row_bytes))
+
+    # ----- pages -----
+
+    def _grow(self) -> bool:
+        """Borrow one free page from the allocator; ``False`` at ``max_slots`` or when none is free."""
+        if self.num_pages >= self.max_pages or self.allocator.available_size() < self.page_size:
+            return False
+        slots = self.allocator.alloc(self.page_size)
+        if slots is None:
+            return False
+        page = self._page_slots.index(None)  # lowest unused page number
+        self._page_slots[page] = slots.to(torch.int64)
+        self.num_pages += 1
+        first = page * self.blocks_per_page
+        for block in range(first, first + self.blocks_per_page):
+            heapq.heappush(self._free, block)
+            self._free_set.add(block)
+        return True
+
+    def _release(self, page: int) -> None:
+        slots = self._page_slots[page]
+        first = page * self.blocks_per_page
+        self._free_set.difference_update(range(first, first + self.blocks_per_page))  # heap entries go lazily
+        self._page_slots[page] = None
+        self.num_pages -= 1
+        self.allocator.free(slots)
+
+    def _pop_block(self) -> int:
+        while True:
+            block = heapq.heappop(self._free)
+            if block in self._free_set:
+                self._free_set.discard(block)
+                return block
+
+    def _locate(self, blocks: torch.Tensor):
+        """Yield ``(buffer, positions in the blob, slot rows [k] on device)`` per buffer."""
+        nbuf = len(self._rows)
+        per_slot = blocks // nbuf  # slot position = page * P + offset
+        buf_ids = blocks % nbuf
+        slots = torch.stack([self._page_slots[int(p) // self.page_size][int(p) % self.page_size] for p in per_slot])
+        for b in torch.unique(buf_ids).tolist():
+            sel = (buf_ids == b).nonzero().squeeze(1)  # positions in the blob, ascending
+            yield b, sel, slots[sel].to(self.device)
+
+    # ----- blobs -----
+
+    def put(self, blob: torch.Tensor) -> BlobHandle | None:
+        """Store ``blob`` (``[nbytes]`` uint8); ``None`` when no room can be borrowed."""
+        if blob.dtype != torch.uint8 or blob.dim() != 1:
+            raise ValueError(f"blob must be a 1-D uint8 tensor, got {blob.dtype} with shape {list(blob.shape)}")
+        k = self.blocks_for(blob.numel())
+        while len(self._free_set) < k:
+            if not self._grow():
+                return None
+        ids = sorted(self._pop_block() for _ in range(k))
+        for block in ids:
+            self._page_used[block // self.blocks_per_page] += 1
+        blocks = torch.tensor(ids, dtype=torch.int64)
+        padded = torch.zeros(k * self.row_bytes, dtype=torch.uint8, device=self.device)
+        padded[: blob.numel()] = blob.to(self.device)
+        rows = padded.view(k, self.row_bytes)  # [k, row_bytes]
+        for b, sel, slot_rows in self._locate(blocks):
+            self._rows[b].index_copy_(0, slot_rows, rows[sel.to(self.device)])
+        return BlobHandle(blocks, blob.numel())
+
+    def get(self, handle: BlobHandle) -> torch.Tensor:
+        """The stored bytes, ``[nbytes]`` uint8 on the store's device (a copy)."""
+        out = torch.empty(handle.blocks.numel(), self.row_bytes, dtype=torch.uint8, device=self.device)
+        for b, sel, slot_rows in self._locate(handle.blocks):
+            out[sel.to(self.device)] = self._rows[b].index_select(0, slot_rows)
+        return out.view(-1)[: handle.nbytes]
+
+    def free(self, handle: BlobHandle) -> None:
+        """Free the blob's blocks; a page left without blobs goes back to the allocator at once."""
+        ids = handle.blocks.tolist()
+        pages = {block // self.blocks_per_page for block in ids}
+        if any(self._page_slots[p] is None for p in pages) or any(b in self._free_set for b in ids):
+            raise RuntimeError(f"blob store double free of {len(ids)} blocks")
+        for block in ids:
+            page = block // self.blocks_per_page
+            self._page_used[page] -= 1
+            heapq.heappush(self._free, block)
+            self._free_set.add(block)
+        for page in sorted(pages):
+            if self._page_used[page] == 0:
+                self._release(page)
+
+    def held_slots(self) -> torch.Tensor:
+        """``[num_slots]`` int64 slots borrowed now (for accounting checks)."""
+        held = [s for s in self._page_slots if s is not None]
+        return torch.cat(held) if held else torch.empty(0, dtype=torch.int64)
+
+    def clear(self) -> None:
+        """Forget every page without freeing it (SGLang clears the allocator itself after ``reset``)."""
+        self._page_slots = [None] * self.max_pages
+        self._page_used = [0] * self.max_pages
+        self._free, self._free_set = [], set()
+        self.num_pages = 0
+
+    def pages_needed(self, nbytes: int) -> int:
+        """Pages the store would have to borrow to hold a blob of ``nbytes`` now."""
+        short = self.blocks_for(nbytes) - len(self._free_set)
+        return max(0, -(-short // self.blocks_per_page))
+
+    @property
+    def room_bytes(self) -> int:
+        """Bytes the store could still hold: free blocks on held pages plus pages it may still borrow."""
+        return self.free_bytes + (self.max_pages - self.num_pages) * self.blocks_per_page * self.row_bytes

@@ -1,0 +1,3 @@
+"""Workload tooling over the real SGLang pool and radix caches: a scheduler-like replay driver, the soak
+run and accounting checks. Used by tests, benchmarks and the serving check; the runtime cache never
+imports it."""
