@@ -3,7 +3,8 @@
 Seeded traces built from real held-out text (SmolLM2 tokenizer), replayed through SGLang 0.5.23's real
 pool, allocator and radix caches by the scheduler-like driver (``kvtc_sglang.workloads.replay``). The K/V
 written for a token at depth ``d`` is SmolLM2's real K/V of real text at position ``d``, so blob sizes are
-real. Both backends get a pool of ``--pool-tokens`` slots; KVTC carves its compressed store out of it.
+real. Both backends get a pool of ``--pool-tokens`` slots; KVTC's compressed store borrows pages of it on
+demand (at most ``--store-fraction``) and gives them back when a request needs them.
 
 - ``agentic``: many multi-turn sessions, interleaved (the others' turns are each one's think time); every
   turn re-sends the whole history plus a user message, then the model's reply joins the history.
@@ -109,6 +110,10 @@ def replay(trace: list[list[int]], cache, bank: BankKV) -> dict:
         "restore_seconds": stats.restore_seconds if stats else 0.0,
         "restored_tokens": stats.restored_tokens if stats else 0,
         "dropped_tokens": stats.dropped_tokens if stats else 0,
+        "compressions": stats.compressions if stats else 0,
+        "reused_blobs": stats.reused_blobs if stats else 0,
+        "candidate_walks": cache.policy.candidate_walks if stats else 0,
+        "candidate_seconds": cache.policy.candidate_seconds if stats else 0.0,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -127,7 +132,10 @@ def main() -> None:
     ap.add_argument("--artifact", type=Path, default=Path("artifacts/smollm2-135m-instruct.r16.kvtc.safetensors"))
     ap.add_argument("--pool-tokens", type=int, default=2048)
     ap.add_argument("--page-size", type=int, default=1)
-    ap.add_argument("--store-fraction", type=float, default=0.25, help="KVTC: share of the pool for compressed KV")
+    ap.add_argument("--store-fraction", type=float, default=KVTCCacheConfig.store_fraction,
+                    help="KVTC: most of the pool the compressed store may borrow")
+    ap.add_argument("--walk-every-call", action="store_true",
+                    help="KVTC: list compression candidates by walking the tree on every evict (the old way)")
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--workloads", nargs="+", choices=("agentic", "shared_prompt", "code_edit"),
                     default=["agentic", "shared_prompt", "code_edit"])
@@ -151,6 +159,8 @@ def main() -> None:
             _, allocator = build_pool(codec.spec, args.pool_tokens, args.page_size)
             cfg = KVTCCacheConfig(calibration=str(args.artifact), store_fraction=args.store_fraction)
             cache = build_cache(allocator, args.page_size, codec if backend == "kvtc" else None, cfg)
+            if backend == "kvtc" and args.walk_every_call:
+                cache.policy.reuse_candidates = False
             r = replay(trace, cache, bank)
             r.update(workload=name, backend=backend, prefill_ms_per_token=ms_tok)
             rows.append(r)
@@ -163,16 +173,18 @@ def main() -> None:
 
 def table(rows: list[dict], pool: int, store_fraction: float) -> str:
     by = {(r["workload"], r["backend"]): r for r in rows}
-    out = [f"pool: {pool} token slots for both backends; kvtc store: {store_fraction:g} of them\n",
+    out = [f"pool: {pool} token slots for both backends; kvtc store: up to {store_fraction:g} of them, on demand\n",
            "| workload | backend | hit rate | recomputed | resident prefix tokens | vs radix | "
-           "compress+restore s | recompute s saved |", "|---|---|---|---|---|---|---|---|"]
+           "compress+restore s | compressions (kept-blob reuses) | candidate walks (s) | recompute s saved |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for (w, b), r in by.items():
         base = by[(w, "radix")]
         saved = (base["recomputed_tokens"] - r["recomputed_tokens"]) * r["prefill_ms_per_token"] / 1e3
         out.append(
             f"| {w} | {b} | {100 * r['hit_rate']:.1f}% | {r['recomputed_tokens']} | {r['resident_prefix_tokens']} | "
             f"{r['resident_prefix_tokens'] / max(1, base['resident_prefix_tokens']):.1f}x | "
-            f"{r['compress_seconds'] + r['restore_seconds']:.1f} | {saved:.1f} |"
+            f"{r['compress_seconds'] + r['restore_seconds']:.1f} | {r['compressions']} ({r['reused_blobs']}) | "
+            f"{r['candidate_walks']} ({r['candidate_seconds']:.1f}) | {saved:.1f} |"
         )
     return "\n".join(out)
 

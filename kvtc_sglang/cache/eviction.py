@@ -70,6 +70,8 @@ class TreeEviction(RadixCache):
 
     def _drop_subtree(self, node: TreeNode) -> int:
         """Remove ``node`` and everything under it from the tree; returns the device slots freed."""
+        self.policy.tree_version += 1
+        self.policy.drops += 1
         freed = 0
         for n, _ in subtree_postorder(node):
             if n.lock_ref > 0:

@@ -3,6 +3,7 @@ when the store needs room or the pool needs slots, and the steps ``evict`` takes
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from .config import KVTCCacheConfig
@@ -21,17 +22,39 @@ class CompressionPolicy:
 
     evict_steps = ("compress", "device_leaves", "store", "device_with_compressed")
 
-    def __init__(self, config: KVTCCacheConfig, page_size: int) -> None:
+    def __init__(self, config: KVTCCacheConfig, page_size: int, reuse_candidates: bool = True) -> None:
         ps = page_size
         self.page_size = ps
         self.sink_end = -(-config.sink_tokens // ps) * ps
         self.window = config.window_tokens
         self.min_tokens = max(ps, config.min_tokens // ps * ps)
         self.idle_seconds = config.idle_seconds
+        self.tree_version = 0  # bumped by the cache on every change that can add or move a candidate
+        self.drops = 0  # nodes leaving the tree (a leaf gone changes its ancestors' windows)
+        self._cands: list[tuple[TreeNode, int, int, int]] = []
+        self._cands_version = -1
+        self.reuse_candidates = reuse_candidates  # False: walk on every call (the old behaviour, for benchmarks)
+        self.candidate_walks = 0
+        self.candidate_seconds = 0.0
 
     def compress_order(self, root: TreeNode) -> list[tuple[TreeNode, int, int, int]]:
-        """``(node, start, lo, hi)``: device, unlocked nodes with a compressible span ``[lo, hi)``, LRU first."""
-        return compress_candidates(root, self.sink_end, self.window, self.page_size, self.min_tokens)
+        """``(node, start, lo, hi)``: device nodes with a compressible span ``[lo, hi)``, LRU first.
+
+        The tree is walked only when it changed since the last walk (SGLang calls ``evict`` every decode
+        step under pressure, mostly on an unchanged tree); entries that went stale since (compressed,
+        dropped, locked) are skipped by the caller, which re-checks each one."""
+        if self._cands_version != self.tree_version or not self.reuse_candidates:
+            t0 = time.perf_counter()
+            self._cands = compress_candidates(root, self.sink_end, self.window, self.page_size, self.min_tokens)
+            self._cands_version = self.tree_version
+            self.candidate_walks += 1
+            self.candidate_seconds += time.perf_counter() - t0
+        return self._cands
+
+    def keep_candidates(self, version: int) -> None:
+        """The caller's own changes since ``version`` (compressing listed nodes) left the list valid."""
+        if self._cands_version == version:
+            self._cands_version = self.tree_version
 
     def is_idle(self, node: TreeNode, now: float) -> bool:
         return now - node.last_access_time >= self.idle_seconds

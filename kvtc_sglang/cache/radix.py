@@ -26,6 +26,8 @@ from dataclasses import replace
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
+    DecLockRefParams,
+    DecLockRefResult,
     EvictParams,
     EvictResult,
     InitLoadBackParams,
@@ -189,6 +191,7 @@ class KVTCRadixCache(TreeSurgery):
             return super().insert(params)
         if params.value is None:
             raise ValueError("KVTCRadixCache.insert needs the KV slot indices (params.value), got None")
+        self.policy.tree_version += 1  # new nodes, new leaves
         first = None
         if self.io.entries:
             key = params.key.page_aligned(self.page_size)
@@ -197,6 +200,10 @@ class KVTCRadixCache(TreeSurgery):
         if first is not None and result.prefix_len > first:
             result = replace(result, prefix_len=first)
         return result
+
+    def dec_lock_ref(self, node: TreeNode, params: DecLockRefParams | None = None) -> DecLockRefResult:
+        self.policy.tree_version += 1  # nodes it unlocks may be compressed now
+        return super().dec_lock_ref(node, params)
 
     def evict(self, params: EvictParams) -> EvictResult:
         """Free ``params.num_tokens`` slots in the policy's order (compress first, drop blobs last)."""

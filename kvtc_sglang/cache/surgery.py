@@ -72,6 +72,7 @@ class TreeSurgery(TreeEviction):
 
     def _give_slots(self, node: TreeNode, slots: torch.Tensor) -> None:
         """A slot-less node (compressed, or just split off one) becomes a device node on ``slots``."""
+        self.policy.tree_version += 1  # a new compression candidate
         node.value = slots.clone()
         self.evictable_size_ += len(slots)
         self._update_leaf_status(node)
@@ -174,6 +175,7 @@ class TreeSurgery(TreeEviction):
         if child in self.io.entries:
             raise RuntimeError("kvtc invariant broken: SGLang's split reached a compressed node")
         self.io.drop_retained(child)  # its blob covers the whole node
+        self.policy.tree_version += 1  # the child's span moved
         return super()._split_node(key, child, split_len)
 
     # ----- compression -----
@@ -182,6 +184,7 @@ class TreeSurgery(TreeEviction):
         """Compress eligible nodes, LRU first (idle ones only when ``now`` is given) until ``need`` slots
         are free (all of them for ``None``); returns slots freed net of what the store borrowed."""
         cands = self.policy.compress_order(self.root_node)
+        version, drops = self.policy.tree_version, self.policy.drops
         store_before, freed, i = self.store.num_slots, 0, 0
         while i < len(cands) and (need is None or freed - (self.store.num_slots - store_before) < need):
             targets, planned = [], 0
@@ -201,6 +204,8 @@ class TreeSurgery(TreeEviction):
                 planned += len(target.value)
             if targets:
                 freed += self._compress_many(targets)
+        if self.policy.drops == drops:
+            self.policy.keep_candidates(version)  # only listed nodes were split or compressed: list still valid
         return freed - (self.store.num_slots - store_before)
 
     def _compress_many(self, targets: list[tuple[TreeNode, int]]) -> int:

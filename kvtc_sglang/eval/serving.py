@@ -1,6 +1,7 @@
 """End-to-end check of the serving path: real model K/V through SGLang's pool and ``KVTCRadixCache``.
 
-Each turn: match the cached prefix (compressed nodes are restored into pool pages), read the prefix K/V
+Each turn: match the cached prefix and load back its compressed part (``init_load_back``, as SGLang's
+admission does; restored nodes keep their blob), read the prefix K/V
 from the pool exactly as attention would, run the model on the new tokens on top of it (which also
 yields their K/V, written back to the pool), insert, then let the cache compress what went cold. The
 logits of the new tokens are compared with an uncompressed full prefill of the same sequence.
@@ -127,14 +128,15 @@ def serving_eval(lm: LoadedModel, codec: KVTCCodec, cache_cfg: KVTCCacheConfig, 
 def format_table(rows: list[dict]) -> str:
     """Markdown table of :func:`serving_eval` results."""
     lines = [
-        "| scenario | scored tokens | reused | restored | ratio | top-1 | mean KL | restore ms/token | "
-        "recompute ms/token |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| scenario | scored tokens | reused | restored | compressed | ratio | top-1 | mean KL | compress s | "
+        "restore ms/token | recompute ms/token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['scenario']} | {r['scored_tokens']} | {r['reused_tokens']} | {r['restored_tokens']} | "
-            f"{r['ratio']:.1f}x | {100 * r['top1_agreement']:.1f}% | {r['mean_kl']:.4f} | "
+            f"{r['compressed_tokens']} | {r['ratio']:.1f}x | {100 * r['top1_agreement']:.1f}% | {r['mean_kl']:.4f} | "
+            f"{r['compress_seconds']:.2f} | "
             f"{r['restore_ms_per_token']:.3f} | {r['recompute_ms_per_token']:.3f} |"
         )
     return "\n".join(lines)
