@@ -33,6 +33,7 @@ from .arena import BlobArena
 from .config import KVTCCacheConfig
 from .eviction import EvictionMixin
 from .kv_io import PoolKV
+from .report import KVTCReporter
 from .stats import KVTCStats
 from .transcode import CompressedNode, TranscodeMixin
 from .tree_walk import compress_candidates, subtree_postorder
@@ -59,6 +60,7 @@ class KVTCRadixCache(TranscodeMixin, EvictionMixin, RadixCache):
         self.arena: BlobArena | None = None
         self._protect: set[TreeNode] = set()
         self._last_idle_check = float("-inf")
+        self.reporter = KVTCReporter()
         super().__init__(params)  # calls reset()
         allocator = self.token_to_kv_pool_allocator
         spec = codec.spec
@@ -111,6 +113,11 @@ class KVTCRadixCache(TranscodeMixin, EvictionMixin, RadixCache):
     def all_values_flatten(self) -> torch.Tensor:
         vals = self._device_values()
         return torch.cat(vals) if vals else self._empty_device_indices
+
+    def scheduler_tick(self) -> None:
+        """Once per scheduler loop iteration (plugin hook), outside the allocator's free groups."""
+        capacity = self.arena.capacity_bytes if self.arena is not None else 0
+        self.reporter.tick(self.stats.as_dict(), capacity)
 
     def available_and_evictable_str(self) -> str:
         return f"{super().available_and_evictable_str()} {self.stats.summary()}"
