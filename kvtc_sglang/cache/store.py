@@ -180,3 +180,8 @@ class BlobStore:
     def room_bytes(self) -> int:
         """Bytes the store could still hold: free blocks on held pages plus pages it may still borrow."""
         return self.free_bytes + (self.max_pages - self.num_pages) * self.blocks_per_page * self.row_bytes
+
+    @property
+    def capacity_bytes(self) -> int:
+        """Bytes the store holds at its cap (``max_slots`` borrowed)."""
+        return self.max_pages * self.blocks_per_page * self.row_bytes

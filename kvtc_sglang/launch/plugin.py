@@ -6,7 +6,11 @@ arguments. It registers the ``kvtc`` radix-cache backend and hooks ``ServerArgs`
 - after ``ServerArgs.add_cli_args``: adds ``--kv-backend {kvtc}`` (it writes ``radix_cache_backend``) and
   the ``--kvtc-*`` options;
 - before ``ServerArgs.from_cli_args``: validates them and hands them to the scheduler processes through the
-  ``KVTC_SGLANG_CONFIG`` environment variable (``ServerArgs`` only carries its own fields).
+  ``KVTC_SGLANG_CONFIG`` environment variable (``ServerArgs`` only carries its own fields);
+- before ``Scheduler.get_next_batch_to_run``: calls ``KVTCRadixCache.scheduler_tick()`` once per scheduler
+  loop iteration (both the normal and the overlap loop call it at the top of every iteration, after
+  ``ingest_requests`` and outside the allocator's ``free_group_begin/end``; with ``--sleep-on-idle`` the idle
+  loop still turns about once a second).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from ..cache.config import ENV_VAR, KVTCCacheConfig, refused_server_option
 from ..codec import ArtifactError, read_header
 
 BACKEND = "kvtc"
+TARGET_STEP = "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run"
 _OPTIONS = (  # (flag, dest, type, config field, help)
     ("--kvtc-calibration", "kvtc_calibration", str, "calibration", "Calibration artifact (*.kvtc.safetensors)."),
     ("--kvtc-sink-tokens", "kvtc_sink_tokens", int, "sink_tokens", "Leading tokens never compressed (default 4)."),
@@ -108,6 +113,16 @@ def before_from_cli_args(*args: object, **kwargs: object) -> None:
         os.environ[ENV_VAR] = config.to_json()
 
 
+def before_get_next_batch_to_run(*args: object, **kwargs: object) -> None:
+    """BEFORE hook on ``Scheduler.get_next_batch_to_run(self, ...)``: the kvtc cache's per-step work."""
+    from ..cache.radix import KVTCRadixCache
+
+    scheduler = args[0] if args else None
+    cache = getattr(scheduler, "tree_cache", None)
+    if isinstance(cache, KVTCRadixCache):
+        cache.scheduler_tick()
+
+
 def register() -> None:
     """Plugin entry point: register the backend factory and the argument hooks (idempotent)."""
     from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
@@ -123,6 +138,7 @@ def register() -> None:
     if not any(h is add_cli_args for _t, h, _s in hooks.get(target_add, [])):
         HookRegistry.register(target_add, add_cli_args, HookType.AFTER)
         HookRegistry.register(target_from, before_from_cli_args, HookType.BEFORE)
+        HookRegistry.register(TARGET_STEP, before_get_next_batch_to_run, HookType.BEFORE)
 
 
 _DTYPE_NAMES = {"half": "float16", "float16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",

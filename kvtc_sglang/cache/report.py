@@ -1,0 +1,136 @@
+"""The backend's counters where SGLang users look: a log line and Prometheus metrics.
+
+:class:`KVTCReporter` runs in the scheduler process; the cache calls :meth:`KVTCReporter.tick` once per
+scheduler loop iteration (``KVTCRadixCache.scheduler_tick``, reached through the plugin's hook on
+``Scheduler.get_next_batch_to_run``). It reads the counters as a flat dict (``KVTCStats.as_dict()``) and
+
+- logs one line in SGLang's style (``KVTC cache. #compressed-token: ..., ratio: ..., ...``) when the
+  counters changed, at most every ``min_interval`` seconds, and every ``interval`` seconds regardless;
+- when SGLang runs with ``--enable-metrics`` (SGLang then sets ``PROMETHEUS_MULTIPROC_DIR`` before it
+  starts the scheduler, the same signal its own collectors rely on), updates ``sglang:kvtc_*`` metrics in
+  SGLang's Prometheus multiprocess registry, so they appear on the server's ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+# (stats key, metric suffix, help); monotonic totals become Counters (``_total`` added by prometheus_client).
+_COUNTERS = (
+    ("compressions", "compressions", "Radix nodes compressed by kvtc."),
+    ("compressed_tokens", "compressed_tokens", "Tokens compressed by kvtc (a token compressed twice counts twice)."),
+    ("restores", "restores", "Compressed radix nodes restored into the KV pool."),
+    ("restored_tokens", "restored_tokens", "Tokens restored into the KV pool."),
+    ("restore_seconds", "restore_seconds", "Seconds spent restoring compressed nodes."),
+    ("compress_seconds", "compress_seconds", "Seconds spent compressing nodes."),
+    ("checksum_failures", "checksum_failures", "Compressed blobs that failed their checks (recomputed instead)."),
+    ("dropped_tokens", "dropped_tokens", "Compressed tokens dropped for store space."),
+    ("restore_no_memory", "restore_no_memory", "Restores given up for lack of free KV slots."),
+)
+# Current values become Gauges.
+_GAUGES = (
+    ("resident_tokens", "resident_tokens", "Tokens held compressed now."),
+    ("resident_nodes", "resident_nodes", "Radix nodes held compressed now."),
+    ("resident_blob_bytes", "resident_bytes", "Bytes of compressed KV held now."),
+    ("resident_raw_bytes", "resident_raw_bytes", "Uncompressed size of the KV held compressed now."),
+    ("ratio", "compression_ratio", "Achieved compression ratio of the resident compressed KV."),
+    ("store_use", "store_usage", "Share of the compressed store in use (0..1)."),
+)
+PREFIX = "sglang:kvtc_"
+
+
+def format_line(c: Mapping[str, float]) -> str:
+    """One log line in SGLang's ``Prefill batch. #new-seq: ...`` style."""
+    return (
+        f"KVTC cache. #compressed-token: {int(c.get('resident_tokens', 0))}, "
+        f"#compressed-node: {int(c.get('resident_nodes', 0))}, "
+        f"compressed: {c.get('resident_blob_bytes', 0) / 2**20:.2f} MiB, ratio: {c.get('ratio', 0.0):.2f}, "
+        f"store usage: {c.get('store_use', 0.0):.2f}, #compression: {int(c.get('compressions', 0))}, "
+        f"#restore: {int(c.get('restores', 0))}, #restored-token: {int(c.get('restored_tokens', 0))}, "
+        f"restore-ms: {1e3 * c.get('restore_seconds', 0.0):.1f}, "
+        f"compress-ms: {1e3 * c.get('compress_seconds', 0.0):.1f}, "
+        f"#checksum-failure: {int(c.get('checksum_failures', 0))}, "
+        f"#dropped-token: {int(c.get('dropped_tokens', 0))}"
+    )
+
+
+def parse_line(line: str) -> dict[str, float]:
+    """Inverse of :func:`format_line` for readers of the log (tests, the benchmark): ``{field: value}``."""
+    head = "KVTC cache. "
+    if head not in line:
+        raise ValueError(f"not a KVTC cache line: {line!r}")
+    out: dict[str, float] = {}
+    for part in line.split(head, 1)[1].strip().split(", "):
+        key, _, value = part.partition(": ")
+        out[key.strip()] = float(value.split()[0])
+    return out
+
+
+@dataclass(frozen=True)
+class ReporterConfig:
+    """``interval``: seconds between unconditional lines; ``min_interval``: least seconds between lines."""
+
+    interval: float = 30.0
+    min_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_interval <= self.interval:
+            raise ValueError(f"need 0 < min_interval <= interval, got {self.min_interval}, {self.interval}")
+
+
+class _Metrics:
+    """The ``sglang:kvtc_*`` metrics in prometheus_client's (multiprocess) registry."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.counters = {k: Counter(PREFIX + name, text) for k, name, text in _COUNTERS}
+        self.gauges = {k: Gauge(PREFIX + name, text, multiprocess_mode="mostrecent") for k, name, text in _GAUGES}
+        self.last: dict[str, float] = {}
+
+    def update(self, c: Mapping[str, float]) -> None:
+        for key, metric in self.counters.items():
+            value = float(c.get(key, 0.0))
+            delta = value - self.last.get(key, 0.0)
+            if delta > 0:  # totals only grow; a reset (flush) keeps the totals
+                metric.inc(delta)
+            self.last[key] = max(value, self.last.get(key, 0.0))
+        for key, metric in self.gauges.items():
+            metric.set(float(c.get(key, 0.0)))
+
+
+class KVTCReporter:
+    """Logs and exports the backend's counters (see the module docstring)."""
+
+    def __init__(self, config: ReporterConfig | None = None, *, enable_metrics: bool | None = None) -> None:
+        self.config = config or ReporterConfig()
+        if enable_metrics is None:
+            enable_metrics = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self._metrics = _Metrics() if enable_metrics else None
+        self._last_logged: dict[str, float] | None = None
+        self._last_time = float("-inf")
+        self.lines = 0
+
+    def tick(self, counters: Mapping[str, float], store_capacity_bytes: int = 0, now: float | None = None) -> None:
+        """Called once per scheduler iteration with ``KVTCStats.as_dict()`` and the store's capacity."""
+        now = time.monotonic() if now is None else now
+        c = dict(counters)
+        c["store_use"] = c.get("resident_blob_bytes", 0) / store_capacity_bytes if store_capacity_bytes else 0.0
+        since = now - self._last_time
+        changed = self._last_logged is None or any(c[k] != self._last_logged.get(k) for k in c if k != "store_use")
+        if since < self.config.min_interval:
+            return
+        if not changed and since < self.config.interval:
+            return
+        self._last_time = now
+        self._last_logged = c
+        self.lines += 1
+        logger.info(format_line(c))
+        if self._metrics is not None:
+            self._metrics.update(c)

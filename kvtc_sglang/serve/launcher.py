@@ -1,0 +1,136 @@
+"""Build the stock ``sglang.launch_server`` command (and its environment) for the kvtc or vanilla backend.
+
+On a machine without CUDA the server runs SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE=1``, ``--device
+cpu --attention-backend torch_native --dtype bfloat16 --sleep-on-idle``, a bounded ``--max-total-tokens``)
+with the CPU ``sgl_kernel`` shim on ``PYTHONPATH`` (only when no real ``sgl_kernel`` is importable). On a
+GPU machine nothing is added: SGLang's defaults apply. Flags the caller gives win over these defaults.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..calibration.fit import artifact_name
+from ..calibration.model import DEFAULT_MODEL
+
+SHIM_DIR = Path(__file__).resolve().parent / "cpu_shim"
+BACKENDS = ("kvtc", "vanilla")
+CPU_MAX_TOTAL_TOKENS = 16384  # default pool on CPU (SGLang would size it from host memory: ~630k tokens)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def real_sgl_kernel_available() -> bool:
+    """A ``sgl_kernel`` importable without our shim (checked without importing it)."""
+    spec = importlib.util.find_spec("sgl_kernel")
+    return spec is not None and not (spec.origin or "").startswith(str(SHIM_DIR))
+
+
+def _has_flag(args: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def flag_value(args: list[str], flag: str) -> str | None:
+    """Value of ``flag`` in an argument list (``--f v`` or ``--f=v``), last one wins; ``None`` if absent."""
+    value = None
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """What to launch.
+
+    Attributes:
+        backend: ``kvtc`` or ``vanilla`` (SGLang's own radix cache).
+        model_path: HF checkpoint directory (or hub id) for ``--model-path``.
+        calibration: kvtc calibration artifact (needed for ``kvtc`` unless ``extra`` has ``--kvtc-calibration``).
+        cpu: CPU engine settings and shim; ``None``: decide by ``torch.cuda.is_available()``.
+        max_total_tokens: ``--max-total-tokens`` on CPU when ``extra`` has none.
+        extra: any other SGLang flags, passed through last (they win over the defaults here).
+    """
+
+    backend: str
+    model_path: str
+    calibration: str | None = None
+    cpu: bool | None = None
+    max_total_tokens: int = CPU_MAX_TOTAL_TOKENS
+    extra: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.max_total_tokens < 1:
+            raise ValueError(f"max_total_tokens must be >= 1, got {self.max_total_tokens}")
+
+    @property
+    def on_cpu(self) -> bool:
+        return (not cuda_available()) if self.cpu is None else self.cpu
+
+
+def server_command(spec: ServerSpec, host: str, port: int) -> list[str]:
+    """``python -m sglang.launch_server ...`` for ``spec``."""
+    extra = list(spec.extra)
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--host", host, "--port", str(port)]
+    if not _has_flag(extra, "--model-path"):
+        cmd += ["--model-path", spec.model_path]
+    if spec.backend == "kvtc":
+        if not _has_flag(extra, "--kv-backend") and not _has_flag(extra, "--radix-cache-backend"):
+            cmd += ["--kv-backend", "kvtc"]
+        if not _has_flag(extra, "--kvtc-calibration"):
+            if spec.calibration is None:
+                raise ValueError("the kvtc backend needs a calibration: give --kvtc-calibration PATH")
+            cmd += ["--kvtc-calibration", spec.calibration]
+    if spec.on_cpu:
+        defaults = [("--device", "cpu"), ("--attention-backend", "torch_native"), ("--dtype", "bfloat16"),
+                    ("--max-total-tokens", str(spec.max_total_tokens))]
+        for flag, value in defaults:
+            if not _has_flag(extra, flag):
+                cmd += [flag, value]
+        if not _has_flag(extra, "--sleep-on-idle"):
+            cmd.append("--sleep-on-idle")
+    return cmd + extra
+
+
+def server_env(spec: ServerSpec, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of the server process: CPU engine and the ``sgl_kernel`` shim on a CPU machine."""
+    env = dict(os.environ if base is None else base)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    if spec.on_cpu:
+        if cuda_available():
+            raise RuntimeError("CPU serving was asked for on a CUDA machine; the sgl_kernel shim is CPU-only")
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+        if not real_sgl_kernel_available():
+            parts = [str(SHIM_DIR), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+            env["PYTHONPATH"] = os.pathsep.join(parts)
+    return env
+
+
+def prepare_default_model(artifacts: Path, *, calibrate: bool = True) -> tuple[Path, Path]:
+    """Export the default model to ``artifacts/hf/`` and calibrate it at 16x if no artifact exists yet.
+
+    Returns ``(hf_dir, calibration_path)``; the calibration runs ``python -m kvtc_sglang.calibration`` (a few
+    minutes on a 2-core CPU) and is skipped when ``calibrate`` is false (the path may then not exist).
+    """
+    from .export import export_default_model
+
+    hf = export_default_model(artifacts / "hf" / DEFAULT_MODEL)
+    cal = artifacts / artifact_name(DEFAULT_MODEL, 16)
+    if calibrate and not cal.is_file():
+        print(f"calibrating {DEFAULT_MODEL} at 16x -> {cal} (once)", flush=True)
+        cmd = [sys.executable, "-m", "kvtc_sglang.calibration", "--ratios", "16", "--out", str(artifacts)]
+        subprocess.run(cmd, check=True)
+    return hf, cal
