@@ -23,6 +23,7 @@ from sglang.srt.server_args import ServerArgs
 
 from kvtc_sglang.cache.config import KVTCCacheConfig
 from kvtc_sglang.cache.radix import KVTCRadixCache
+from kvtc_sglang.cache.tree_walk import subtree_postorder
 from kvtc_sglang.workloads.invariants import check_invariants
 from kvtc_sglang.workloads.replay import BankKV, build_pool
 
@@ -95,8 +96,6 @@ class Sched:
             for layer in range(k.shape[0]):
                 self.pool.k_buffer[layer][slots[:n_new]] = k[layer]
                 self.pool.v_buffer[layer][slots[:n_new]] = v[layer]
-        if alloc_n > n_new:
-            self.allocator.free(slots[n_new:])
         r.kv.kv_allocated_len = r.kv.kv_committed_len = fill
 
     def finish(self, r: Req) -> None:
@@ -242,16 +241,23 @@ def test_checkpoint_in_free_group_with_idle_zero_keeps_exact_kv(codec, bank):
 
 
 def test_dropped_compressed_nodes_emit_removal_events(codec, bank):
+    """Evicting everything (a request needs the whole pool) emits one removal event per radix node, the
+    compressed ones included, as vanilla does for the nodes it evicts."""
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
     s = Sched(codec, 1024)
     for t in seqs(3, 150):
         s.serve(t, bank)
     s.cache.compress_idle(now=FUTURE)
     s.cache.take_events()
-    dropped = list(s.cache.io.entries)
-    s.cache._shrink_store(s.cache.store.num_slots)
-    events = s.cache.take_events()
-    removed = [e for e in events if type(e).__name__ == "BlockRemoved"]
-    assert s.cache.stats.dropped_nodes == len(dropped) and len(removed) >= len(dropped)
+    nodes = [n for n, _ in subtree_postorder(s.cache.root_node) if n is not s.cache.root_node]
+    compressed = len(s.cache.io.entries)
+    assert compressed == 3 and len(nodes) == 9  # sinks, compressed middles, window leaves
+    s.cache.evict(EvictParams(num_tokens=1024))
+    removed = [e for e in s.cache.take_events() if type(e).__name__ == "BlockRemoved"]
+    assert not s.cache.root_node.children and s.cache.stats.dropped_nodes == compressed
+    assert len(removed) == len(nodes)
+    assert s.allocator.available_size() == 1024
     check_invariants(s.cache)
 
 
