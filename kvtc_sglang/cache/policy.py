@@ -51,9 +51,12 @@ class CompressionPolicy:
             self.candidate_seconds += time.perf_counter() - t0
         return self._cands
 
-    def keep_candidates(self, version: int) -> None:
-        """The caller's own changes since ``version`` (compressing listed nodes) left the list valid."""
+    def keep_candidates(self, version: int, remaining: list[tuple[TreeNode, int, int, int]]) -> None:
+        """The caller used listed nodes only (split, compressed) since ``version``; ``remaining`` (the entries
+        it did not use, in order) stays valid for the next call. A used node's entry never does: a split
+        leaves the node object as the tail, at another depth."""
         if self._cands_version == version:
+            self._cands = remaining
             self._cands_version = self.tree_version
 
     def is_idle(self, node: TreeNode, now: float) -> bool:

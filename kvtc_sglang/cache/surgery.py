@@ -185,15 +185,17 @@ class TreeSurgery(TreeEviction):
         are free (all of them for ``None``); returns slots freed net of what the store borrowed."""
         cands = self.policy.compress_order(self.root_node)
         version, drops = self.policy.tree_version, self.policy.drops
-        store_before, freed, i = self.store.num_slots, 0, 0
+        store_before, freed, i, passed = self.store.num_slots, 0, 0, []
         while i < len(cands) and (need is None or freed - (self.store.num_slots - store_before) < need):
             targets, planned = [], 0
             while i < len(cands) and (need is None or freed + planned < need):
                 cand, start, lo, hi = cands[i]
                 i += 1
-                if cand.parent is None or cand.value is None or cand.lock_ref > 0 or cand in self._protect:
-                    continue  # changed since the candidates were listed
-                if now is not None and not self.policy.is_idle(cand, now):
+                if cand.parent is None or cand.value is None:
+                    continue  # compressed or dropped since the candidates were listed
+                busy = cand.lock_ref > 0 or cand in self._protect
+                if busy or (now is not None and not self.policy.is_idle(cand, now)):
+                    passed.append(cands[i - 1])  # still a candidate for a later call
                     continue
                 if lo > start:
                     self._split_node(cand.key, cand, lo - start)  # cand keeps [lo, end)
@@ -204,8 +206,8 @@ class TreeSurgery(TreeEviction):
                 planned += len(target.value)
             if targets:
                 freed += self._compress_many(targets)
-        if self.policy.drops == drops:
-            self.policy.keep_candidates(version)  # only listed nodes were split or compressed: list still valid
+        if self.policy.drops == drops:  # only listed nodes were split or compressed: the rest is still valid
+            self.policy.keep_candidates(version, passed + cands[i:])
         return freed - (self.store.num_slots - store_before)
 
     def _compress_many(self, targets: list[tuple[TreeNode, int]]) -> int:
