@@ -9,7 +9,7 @@ agreement of the generations with vanilla. About 10 minutes on a 2-core CPU.
 
 The codec evaluation (ratios vs accuracy) is ``python -m kvtc_sglang.eval``.
 
-``python -m kvtc_sglang [--artifacts artifacts] [--max-total-tokens 4096] [--page-size 1] [--calibration P]``
+``python -m kvtc_sglang [--artifacts artifacts] [--max-total-tokens 2048] [--page-size 1] [--calibration P]``
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     p.add_argument("--calibration", type=Path, default=None, help="use this kvtc artifact (default: calibrate)")
-    p.add_argument("--max-total-tokens", type=int, default=4096)
+    p.add_argument("--max-total-tokens", type=int, default=2048)
     p.add_argument("--page-size", type=int, default=1)
     p.add_argument("--store-fraction", type=float, default=0.25)
     p.add_argument("--conversations", type=int, default=6)
-    p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--users", type=int, default=12)
+    p.add_argument("--turns", type=int, default=3)
+    p.add_argument("--users", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path("out/serve"))
     args = p.parse_args(argv)
     hf, cal = prepare_default_model(args.artifacts, calibrate=args.calibration is None)

@@ -13,8 +13,8 @@ from kvtc_sglang.serve.workload import WorkloadConfig, run_agentic, run_shared_p
 
 pytestmark = [pytest.mark.server, pytest.mark.model]
 
-WL = WorkloadConfig(seed=3, conversations=3, turns=3, tool_chars=500, concurrency=1, system_prompts=2,
-                    system_chars=1200, users=3, max_tokens=16, timeout=120.0)
+WL = WorkloadConfig(seed=3, conversations=2, turns=3, tool_chars=400, concurrency=1, system_prompts=2,
+                    system_chars=1000, users=3, max_tokens=16, timeout=120.0)
 FLAGS = ["--enable-cache-report", "--disable-overlap-schedule"]
 
 

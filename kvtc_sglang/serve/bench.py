@@ -31,7 +31,7 @@ def parse_metrics(text: str, prefix: str = "sglang:kvtc_") -> dict[str, float]:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    max_total_tokens: int = 4096
+    max_total_tokens: int = 2048
     page_size: int = 1
     store_fraction: float = 0.25
     idle_seconds: float = 30.0

@@ -29,12 +29,12 @@ class WorkloadConfig:
 
     seed: int = 0
     conversations: int = 6
-    turns: int = 4
-    tool_chars: int = 900  # about 220 tokens of tool output per turn
+    turns: int = 3
+    tool_chars: int = 800  # about 200 tokens of tool output per turn
     concurrency: int = 3
     system_prompts: int = 3
-    system_chars: int = 2400  # about 600 tokens per system prompt
-    users: int = 12
+    system_chars: int = 1600  # about 400 tokens per system prompt
+    users: int = 8
     max_tokens: int = 24
     timeout: float = 120.0
 
