@@ -36,8 +36,7 @@ from pathlib import Path
 import torch
 
 from kvtc_sglang.codec import KVTCCodec, load_artifact
-from kvtc_sglang.codec.codec import DOT_PRECISIONS
-from kvtc_sglang.triton_kernels.pipeline import decode_payload, encode_payload
+from kvtc_sglang.triton_kernels import DOT_PRECISIONS
 
 # name fragment -> (HBM bytes/s, fp32 FMA FLOP/s, dense TF32 tensor FLOP/s), vendors' data sheets
 DEVICES = {
@@ -104,14 +103,13 @@ def prefill_seconds(config: dict, num_t: int, repeat: int) -> float:
 
 def measure(codec: KVTCCodec, k0: torch.Tensor, v0: torch.Tensor, num_t: int, repeat: int) -> dict[str, float]:
     """Seconds of each phase for ``num_t`` tokens (``k0``/``v0`` ``[L, T0, H, D]`` tiled), plus sizes."""
-    spec, prec = codec.spec, codec.dot_precision
-    streams = codec._streams(DEVICE)
+    backend = codec.payload_backend(DEVICE)  # the Triton backend: project + quant_pack, decode_into
     reps = -(-num_t // k0.shape[1])
     k = k0.repeat(1, reps, 1, 1)[:, :num_t].to(DEVICE)  # [L, T, H, D]
     v = v0.repeat(1, reps, 1, 1)[:, :num_t].to(DEVICE)
     pos = torch.arange(num_t)
     kb, vb, slots = pool_with(k, v)
-    payload = encode_payload(spec, streams, kb, vb, slots, pos, prec)
+    payload = backend.encode_rows(kb, vb, slots, pos)
     blob = codec.encode_rows(kb, vb, slots, pos)
     chunks = list(torch.split(payload, codec.chunk_bytes))
     coder = codec._coder(payload.device)
@@ -120,8 +118,8 @@ def measure(codec: KVTCCodec, k0: torch.Tensor, v0: torch.Tensor, num_t: int, re
         "kv_bytes": 2 * k.numel() * k.element_size(),
         "payload_bytes": payload.numel(),
         "blob_bytes": blob.numel(),
-        "encode_kernels": timed(lambda: encode_payload(spec, streams, kb, vb, slots, pos, prec), repeat),
-        "decode_kernels": timed(lambda: decode_payload(spec, streams, payload, kb, vb, slots, pos, prec), repeat),
+        "encode_kernels": timed(lambda: backend.encode_rows(kb, vb, slots, pos), repeat),
+        "decode_kernels": timed(lambda: backend.decode_rows(payload, kb, vb, slots, pos), repeat),
         "encode_rows": timed(lambda: codec.encode_rows(kb, vb, slots, pos), repeat),
         "restore": timed(lambda: codec.decode_rows(blob, kb, vb, slots, pos), repeat),
         "nvcomp_compress": timed(lambda: coder.compress(chunks), repeat),
@@ -156,7 +154,7 @@ def main() -> None:
         name, args.precision, args.hbm_gbs and args.hbm_gbs * 1e9, args.peak_tflops and args.peak_tflops * 1e12
     )
     codec = KVTCCodec(art, kernels="triton", dot_precision=args.precision)
-    sk, sv = codec._streams(DEVICE)
+    sk, sv = art.keys.allocation, art.values.allocation
     feat = art.spec.num_features
     print(f"device {name}; roofline {hbm / 1e12:.2f} TB/s, {args.precision} {peak / 1e12:.1f} TFLOP/s")
     print(f"artifact r{art.target_ratio:g}")

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real SmolLM2 model, a small real calibration, real K/V from held-out text."""
+"""Shared fixtures and helpers: the real SmolLM2 model, a small real calibration, real K/V from held-out
+text; ``rel_err``, ``paged_slots`` and ``MIXED`` (import them with ``from conftest import ...``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,49 @@ if not torch.cuda.is_available():
     # Triton kernels run in Triton's CPU interpreter; must be set before any kernel module is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that loads the real model (directly or through a fixture) with the ``model`` marker,
+    so ``pytest -m "not model"`` runs the quick, model-free part of the suite."""
+    for item in items:
+        if "lm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.model)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float32 (Frobenius norms over every element)."""
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def paged_slots(num_tokens: int, page_size: int, rows: int, seed: int, device: torch.device | None = None):
+    """``[T]`` int64 pool rows as SGLang's paged allocator hands them out: random whole pages of ``page_size``
+    rows out of ``rows`` (seeded), the last page partly used."""
+    g = torch.Generator().manual_seed(seed)
+    pages = torch.randperm(rows // page_size, generator=g)[: -(-num_tokens // page_size)]
+    slots = (pages[:, None] * page_size + torch.arange(page_size)).reshape(-1)[:num_tokens]  # [T]
+    return slots if device is None else slots.to(device)
+
+
+def _mixed_allocation():
+    from kvtc_sglang.codec.allocation import Allocation, Group
+
+    # Every kind, sizes 1 to 64, a drop inside the coded range (R = 116).
+    return Allocation(
+        (
+            Group(0, 1, "fp8"),
+            Group(1, 1, "fp8"),
+            Group(2, 16, "int8"),
+            Group(18, 16, "fp8"),
+            Group(34, 64, "int4"),
+            Group(98, 16, "int2"),
+            Group(114, 1, "drop"),
+            Group(115, 1, "int2"),
+        )
+    )
+
+
+MIXED = _mixed_allocation()
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import paged_slots, rel_err
 
-from kvtc_sglang.codec import BlobChecksumError, KVTCCodec
+from kvtc_sglang.codec import BlobPositionsError, KVTCCodec
+from kvtc_sglang.codec.backend_triton import rope_tables
 from kvtc_sglang.triton_kernels import LayerTable, project
 
 NUM_T = 97  # odd on purpose: rows of packed codes end mid-byte
@@ -28,10 +30,10 @@ def segment(real_kv):
 def pool_rows(k: torch.Tensor, v: torch.Tensor, rows: int, page: int):
     """A KV pool ``L x [rows, H, D]`` holding ``k``/``v`` ``[L, T, H, D]`` at page-aligned random slots."""
     num_l, num_t = k.shape[:2]
-    pages = torch.randperm(rows // page, generator=torch.Generator().manual_seed(0))[: -(-num_t // page)]
-    slots = (pages[:, None] * page + torch.arange(page)).reshape(-1)[:num_t]
-    kb = [torch.randn(rows, *k.shape[2:]).to(k.dtype) for _ in range(num_l)]
-    vb = [torch.randn(rows, *k.shape[2:]).to(k.dtype) for _ in range(num_l)]
+    slots = paged_slots(num_t, page, rows, seed=0)
+    g = torch.Generator().manual_seed(1)
+    kb = [torch.randn(rows, *k.shape[2:], generator=g).to(k.dtype) for _ in range(num_l)]
+    vb = [torch.randn(rows, *k.shape[2:], generator=g).to(k.dtype) for _ in range(num_l)]
     for layer in range(num_l):
         kb[layer][slots] = k[layer]
         vb[layer][slots] = v[layer]
@@ -44,10 +46,10 @@ def test_kernel_coefficients_quantize_to_the_same_bytes(paths, segment):
     k, v, pos = segment
     blob = triton_codec.encode(k, v, pos)
     _, payload = triton_codec._unwrap(blob, k.device)
-    sk, sv = triton_codec._streams(k.device)
-    ck = project(
-        LayerTable(list(k.unbind(0)), 3, 64), torch.arange(NUM_T), sk.mean, sk.enc_basis, triton_codec.spec.rope, pos
-    )
+    streams = triton_codec._device_streams(k.device)
+    sk, sv = streams.keys, streams.values
+    rope = rope_tables(triton_codec.spec.ropes, pos, k.device)
+    ck = project(LayerTable(list(k.unbind(0)), 3, 64), torch.arange(NUM_T), sk.mean, sk.enc_basis, rope)
     cv = project(LayerTable(list(v.unbind(0)), 3, 64), torch.arange(NUM_T), sv.mean, sv.enc_basis, None)
     assert torch.equal(payload, torch_codec.quantize(ck, cv))
     # End to end the paths differ only where a coefficient sits within float rounding of a code boundary.
@@ -82,8 +84,7 @@ def test_encode_rows_reads_the_pool_in_place(paths, segment):
     k2, v2, _ = torch_codec.decode(blob)  # a Triton blob is an ordinary blob
     k3, v3, _ = torch_codec.decode(torch_codec.encode(k, v, pos))
     for a, b in ((k2, k3), (v2, v3)):
-        err = float((a.float() - b.float()).norm() / b.float().norm())
-        assert err < 0.01  # the same reconstruction but for a few boundary codes
+        assert rel_err(a, b) < 0.01  # the same reconstruction but for a few boundary codes
 
 
 def test_decode_rows_checks_everything_before_writing(paths, segment):
@@ -93,7 +94,7 @@ def test_decode_rows_checks_everything_before_writing(paths, segment):
     kb, vb, slots = pool_rows(k, v, 160, 1)
     before = [b.clone() for b in kb + vb]
     for codec in paths:
-        with pytest.raises(BlobChecksumError, match="positions"):
+        with pytest.raises(BlobPositionsError, match="positions"):
             codec.decode_rows(blob, kb, vb, slots, pos + 1)
         with pytest.raises(ValueError, match=r"blob holds 97 torch.bfloat16 tokens, destination is 96 rows"):
             codec.decode_rows(blob, kb, vb, slots[:-1], pos)

@@ -154,9 +154,21 @@ def test_fuzz_calibration_loader(artifact_path, tmp_path_factory):
             head = bytes(head)
         path = folder / "fuzzed.kvtc.safetensors"
         path.write_bytes(len(head).to_bytes(8, "little") + head + tensors_part)
-        try:
+        with pytest.raises(ArtifactError):  # the tensors are truncated: nothing may load, whatever the header
             load_artifact(path)
-        except ArtifactError:
-            return
 
     run()
+
+
+def test_truncated_artifact_is_refused_and_the_whole_one_loads(artifact_path, tmp_path):
+    """The loader fuzz's premise, unmutated: cut tensors are refused; the same header with all of them loads."""
+    raw = artifact_path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    cut = tmp_path / "cut.kvtc.safetensors"
+    for keep in (0, 4096, len(raw) - 8 - n - 1):
+        cut.write_bytes(raw[: 8 + n + keep])
+        with pytest.raises(ArtifactError):
+            load_artifact(cut)
+    whole = tmp_path / "whole.kvtc.safetensors"
+    whole.write_bytes(raw)
+    assert load_artifact(whole).artifact_id == load_artifact(artifact_path).artifact_id

@@ -21,7 +21,7 @@ def rope_ref(k: torch.Tensor, positions: torch.Tensor, rotary_emb: torch.nn.Modu
 @pytest.mark.parametrize("num_tokens", [1, 7, 97, 1000])
 def test_apply_matches_model_rotary(lm, num_tokens):
     cfg = lm.spec.rope
-    k = torch.randn(2, num_tokens, 3, 64)
+    k = torch.randn(2, num_tokens, 3, 64, generator=torch.Generator().manual_seed(1))
     positions = torch.arange(num_tokens) + 5
     ref = rope_ref(k, positions, lm.model.model.rotary_emb.float())
     # transformers computes the angles in float32 (error ~ position * 6e-8 rad); ours are float64.
@@ -33,15 +33,15 @@ def test_apply_matches_model_rotary(lm, num_tokens):
 @pytest.mark.parametrize("num_tokens", [1, 7, 97, 1000])
 def test_remove_inverts_apply(style, num_tokens):
     cfg = RopeConfig(theta=1e5, rotary_dim=64, style=style)
-    k = torch.randn(3, num_tokens, 2, 64)
-    positions = torch.randint(0, 100_000, (num_tokens,))
+    k = torch.randn(3, num_tokens, 2, 64, generator=torch.Generator().manual_seed(2))
+    positions = torch.randint(0, 100_000, (num_tokens,), generator=torch.Generator().manual_seed(3))
     back = remove_rope(apply_rope(k, positions, cfg), positions, cfg)
     torch.testing.assert_close(back, k, atol=1e-5, rtol=1e-5)
 
 
 def test_partial_rotary_dim_leaves_rest_untouched():
     cfg = RopeConfig(theta=1e4, rotary_dim=32)
-    k = torch.randn(1, 9, 1, 64)
+    k = torch.randn(1, 9, 1, 64, generator=torch.Generator().manual_seed(4))
     out = apply_rope(k, torch.arange(9), cfg)
     assert torch.equal(out[..., 32:], k[..., 32:])
     assert not torch.allclose(out[:, 1:, :, :32], k[:, 1:, :, :32])
@@ -90,7 +90,7 @@ def test_per_layer_rope_rotates_each_layer_with_its_own_base():
     """Gemma 3 style: sliding-window layers at base 1e4, global layers at 1e6, in one call."""
     local, glob = RopeConfig(theta=1e4, rotary_dim=64), RopeConfig(theta=1e6, rotary_dim=64)
     ropes = (local, local, glob, local, glob)
-    k = torch.randn(5, 33, 1, 64)
+    k = torch.randn(5, 33, 1, 64, generator=torch.Generator().manual_seed(5))
     positions = torch.arange(33) * 7
     out = apply_rope(k, positions, ropes)
     for layer, cfg in enumerate(ropes):

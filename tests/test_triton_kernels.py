@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import MIXED, paged_slots
 
 from kvtc_sglang.codec.allocation import Allocation, Group
+from kvtc_sglang.codec.backend_triton import rope_tables
 from kvtc_sglang.codec.quant import decode_coefficients, encode_coefficients
 from kvtc_sglang.codec.rope import RopeConfig
 from kvtc_sglang.triton_kernels import (
@@ -18,26 +20,22 @@ from kvtc_sglang.triton_kernels import (
     StreamPlan,
     decode_into,
     decode_into_ref,
+    dequant_ref,
     project,
     project_ref,
     quant_pack,
+    quant_pack_ref,
 )
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-20}
-# Every kind, sizes 1 to 64, a drop inside the coded range: the small geometry's allocation (R = 116).
-MIXED = Allocation(
-    (
-        Group(0, 1, "fp8"),
-        Group(1, 1, "fp8"),
-        Group(2, 16, "int8"),
-        Group(18, 16, "fp8"),
-        Group(34, 64, "int4"),
-        Group(98, 16, "int2"),
-        Group(114, 1, "drop"),
-        Group(115, 1, "int2"),
-    )
-)
+def plan_of(alloc: Allocation) -> StreamPlan:
+    return StreamPlan.build(alloc.coded_groups(), alloc.rank, DEVICE)
+
+
+def tables(rope, pos):
+    """The kernels' RoPE tables (``None`` for values), as the codec's Triton backend builds them."""
+    return None if rope is None else rope_tables(rope, pos, DEVICE)
 
 
 def small_stream(num_features: int, alloc: Allocation, seed: int = 0):
@@ -55,18 +53,11 @@ def pool(num_layers: int, rows: int, heads: int, head_dim: int, dtype: torch.dty
     return [torch.randn(rows, heads, head_dim, generator=g).to(dtype).to(DEVICE) for _ in range(num_layers)]
 
 
-def slots_for(num_tokens: int, page_size: int, rows: int, seed: int) -> torch.Tensor:
-    """Destination rows as SGLang's allocators hand them out: random pages of ``page_size`` rows."""
-    g = torch.Generator().manual_seed(seed)
-    pages = torch.randperm(rows // page_size, generator=g)[: -(-num_tokens // page_size)]
-    return (pages[:, None] * page_size + torch.arange(page_size)).reshape(-1)[:num_tokens].to(DEVICE)
-
-
 def assert_project_matches(bufs, slots, mean, basis, rope, *, pos) -> torch.Tensor:
     """``project`` against ``project_ref`` to 1e-5 of the coefficients' scale; returns the reference."""
     heads, head_dim = bufs[0].shape[1:]
-    ref = project_ref(bufs, slots, mean, basis, rope, pos)
-    out = project(LayerTable(bufs, heads, head_dim), slots, mean, basis, rope, pos)
+    ref = project_ref(bufs, slots, mean, basis, tables(rope, pos))
+    out = project(LayerTable(bufs, heads, head_dim), slots, mean, basis, tables(rope, pos))
     torch.testing.assert_close(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
     return ref
 
@@ -82,7 +73,7 @@ def test_project_matches_reference(num_tokens, dtype, rope):
     num_l, heads, head_dim = 2, 2, 32
     basis, mean, _ = small_stream(num_l * heads * head_dim, MIXED)
     bufs = pool(num_l, num_tokens + 40, heads, head_dim, dtype, seed=num_tokens)
-    slots = slots_for(num_tokens, 1, num_tokens + 40, seed=1)
+    slots = paged_slots(num_tokens, 1, num_tokens + 40, seed=1, device=DEVICE)
     pos = torch.arange(3, 3 + num_tokens)
     assert_project_matches(bufs, slots, mean, basis, rope, pos=pos)
 
@@ -94,7 +85,7 @@ def test_project_partial_rotary_and_strided_rows():
     rope = RopeConfig(theta=1e4, rotary_dim=32)
     wide = pool(num_l, 80, 1, heads * head_dim + 16, torch.float16, seed=5)  # L x [80, 1, 144]
     bufs = [b[:, 0, : heads * head_dim].view(80, heads, head_dim) for b in wide]  # [80, 2, 64], row stride 144
-    slots = slots_for(num_t, 1, 80, seed=2)
+    slots = paged_slots(num_t, 1, 80, seed=2, device=DEVICE)
     pos = torch.arange(1000, 1000 + num_t)
     assert_project_matches(bufs, slots, mean, basis, rope, pos=pos)
 
@@ -106,17 +97,19 @@ def test_per_layer_rope_in_both_kernels():
     alloc = Allocation((Group(0, 16, "fp8"), Group(16, 64, "int8")))
     basis, mean, fp8_scale = small_stream(num_l * heads * head_dim, alloc, seed=4)
     bufs = pool(num_l, 64, heads, head_dim, torch.bfloat16, seed=8)
-    slots = slots_for(num_t, 1, 64, seed=5)
+    slots = paged_slots(num_t, 1, 64, seed=5, device=DEVICE)
     pos = torch.arange(500, 500 + num_t)
     ref = assert_project_matches(bufs, slots, mean, basis, ropes, pos=pos)
     payload = encode_coefficients(ref, alloc, fp8_scale)
     dec_ref = [torch.zeros_like(b) for b in bufs]
     dec = [torch.zeros_like(b) for b in bufs]
-    decode_into_ref(payload, alloc, fp8_scale, basis.t().contiguous(), mean, ropes, pos, dec_ref, slots)
-    plan = StreamPlan.build(alloc, DEVICE)
-    decode_into(payload, plan, fp8_scale, basis.t().contiguous(), mean, ropes, pos, LayerTable(dec, 1, 64), slots)
-    with pytest.raises(ValueError, match=r"one RoPE config per layer \(3\), got 2"):
-        project(LayerTable(bufs, heads, head_dim), slots, mean, basis, ropes[:2], pos)
+    plan = plan_of(alloc)
+    rope = tables(ropes, pos)
+    assert rope.cos.shape == (3, num_t, 32)  # one table per layer
+    decode_into_ref(payload, plan, fp8_scale, basis.t().contiguous(), mean, rope, dec_ref, slots)
+    decode_into(payload, plan, fp8_scale, basis.t().contiguous(), mean, rope, LayerTable(dec, 1, 64), slots)
+    with pytest.raises(ValueError, match=r"one RoPE table or one per layer \(3\), got 2"):
+        project(LayerTable(bufs, heads, head_dim), slots, mean, basis, tables(ropes[:2], pos))
     for a, b in zip(dec, dec_ref, strict=True):
         scale = float(b.float().abs().max())
         torch.testing.assert_close(a.float(), b.float(), atol=ULP[torch.bfloat16] * scale, rtol=0)
@@ -141,19 +134,22 @@ def coefficient_cases(num_tokens: int, alloc: Allocation) -> torch.Tensor:
 
 @pytest.mark.parametrize("num_tokens", [1, 7, 97, 1031])
 def test_quant_pack_bytes_equal_torch(num_tokens):
-    plan = StreamPlan.build(MIXED, DEVICE)
+    plan = plan_of(MIXED)
     _, _, fp8_scale = small_stream(128, MIXED)
     coeffs = coefficient_cases(num_tokens, MIXED)
-    ref = encode_coefficients(coeffs, MIXED, fp8_scale)
+    ref = encode_coefficients(coeffs, MIXED, fp8_scale)  # the codec's torch quantizer
     out = quant_pack(coeffs, plan, fp8_scale)
     assert torch.equal(out, ref)
+    assert torch.equal(quant_pack_ref(coeffs, plan, fp8_scale), ref)  # the kernel's own reference agrees
+    assert torch.equal(dequant_ref(out, plan, fp8_scale, num_tokens), decode_coefficients(ref, MIXED, fp8_scale,
+                                                                                          num_tokens, MIXED.rank))
 
 
 @pytest.mark.parametrize("size", [256, 1024])
 def test_quant_pack_large_groups(size):
     """Groups wider than one column block (256 and 1024 components) reduce min/max over several chunks."""
     alloc = Allocation((Group(0, size, "int4"), Group(size, 64, "int2")))
-    plan = StreamPlan.build(alloc, DEVICE)
+    plan = plan_of(alloc)
     coeffs = coefficient_cases(33, alloc)
     fp8_scale = torch.ones(alloc.rank, device=DEVICE)
     assert torch.equal(quant_pack(coeffs, plan, fp8_scale), encode_coefficients(coeffs, alloc, fp8_scale))
@@ -168,7 +164,7 @@ def test_fp8_bits_equal_torch_on_every_boundary():
     cases = torch.cat([values, mids, values * 1.0001, values * 0.9999, torch.tensor([-0.0, 1e-5, -1e-5, 600.0])])
     n = cases.numel()
     alloc = Allocation(tuple(Group(i, 1, "fp8") for i in range(4)))
-    plan = StreamPlan.build(alloc, DEVICE)
+    plan = plan_of(alloc)
     coeffs = cases.reshape(-1, 1).repeat(1, 4).contiguous().to(DEVICE)  # [n, 4]
     scale = torch.ones(4, device=DEVICE)
     out = quant_pack(coeffs, plan, scale)
@@ -184,15 +180,15 @@ def test_decode_into_pool_matches_reference(num_tokens, dtype, page_size):
     basis, mean, fp8_scale = small_stream(num_l * heads * head_dim, MIXED, seed=7)
     dec_basis = basis.t().contiguous()  # [R, F]
     rope = RopeConfig(theta=1e4, rotary_dim=32)
-    plan = StreamPlan.build(MIXED, DEVICE)
+    plan = plan_of(MIXED)
     payload = encode_coefficients(coefficient_cases(num_tokens, MIXED) / 1e3, MIXED, fp8_scale)
     rows = (num_tokens // page_size + 4) * page_size
-    slots = slots_for(num_tokens, page_size, rows, seed=3)
+    slots = paged_slots(num_tokens, page_size, rows, seed=3, device=DEVICE)
     pos = torch.arange(9, 9 + num_tokens)
     ref = pool(num_l, rows, heads, head_dim, dtype, seed=11)
     out = [b.clone() for b in ref]
-    decode_into_ref(payload, MIXED, fp8_scale, dec_basis, mean, rope, pos, ref, slots)
-    decode_into(payload, plan, fp8_scale, dec_basis, mean, rope, pos, LayerTable(out, heads, head_dim), slots)
+    decode_into_ref(payload, plan, fp8_scale, dec_basis, mean, tables(rope, pos), ref, slots)
+    decode_into(payload, plan, fp8_scale, dec_basis, mean, tables(rope, pos), LayerTable(out, heads, head_dim), slots)
     untouched = torch.ones(rows, dtype=torch.bool, device=DEVICE)
     untouched[slots] = False
     for a, b in zip(out, ref, strict=True):
@@ -204,13 +200,13 @@ def test_decode_into_pool_matches_reference(num_tokens, dtype, page_size):
 def test_decode_dequantizes_exactly():
     """Identity basis, no RoPE, fp32 pool: the kernel's dequantized coefficients are torch's, bit for bit."""
     alloc = Allocation((Group(0, 4, "fp8"), Group(4, 16, "int8"), Group(20, 6, "int4"), Group(26, 6, "int2")))
-    plan = StreamPlan.build(alloc, DEVICE)
+    plan = plan_of(alloc)
     num_t = 97
     fp8_scale = torch.linspace(0.5, 2.0, alloc.rank, device=DEVICE)
     payload = encode_coefficients(coefficient_cases(num_t, alloc), alloc, fp8_scale)
     eye = torch.eye(32, device=DEVICE)
     out = [torch.zeros(num_t, 1, 32, device=DEVICE)]
-    decode_into(payload, plan, fp8_scale, eye, torch.zeros(32, device=DEVICE), None, None, LayerTable(out, 1, 32),
+    decode_into(payload, plan, fp8_scale, eye, torch.zeros(32, device=DEVICE), None, LayerTable(out, 1, 32),
                 torch.arange(num_t, device=DEVICE))  # fmt: skip
     ref = decode_coefficients(payload, alloc, fp8_scale, num_t, alloc.rank)
     assert torch.equal(out[0][:, 0], ref)
@@ -226,14 +222,14 @@ def test_bad_inputs_are_refused_with_the_expected_values():
     with pytest.raises(ValueError, match=r"slots must lie in \[0, 10\), got \[0, 10\]"):
         table.check_slots(torch.tensor([0, 10]))
     basis, mean, fp8_scale = small_stream(128, MIXED)
-    with pytest.raises(ValueError, match=r"mean must be \[F=128\] float32"):
+    with pytest.raises(ValueError, match=r"mean must be \[F=128\] float32 on \S+, got \[5\] float32"):
         project(table, torch.tensor([1]), mean[:5], basis, None)
-    plan = StreamPlan.build(MIXED, DEVICE)
-    with pytest.raises(ValueError, match=r"out must be contiguous \[\d+\] uint8"):
+    plan = plan_of(MIXED)
+    with pytest.raises(ValueError, match=r"out must be contiguous \[nbytes=\d+\] uint8 on \S+, got \[5\] uint8"):
         quant_pack(torch.zeros(3, MIXED.rank, device=DEVICE), plan, fp8_scale, out=torch.zeros(5, dtype=torch.uint8))
-    with pytest.raises(ValueError, match=r"payload must be \[\d+\] uint8 for T=2"):
+    with pytest.raises(ValueError, match=r"payload for T=2 must be \[nbytes=\d+\] uint8 on \S+, got \[3\]"):
         decode_into(torch.zeros(3, dtype=torch.uint8, device=DEVICE), plan, fp8_scale, basis.t().contiguous(), mean,
-                    None, None, table, torch.tensor([0, 1]))  # fmt: skip
+                    None, table, torch.tensor([0, 1]))  # fmt: skip
 
 
 @pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
@@ -242,7 +238,7 @@ def test_tensor_core_precisions_stay_close(precision):
     num_l, heads, head_dim, num_t = 2, 2, 32, 33
     basis, mean, _ = small_stream(num_l * heads * head_dim, MIXED, seed=9)
     bufs = pool(num_l, 40, heads, head_dim, torch.float16, seed=3)
-    slots = slots_for(num_t, 1, 40, seed=6)
+    slots = paged_slots(num_t, 1, 40, seed=6, device=DEVICE)
     ref = project_ref(bufs, slots, mean, basis, None)
     out = project(LayerTable(bufs, heads, head_dim), slots, mean, basis, None, precision=precision)
     torch.testing.assert_close(out, ref, atol=2e-3 * float(ref.abs().max()), rtol=0)

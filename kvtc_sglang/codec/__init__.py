@@ -1,5 +1,6 @@
 """KVTC codec: imports torch, never SGLang. See :class:`KVTCCodec`."""
 
+from ..payload_format import GroupKind
 from .allocation import GROUP_SIZES, KIND_BITS, Allocation, Group
 from .artifact import CalibrationArtifact, StreamCalibration, load_artifact, read_header
 from .codec import KVTCCodec
@@ -9,6 +10,7 @@ from .errors import (
     BlobCalibrationMismatchError,
     BlobChecksumError,
     BlobError,
+    BlobPositionsError,
     BlobTruncatedError,
     BlobVersionError,
 )
@@ -23,11 +25,13 @@ __all__ = [
     "BlobCalibrationMismatchError",
     "BlobChecksumError",
     "BlobError",
+    "BlobPositionsError",
     "BlobTruncatedError",
     "BlobVersionError",
     "CalibrationArtifact",
     "EntropyCoder",
     "Group",
+    "GroupKind",
     "KVTCCodec",
     "ModelSpec",
     "NvcompDeflate",

@@ -1,7 +1,8 @@
 """Bit allocation data types: which principal components get how many bits.
 
 An :class:`Allocation` splits the ordered components ``[0, R)`` into consecutive :class:`Group` s.
-Each group has a size from :data:`GROUP_SIZES` and a kind from :data:`KIND_BITS`:
+Each group has a size from :data:`GROUP_SIZES` and a :class:`~kvtc_sglang.payload_format.GroupKind`
+(stored in the artifact as its string value):
 
 * ``drop``: 0 bits, the component is reconstructed as the calibration mean (implicit truncation);
 * ``int2`` / ``int4`` / ``int8``: uniform asymmetric quantization per token per group; every token pays
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..payload_format import INT_OVERHEAD_BITS, GroupKind
+
 GROUP_SIZES: tuple[int, ...] = (1, 16, 64, 256, 1024)
-KIND_BITS: dict[str, int] = {"drop": 0, "int2": 2, "int4": 4, "int8": 8, "fp8": 8}
-INT_KINDS: tuple[str, ...] = ("int2", "int4", "int8")
-INT_OVERHEAD_BITS = 32  # fp16 minimum + fp16 step per token per integer group
+# The artifact stores kinds as strings; GroupKind (a StrEnum) compares and hashes equal to them.
+KIND_BITS: dict[str, int] = {k.value: k.bits for k in GroupKind}
+INT_KINDS: tuple[str, ...] = tuple(k.value for k in GroupKind if k.is_int)
 
 
 @dataclass(frozen=True)
@@ -26,11 +29,12 @@ class Group:
 
     start: int
     size: int
-    kind: str
+    kind: GroupKind  # a plain string such as "int4" is converted
 
     def __post_init__(self) -> None:
         if self.kind not in KIND_BITS:
             raise ValueError(f"group kind must be one of {sorted(KIND_BITS)}, got {self.kind!r}")
+        object.__setattr__(self, "kind", GroupKind(self.kind))
         if self.size <= 0 or self.start < 0:
             raise ValueError(f"group needs start >= 0 and size > 0, got {self.start}, {self.size}")
 
@@ -40,10 +44,10 @@ class Group:
         return group_bits(self.size, self.kind)
 
 
-def group_bits(size: int, kind: str) -> int:
+def group_bits(size: int, kind: GroupKind | str) -> int:
     """Bits per token of a group of ``size`` components coded as ``kind``."""
-    overhead = INT_OVERHEAD_BITS if kind in INT_KINDS else 0
-    return size * KIND_BITS[kind] + overhead
+    kind = GroupKind(kind)
+    return size * kind.bits + (INT_OVERHEAD_BITS if kind.is_int else 0)
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ class Allocation:
         return tuple(g for g in self.groups if g.kind != "drop")
 
     def to_json(self) -> list[list[int | str]]:
-        return [[g.start, g.size, g.kind] for g in self.groups]
+        return [[g.start, g.size, g.kind.value] for g in self.groups]
 
     @classmethod
     def from_json(cls, rows: list[list[int | str]]) -> Allocation:
@@ -87,7 +91,9 @@ class Allocation:
             start, size, kind = row
             if not (isinstance(start, int) and isinstance(size, int) and isinstance(kind, str)):
                 raise ValueError(f"allocation row must be [int, int, str], got {row!r}")
-            groups.append(Group(start, size, kind))
+            if kind not in KIND_BITS:
+                raise ValueError(f"group kind must be one of {sorted(KIND_BITS)}, got {kind!r}")
+            groups.append(Group(start, size, GroupKind(kind)))
         return cls(tuple(groups))
 
     def summary(self) -> str:

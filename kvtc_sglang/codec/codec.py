@@ -5,9 +5,14 @@ Plan once (``KVTCCodec(artifact)`` moves the basis to each device on first use),
 buffers). Sinks and the recent window are the caller's concern: the codec encodes exactly the tokens it
 is given.
 
-Kernels: CUDA tensors go through the fused Triton kernels (:mod:`kvtc_sglang.triton_kernels`), CPU
-tensors through plain torch; both write the same payload format, and for the same coefficients the same
-bytes. ``kernels="triton"`` forces the Triton path (on the CPU only under ``TRITON_INTERPRET=1``).
+Kernels: the payload (coefficients and packed codes) is made by a payload backend (:mod:`.backend`,
+:meth:`KVTCCodec.payload_backend`), chosen once per device: the fused Triton kernels for CUDA tensors,
+plain torch for CPU tensors; both write the same payload format, and for the same coefficients the same bytes.
+``kernels="triton"`` forces the Triton path (on the CPU only under ``TRITON_INTERPRET=1``).
+
+SGLang's ``MHATokenToKVPool`` keeps one ``[num_slots, H, D]`` K and V buffer per layer; a radix node is a
+list of slot indices. ``encode_rows`` / ``decode_rows`` take those lists: the Triton backend reads and
+writes the rows in place, the torch backend gathers (scatters) them.
 """
 
 from __future__ import annotations
@@ -16,53 +21,30 @@ import zlib
 
 import torch
 
-from .artifact import CalibrationArtifact, StreamCalibration
+from .artifact import CalibrationArtifact
+from .backend import DeviceStreams, PayloadBackend, TorchBackend
 from .blob import BlobHeader, build_header, header_nbytes, parse_header, verify_chunks
+from .checks import check_kv, check_layers, check_positions
 from .entropy import EntropyCoder, default_entropy_coder
-from .errors import BlobCalibrationMismatchError, BlobChecksumError
-from .quant import decode_coefficients, encode_coefficients, payload_nbytes
-from .rope import apply_rope, remove_rope
-from .rows import RowsMixin
+from .errors import BlobCalibrationMismatchError, BlobChecksumError, BlobPositionsError
+from .quant import payload_nbytes
 
 DEFAULT_CHUNK_BYTES = 1 << 16
 KERNELS = ("auto", "torch", "triton")
-# tl.dot input precision of the Triton projections: "ieee" is exact fp32 (FMA units); "tf32x3" (about
-# fp32 accuracy) and "tf32" (10-bit mantissa products) run on tensor cores. The interpreter computes fp32.
-DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
-class _DeviceStream:
-    """One stream's calibration tensors on one device."""
-
-    def __init__(self, cal: StreamCalibration, device: torch.device) -> None:
-        self.mean = cal.mean.to(device)  # [F]
-        self.scale = cal.scale.to(device)  # [F]
-        self.enc_basis = (cal.basis / cal.scale[:, None]).to(device)  # [F, R]: normalise, then project
-        self.dec_basis = (cal.basis * cal.scale[:, None]).t().contiguous().to(device)  # [R, F]
-        self.rank = cal.basis.shape[1]
-        self.fp8_scale = cal.fp8_scale.to(device)  # [R]
-        self.alloc = cal.allocation
-        self._plan = None
-
-    @property
-    def plan(self):  # noqa: ANN201 (StreamPlan; imported lazily, the torch path never needs Triton)
-        if self._plan is None:
-            from ..triton_kernels.plan import StreamPlan  # noqa: PLC0415
-
-            self._plan = StreamPlan.build(self.alloc, self.mean.device)
-        return self._plan
-
-
-class KVTCCodec(RowsMixin):
+class KVTCCodec:
     """Encode ``[L, T, H, D]`` K/V into one blob and back.
 
     Args:
         artifact: calibration for this model (PCA bases, bit allocations, RoPE settings).
         entropy: lossless stage; default: nvCOMP for CUDA tensors, zlib for CPU tensors.
         chunk_bytes: raw payload bytes per DEFLATE chunk (each chunk has its own length and CRC32).
-        kernels: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
+        kernels: payload backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"torch"`` or
+            ``"triton"``.
         dot_precision: the Triton projections' ``tl.dot`` precision: ``"ieee"`` (exact fp32, default),
-            ``"tf32x3"`` or ``"tf32"`` (tensor cores; faster, less exact).
+            ``"tf32x3"`` or ``"tf32"`` (tensor cores; faster, less exact). Checked when the Triton backend
+            is selected (at construction for ``"triton"``); the torch backend accepts only ``"ieee"``.
     """
 
     def __init__(
@@ -77,27 +59,44 @@ class KVTCCodec(RowsMixin):
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        if kernels == "torch" and dot_precision != "ieee":
+            raise ValueError(f"dot_precision {dot_precision!r} needs the Triton kernels, got kernels='torch'")
         self.kernels = kernels
-        if dot_precision not in DOT_PRECISIONS:
-            raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
         self.dot_precision = dot_precision
         self.artifact = artifact
         self.spec = artifact.spec
         self.artifact_id = artifact.artifact_id
         self.chunk_bytes = chunk_bytes
         self._entropy = entropy
-        self._devices: dict[torch.device, tuple[_DeviceStream, _DeviceStream]] = {}
+        self._streams: dict[torch.device, DeviceStreams] = {}
+        self._backends: dict[torch.device, PayloadBackend] = {}
+        if kernels == "triton":  # fail here, not on the first encode, if Triton or the precision is wrong
+            from .backend_triton import check_dot_precision
 
-    def _streams(self, device: torch.device) -> tuple[_DeviceStream, _DeviceStream]:
-        if device not in self._devices:
-            self._devices[device] = (
-                _DeviceStream(self.artifact.keys, device),
-                _DeviceStream(self.artifact.values, device),
-            )
-        return self._devices[device]
+            check_dot_precision(dot_precision)
+
+    def _device_streams(self, device: torch.device) -> DeviceStreams:
+        if device not in self._streams:
+            self._streams[device] = DeviceStreams.build(self.artifact, device)
+        return self._streams[device]
+
+    def payload_backend(self, device: torch.device) -> PayloadBackend:
+        """The payload backend for tensors on ``device``, made once per device."""
+        if device not in self._backends:
+            streams = self._device_streams(device)
+            if self.uses_triton(device):
+                from .backend_triton import TritonBackend  # optional dependency: only this path needs Triton
+
+                self._backends[device] = TritonBackend(self.spec, streams, self.dot_precision)
+            else:
+                self._backends[device] = TorchBackend(self.spec, streams)
+        return self._backends[device]
+
+    def _torch(self, device: torch.device) -> TorchBackend:
+        return TorchBackend(self.spec, self._device_streams(device))
 
     def uses_triton(self, device: torch.device) -> bool:
-        """Whether tensors on ``device`` go through the Triton kernels."""
+        """Whether tensors on ``device`` go through the Triton backend."""
         return self.kernels == "triton" or (self.kernels == "auto" and device.type == "cuda")
 
     def _coder(self, device: torch.device) -> EntropyCoder:
@@ -116,55 +115,23 @@ class KVTCCodec(RowsMixin):
         deflate_bound = raw + 5 * (raw // 16383 + 1) * n_chunks + 8 * n_chunks
         return header_nbytes(num_tokens, n_chunks, explicit_positions=True) + deflate_bound
 
-    def _check_kv(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        s = self.spec
-        want = (s.num_layers, k.shape[1] if k.dim() == 4 else -1, s.num_kv_heads, s.head_dim)
-        for name, t in (("k", k), ("v", v)):
-            if t.dim() != 4 or tuple(t.shape) != want:
-                raise ValueError(f"{name} must be [L, T, H, D] = {list(want)}, got {list(t.shape)}")
-            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-                raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-        if v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
-            raise ValueError(f"k and v must match: {k.shape}/{k.dtype}/{k.device} vs {v.shape}/{v.dtype}/{v.device}")
-        self._check_positions(positions, k.shape[1])
-
     def transform(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys without RoPE and values, centred and projected: ``([T, R_k], [T, R_v])`` float32."""
-        sk, sv = self._streams(k.device)
-        num_t = k.shape[1]
-        k_un = remove_rope(k, positions.to(k.device), self.spec.ropes)  # [L, T, H, D] float32
-        xk = k_un.permute(1, 0, 2, 3).reshape(num_t, -1)  # [T, F = L*H*D]
-        xv = v.to(torch.float32).permute(1, 0, 2, 3).reshape(num_t, -1)  # [T, F]
-        return (xk - sk.mean) @ sk.enc_basis, (xv - sv.mean) @ sv.enc_basis
+        """Keys without RoPE and values, centred and projected (torch): ``([T, R_k], [T, R_v])`` float32."""
+        return self._torch(k.device).transform(k, v, positions)
 
     def inverse_transform(
         self, ck: torch.Tensor, cv: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``[T, R]`` coefficients -> K (RoPE re-applied at ``positions``) and V, ``[L, T, H, D]`` ``dtype``."""
-        sk, sv = self._streams(ck.device)
-        s = self.spec
-        num_t = ck.shape[0]
-        xk = ck @ sk.dec_basis + sk.mean  # [T, F]
-        xv = cv @ sv.dec_basis + sv.mean  # [T, F]
-        k_un = xk.reshape(num_t, s.num_layers, s.num_kv_heads, s.head_dim).permute(1, 0, 2, 3)  # [L, T, H, D]
-        v = xv.reshape(num_t, s.num_layers, s.num_kv_heads, s.head_dim).permute(1, 0, 2, 3)
-        k = apply_rope(k_un, positions.to(ck.device), s.ropes)
-        return k.to(dtype).contiguous(), v.to(dtype).contiguous()
+        return self._torch(ck.device).inverse_transform(ck, cv, positions, dtype)
 
     def quantize(self, ck: torch.Tensor, cv: torch.Tensor) -> torch.Tensor:
-        """Coefficients -> the raw (pre-DEFLATE) payload ``[payload_nbytes(T)]`` uint8: K then V."""
-        sk, sv = self._streams(ck.device)
-        return torch.cat(
-            [encode_coefficients(ck, sk.alloc, sk.fp8_scale), encode_coefficients(cv, sv.alloc, sv.fp8_scale)]
-        )
+        """Coefficients -> the raw (pre-DEFLATE) payload ``[payload_nbytes(T)]`` uint8: K then V (torch)."""
+        return self._torch(ck.device).quantize(ck, cv)
 
     def dequantize(self, payload: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inverse of :meth:`quantize`: ``([T, R_k], [T, R_v])`` float32."""
-        sk, sv = self._streams(payload.device)
-        nk = payload_nbytes(sk.alloc, num_tokens)
-        ck = decode_coefficients(payload[:nk], sk.alloc, sk.fp8_scale, num_tokens, sk.rank)
-        cv = decode_coefficients(payload[nk:], sv.alloc, sv.fp8_scale, num_tokens, sv.rank)
-        return ck, cv
+        return self._torch(payload.device).dequantize(payload, num_tokens)
 
     def encode(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Encode one segment.
@@ -177,17 +144,45 @@ class KVTCCodec(RowsMixin):
         Returns:
             The blob, ``[n]`` uint8 on ``k.device``, ``n <= max_blob_nbytes(T)``.
         """
-        self._check_kv(k, v, positions)
-        if self.uses_triton(k.device):
-            slots = torch.arange(k.shape[1], device=k.device)
-            k_layers, v_layers = list(k.contiguous().unbind(0)), list(v.contiguous().unbind(0))  # L x [T, H, D]
-            payload = self._payload_triton(k_layers, v_layers, slots, positions)
-        else:
-            payload = self.quantize(*self.transform(k, v, positions))  # [raw] uint8
-        return self._wrap(payload, positions, k.dtype)
+        check_kv(self.spec, k, v, positions)
+        payload = self.payload_backend(k.device).encode(k, v, positions)  # [payload_nbytes(T)] uint8
+        return self._wrap_many([payload], [positions], k.dtype)[0]
 
-    def _wrap(self, payload: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self._wrap_many([payload], [positions], dtype)[0]
+    def encode_rows(
+        self, k_layers: list[torch.Tensor], v_layers: list[torch.Tensor], slots: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Encode the rows ``slots`` of per-layer KV-pool buffers (SGLang's ``k_buffer``/``v_buffer``).
+
+        Args:
+            k_layers, v_layers: ``L`` tensors ``[N, H, D]`` each (post-RoPE keys, values), one dtype and device.
+            slots: ``[T]`` integer rows to encode.
+            positions: ``[T]`` their absolute positions.
+
+        Returns:
+            The blob, ``[n]`` uint8 on the buffers' device. The Triton backend reads the rows in place.
+        """
+        return self.encode_rows_many(k_layers, v_layers, [(slots, positions)])[0]
+
+    def encode_rows_many(
+        self,
+        k_layers: list[torch.Tensor],
+        v_layers: list[torch.Tensor],
+        segments: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        """:meth:`encode_rows` for several ``(slots [T_i], positions [T_i])`` segments of one pool.
+
+        The DEFLATE chunks of all segments go through the entropy coder in one batched call (one nvCOMP
+        launch for every node an eviction compresses); each segment still gets its own blob.
+        """
+        check_layers(self.spec, k_layers, v_layers)
+        backend = self.payload_backend(k_layers[0].device)
+        payloads = []
+        for slots, positions in segments:
+            if slots.dim() != 1 or slots.dtype.is_floating_point:
+                raise ValueError(f"slots must be a 1-D integer tensor, got {slots.dtype} {list(slots.shape)}")
+            check_positions(positions, slots.numel())
+            payloads.append(backend.encode_rows(k_layers, v_layers, slots, positions))
+        return self._wrap_many(payloads, [pos for _, pos in segments], k_layers[0].dtype)
 
     def _wrap_many(
         self, payloads: list[torch.Tensor], positions: list[torch.Tensor], dtype: torch.dtype
@@ -254,12 +249,34 @@ class KVTCCodec(RowsMixin):
         if device is None:
             device = blob.device if isinstance(blob, torch.Tensor) else torch.device("cpu")
         header, payload = self._unwrap(blob, device)
-        if self.uses_triton(device):
-            s, num_t = self.spec, header.num_tokens
-            k = torch.empty(s.num_layers, num_t, s.num_kv_heads, s.head_dim, dtype=header.dtype, device=device)
-            v = torch.empty_like(k)
-            slots = torch.arange(num_t, device=device)
-            self._decode_triton(payload, list(k.unbind(0)), list(v.unbind(0)), slots, header.positions)
-        else:
-            k, v = self.inverse_transform(*self.dequantize(payload, header.num_tokens), header.positions, header.dtype)
+        k, v = self.payload_backend(device).decode(payload, header.positions, header.dtype)
         return k, v, header.positions.to(device)
+
+    def decode_rows(
+        self,
+        blob: torch.Tensor | bytes,
+        k_layers: list[torch.Tensor],
+        v_layers: list[torch.Tensor],
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        """Decode a blob straight into the rows ``slots`` of per-layer KV-pool buffers.
+
+        ``positions [T]`` must equal the blob's (else :class:`~.errors.BlobPositionsError`); the blob's
+        dtype must equal the buffers'. Every check (header, CRC32s, positions, dtype) runs before the
+        first row is written, so a bad blob raises a :class:`~kvtc_sglang.codec.errors.BlobError` and
+        leaves the buffers untouched.
+        """
+        check_layers(self.spec, k_layers, v_layers)
+        device = k_layers[0].device
+        header, payload = self._unwrap(blob, device)
+        if not torch.equal(header.positions.cpu(), positions.cpu().to(header.positions.dtype)):
+            raise BlobPositionsError(
+                f"blob positions {header.positions[:1].tolist()}.. differ from {positions[:1].tolist()}.."
+            )
+        if header.dtype != k_layers[0].dtype or slots.numel() != header.num_tokens:
+            raise ValueError(
+                f"blob holds {header.num_tokens} {header.dtype} tokens, destination is {slots.numel()} rows of "
+                f"{k_layers[0].dtype}"
+            )
+        self.payload_backend(device).decode_rows(payload, k_layers, v_layers, slots, header.positions)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import zlib
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -84,7 +84,7 @@ class NvcompDeflate:
         )
 
     @staticmethod
-    def _to_torch(arr: object, device: torch.device) -> torch.Tensor:
+    def _to_torch(arr: Any, device: torch.device) -> torch.Tensor:
         out = torch.utils.dlpack.from_dlpack(arr.to_dlpack())
         return out.reshape(-1).view(torch.uint8).to(device).clone()
 

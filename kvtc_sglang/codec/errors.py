@@ -27,5 +27,9 @@ class BlobCalibrationMismatchError(BlobError):
     """The blob was encoded with a different calibration artifact than the decoder holds."""
 
 
+class BlobPositionsError(BlobError):
+    """The blob is intact but holds other token positions than the place it is restored to."""
+
+
 class ArtifactError(ValueError):
     """A calibration artifact is unreadable, tampered with, or does not fit the model."""

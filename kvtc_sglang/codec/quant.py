@@ -1,37 +1,23 @@
 """Per-token per-group quantization of PCA coefficients and bit-packing into a byte payload.
 
-Pure torch, device-agnostic (CPU or CUDA); the Triton kernels must produce the same bytes.
-
-Payload layout of one stream (K or V) for ``T`` tokens, groups in allocation order:
-
-* integer group of ``s`` components, ``b`` bits: ``min`` fp16 ``[T]``, ``step`` fp16 ``[T]``, then the
-  codes component-major (``[s, T]``), each component's row of ``T`` codes packed little-endian, ``8 / b``
-  codes per byte, zero-padded to a whole byte (``row_nbytes(T, b)``), so a block of 8 tokens of one
-  component is whole bytes and GPU programs write disjoint bytes;
-* fp8 group: float8 e4m3 bytes component-major ``[s, T]``.
+Pure torch, device-agnostic (CPU or CUDA); the Triton kernels must produce the same bytes. The
+payload layout (and its sizes) is :mod:`kvtc_sglang.payload_format`'s: each component's row of codes is
+zero-padded to a whole byte, so a block of 8 tokens of one component is whole bytes and GPU programs
+write disjoint bytes.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .allocation import INT_KINDS, KIND_BITS, Allocation, Group
-
-FP8_MAX = 448.0  # largest finite float8 e4m3fn value
-
-
-def row_nbytes(num_tokens: int, bits: int) -> int:
-    """Bytes of one component's packed row of ``num_tokens`` codes of ``bits`` bits."""
-    return (num_tokens * bits + 7) // 8
+from ..payload_format import FP8_MAX, FP16_MAX, GroupKind, row_nbytes
+from ..payload_format import group_nbytes as _group_nbytes
+from .allocation import Allocation, Group
 
 
 def group_nbytes(group: Group, num_tokens: int) -> int:
     """Bytes one coded group takes in the payload for ``num_tokens`` tokens."""
-    if group.kind in INT_KINDS:
-        return 4 * num_tokens + group.size * row_nbytes(num_tokens, KIND_BITS[group.kind])
-    if group.kind == "fp8":
-        return group.size * num_tokens
-    return 0
+    return _group_nbytes(group.size, group.kind, num_tokens)
 
 
 def payload_nbytes(alloc: Allocation, num_tokens: int) -> int:
@@ -69,9 +55,9 @@ def quantize_int(seg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
         fp16-rounded ``min`` and ``step`` so that decoding reproduces exactly what was measured.
     """
     levels = (1 << bits) - 1
-    lo = seg.amin(dim=1).clamp(-65504.0, 65504.0).to(torch.float16)  # [T]
+    lo = seg.amin(dim=1).clamp(-FP16_MAX, FP16_MAX).to(torch.float16)  # [T]
     hi = seg.amax(dim=1)
-    step = ((hi - lo.float()) / levels).clamp(0.0, 65504.0).to(torch.float16)  # [T]
+    step = ((hi - lo.float()) / levels).clamp(0.0, FP16_MAX).to(torch.float16)  # [T]
     stepf = step.float()
     safe = torch.where(stepf > 0, stepf, torch.ones_like(stepf))
     q = torch.round((seg - lo.float()[:, None]) / safe[:, None]).clamp_(0, levels)
@@ -105,11 +91,11 @@ def encode_coefficients(coeffs: torch.Tensor, alloc: Allocation, fp8_scale: torc
     parts: list[torch.Tensor] = []
     for g in alloc.coded_groups():
         seg = coeffs[:, g.start : g.start + g.size]  # [T, s]
-        if g.kind == "fp8":
+        if g.kind is GroupKind.FP8:
             codes = quantize_fp8(seg, fp8_scale[g.start : g.start + g.size])
             parts.append(codes.t().reshape(-1))  # component-major [s * T]
             continue
-        bits = KIND_BITS[g.kind]
+        bits = g.kind.bits
         codes, lo, step = quantize_int(seg, bits)
         parts.append(lo.view(torch.uint8).reshape(-1))  # [2T]
         parts.append(step.view(torch.uint8).reshape(-1))  # [2T]
@@ -134,13 +120,13 @@ def decode_coefficients(
     off = 0
     for g in alloc.coded_groups():
         n = g.size * num_tokens
-        if g.kind == "fp8":
+        if g.kind is GroupKind.FP8:
             codes = payload[off : off + n].reshape(g.size, num_tokens).t()  # [T, s]
             scale = fp8_scale[g.start : g.start + g.size]
             out[:, g.start : g.start + g.size] = dequantize_fp8(codes.contiguous(), scale)
             off += n
             continue
-        bits = KIND_BITS[g.kind]
+        bits = g.kind.bits
         lo = payload[off : off + 2 * num_tokens].clone().view(torch.float16)  # clone: offset may be odd
         step = payload[off + 2 * num_tokens : off + 4 * num_tokens].clone().view(torch.float16)
         off += 4 * num_tokens

@@ -64,7 +64,7 @@ def inv_freq(cfg: RopeConfig) -> torch.Tensor:
     return freq
 
 
-def _cos_sin(positions: torch.Tensor, cfg: RopeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def cos_sin(positions: torch.Tensor, cfg: RopeConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin ``[T, 1, rotary_dim / 2]`` float32 for absolute ``positions [T]``."""
     angles = positions.to(torch.float64).cpu()[:, None] * inv_freq(cfg)[None, :]  # [T, D/2]
     cos = angles.cos().to(torch.float32)[:, None, :].to(positions.device)
@@ -79,7 +79,7 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, cfg: RopeConfig, sign: flo
         raise ValueError(f"positions must be [T={x.shape[1]}], got shape {tuple(positions.shape)}")
     if cfg.rotary_dim > x.shape[-1]:
         raise ValueError(f"rotary_dim {cfg.rotary_dim} exceeds head_dim {x.shape[-1]}")
-    cos, sin = _cos_sin(positions, cfg)
+    cos, sin = cos_sin(positions, cfg)
     sin = sign * sin
     xf = x.to(torch.float32)
     rot, rest = xf[..., : cfg.rotary_dim], xf[..., cfg.rotary_dim :]

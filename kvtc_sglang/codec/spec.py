@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -111,7 +112,7 @@ def _rope_from_params(params: dict, head_dim: int, default_theta: float) -> Rope
     return RopeConfig(**kwargs)
 
 
-def spec_from_config(config: object, name: str, dtype: str, serving: bool = True) -> ModelSpec:
+def spec_from_config(config: Any, name: str, dtype: str, serving: bool = True) -> ModelSpec:
     """Build a :class:`ModelSpec` from a transformers config; refuses unsupported attention.
 
     ``serving=True`` (the SGLang backend) accepts :data:`SUPPORTED_ARCHITECTURES` without

@@ -9,24 +9,35 @@ restored node lands directly in the pages FlashInfer reads.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
 
-from ..codec.quant import decode_coefficients
-from ..codec.rope import RopeConfig, apply_rope
-from .common import LayerTable, check_device, check_precision, e4m3_bits_to_fp32, is_interpreted, tl_dtype
-from .plan import KIND_FP8, KIND_INT, StreamPlan
-from .project import _head_dims, rope_args
+from ..payload_format import GroupKind
+from .common import (
+    LayerTable,
+    RopeTables,
+    Tiles,
+    check_precision,
+    check_tensor,
+    e4m3_bits_to_fp32,
+    head_dims,
+    launch_device,
+    rope_args,
+    rotate_ref,
+    tiles,
+    tl_dtype,
+)
+from .plan import StreamPlan
+from .quant_pack import dequant_ref
 
-_INT: tl.constexpr = tl.constexpr(KIND_INT)
-_FP8: tl.constexpr = tl.constexpr(KIND_FP8)
+DECODE_TILES = {"cuda": Tiles(block_t=64, block_r=64), "interpreter": Tiles(block_t=128, block_r=512)}
+_FP8_CODE: tl.constexpr = tl.constexpr(GroupKind.FP8.code)
 
 
 @triton.jit
 def _load_fp16_bytes(ptr, mask):
+    """fp32 values of the little-endian fp16 byte pairs at ``ptr`` (any shape; offsets need not be even)."""
     b0 = tl.load(ptr, mask=mask, other=0).to(tl.int32)
     b1 = tl.load(ptr + 1, mask=mask, other=0).to(tl.int32)
     return (b0 | (b1 << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -35,18 +46,22 @@ def _load_fp16_bytes(ptr, mask):
 @triton.jit
 def _dequant_tile(payload_ptr, comp_group, group_start, group_bits, group_kind, group_off, fp8_scale_ptr,
                   t, t_ok, r, r_ok, num_tokens):  # fmt: skip
-    """Coefficients ``[BT, BR]`` fp32 of tokens ``t`` and components ``r`` (dropped components are 0)."""
+    """Coefficients ``[BT, BR]`` fp32 of tokens ``t [BT]`` and components ``r [BR]`` (dropped components are 0).
+
+    Tables as in :class:`~.plan.StreamPlan`: comp_group ``[R]``, group_start/bits/kind ``[G]`` int32,
+    group_off ``[G + 1]`` int64; fp8_scale ``[R]`` fp32.
+    """
     g = tl.load(comp_group + r, mask=r_ok, other=-1)  # [BR]
     coded = g >= 0
     gs = tl.where(coded, g, 0)
     start = tl.load(group_start + gs, mask=coded, other=0)
     bits = tl.load(group_bits + gs, mask=coded, other=8)
-    kind = tl.load(group_kind + gs, mask=coded, other=0)
+    kind = tl.load(group_kind + gs, mask=coded, other=0)  # GroupKind.code
     off = tl.load(group_off + gs, mask=coded, other=0)  # int64
     local = (r - start).to(tl.int64)  # component index inside its group
     m = t_ok[:, None] & coded[None, :]
-    is_int = (kind == _INT)[None, :] & m
-    is_fp8 = (kind == _FP8)[None, :] & m
+    is_fp8 = (kind == _FP8_CODE)[None, :] & m
+    is_int = (kind != _FP8_CODE)[None, :] & m  # coded and not fp8: int2/int4/int8
     t64 = t[:, None].to(tl.int64)
     # integer groups: fp16 min[T], fp16 step[T], then rows of packed codes
     lo = _load_fp16_bytes(payload_ptr + off[None, :] + 2 * t64, is_int)
@@ -66,20 +81,32 @@ def _dequant_tile(payload_ptr, comp_group, group_start, group_bits, group_kind, 
 
 @triton.jit
 def _decode_kernel(
+    # pointers
     payload_ptr, comp_group, group_start, group_bits, group_kind, group_off, fp8_scale_ptr,
     basis_ptr, mean_ptr, cos_ptr, sin_ptr, layer_ptrs, slots_ptr,
-    num_tokens, rank, row_stride, rope_stride,
+    # sizes
+    num_tokens, rank,
+    # strides
+    row_stride, rope_stride,
+    # meta-parameters: geometry, then tiling
     L: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DTYPE: tl.constexpr,
     HALF: tl.constexpr, HALF_P: tl.constexpr, REST_P: tl.constexpr,
     ROTATE: tl.constexpr, GPTJ: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """Write head ``pid1 % H`` of layer ``pid1 // H`` for tokens ``[pid0 * BLOCK_T, +BLOCK_T)``.
+
+    payload ``[nbytes(T)]`` uint8 and the plan tables (see :func:`_dequant_tile`); basis ``[R, F]`` fp32
+    row-major; mean ``[F]`` fp32; cos, sin ``[L', T, HALF]`` fp32 (layer stride ``rope_stride``; read only
+    if ``ROTATE``); layer_ptrs ``[L]`` int64 addresses of ``[N, H, D]`` ``DTYPE`` buffers (rows
+    ``row_stride`` apart); slots ``[T]`` int64 destination rows. Grid ``(cdiv(T, BLOCK_T), L * H)``.
+    """
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < num_tokens
     layer = tl.program_id(1) // H
     h = tl.program_id(1) % H
     f0 = (layer * H + h) * D
-    dim_a, dim_b, dim_c, d_ok = _head_dims(HALF, HALF_P, REST_P, GPTJ)
+    dim_a, dim_b, dim_c, d_ok = head_dims(HALF, HALF_P, REST_P, GPTJ)
     c_ok = dim_c < D
     acc_a = tl.zeros((BLOCK_T, HALF_P), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_T, HALF_P), dtype=tl.float32)
@@ -126,8 +153,7 @@ def decode_into(
     fp8_scale: torch.Tensor,
     dec_basis: torch.Tensor,
     mean: torch.Tensor,
-    rope: RopeConfig | Sequence[RopeConfig] | None,
-    positions: torch.Tensor | None,
+    rope: RopeTables | None,
     table: LayerTable,
     slots: torch.Tensor,
     precision: str = "ieee",
@@ -137,62 +163,57 @@ def decode_into(
     Args:
         payload: ``[plan.nbytes(T)]`` uint8, this stream's bytes.
         plan, fp8_scale: the stream's plan and ``[R]`` fp32 fp8 scales.
-        dec_basis: ``[R, F]`` fp32 decoding basis (per-feature scale folded in).
+        dec_basis: ``[R, F]`` fp32 contiguous decoding basis (per-feature scale folded in).
         mean: ``[F]`` fp32.
-        rope, positions: the model's RoPE (one config or one per layer) and ``[T]`` absolute positions
-            for keys; ``None`` for values.
+        rope: the keys' RoPE tables at the tokens' positions (re-applied); ``None`` for values.
         table: the destination per-layer buffers ``L x [N, H, D]``; written in their dtype.
         slots: ``[T]`` destination rows.
         precision: ``tl.dot`` input precision, one of :data:`~.common.DOT_PRECISIONS`.
     """
+    device = launch_device(_decode_kernel, table.device)
     slots = table.check_slots(slots)
-    num_t = slots.numel()
-    heads, head_dim = table.buffers[0].shape[1:]
-    feat = table.num_layers * heads * head_dim
-    if payload.shape != (plan.nbytes(num_t),) or payload.dtype != torch.uint8:
-        raise ValueError(f"payload must be [{plan.nbytes(num_t)}] uint8 for T={num_t}, got {list(payload.shape)}")
-    if dec_basis.shape != (plan.rank, feat) or dec_basis.dtype != torch.float32 or not dec_basis.is_contiguous():
-        raise ValueError(f"dec_basis must be contiguous [R={plan.rank}, F={feat}] float32, got {list(dec_basis.shape)}")
-    if mean.shape != (feat,) or fp8_scale.shape != (plan.rank,):
-        raise ValueError(f"mean must be [F={feat}] and fp8_scale [R={plan.rank}], got {list(mean.shape)}")
+    num_t, feat = slots.numel(), table.num_features
+    check_tensor(payload, (("nbytes", plan.nbytes(num_t)),), torch.uint8, device, f"payload for T={num_t}")
+    check_tensor(dec_basis, (("R", plan.rank), ("F", feat)), torch.float32, device, "dec_basis", contiguous=True)
+    check_tensor(mean, (("F", feat),), torch.float32, device, "mean")
+    check_tensor(fp8_scale, (("R", plan.rank),), torch.float32, device, "fp8_scale")
+    check_tensor(plan.comp_group, (("R", plan.rank),), torch.int32, device, "plan tables")
     payload = payload.contiguous()
-    check_device(_decode_kernel, payload, dec_basis, mean, fp8_scale, slots, plan.comp_group)
-    ra = rope_args(rope, positions, num_t, table.num_layers, head_dim, placeholder=mean)
+    ra = rope_args(rope, table, num_t, placeholder=mean)
+    precision = check_precision(precision)
     if num_t == 0:
         return
-    big = is_interpreted(_decode_kernel)
-    block_t = 128 if big else 64
-    block_r = 512 if big else 64
-    grid = (triton.cdiv(num_t, block_t), table.num_layers * heads)
+    tile = tiles(DECODE_TILES, _decode_kernel)
+    grid = (triton.cdiv(num_t, tile.block_t), table.num_layers * table.num_heads)
     _decode_kernel[grid](
         payload, plan.comp_group, plan.group_start, plan.group_bits, plan.group_kind,
         plan.group_offsets(num_t), fp8_scale,
         dec_basis, mean, ra.cos, ra.sin, table.ptrs, slots,
-        num_t, plan.rank, table.row_stride, ra.stride,
-        L=table.num_layers, H=heads, D=head_dim, DTYPE=tl_dtype(table.dtype),
+        num_t, plan.rank,
+        table.row_stride, ra.stride,
+        L=table.num_layers, H=table.num_heads, D=table.head_dim, DTYPE=tl_dtype(table.dtype),
         HALF=ra.half, HALF_P=ra.half_p, REST_P=ra.rest_p, ROTATE=ra.rotate, GPTJ=ra.gptj,
-        BLOCK_T=block_t, BLOCK_R=block_r, PRECISION=check_precision(precision),
+        BLOCK_T=tile.block_t, BLOCK_R=tile.block_r, PRECISION=precision,
         enable_fp_fusion=False,  # lo + code * step rounds as torch does (no FMA contraction)
     )  # fmt: skip
 
 
 def decode_into_ref(
     payload: torch.Tensor,
-    alloc: object,
+    plan: StreamPlan,
     fp8_scale: torch.Tensor,
     dec_basis: torch.Tensor,
     mean: torch.Tensor,
-    rope: RopeConfig | Sequence[RopeConfig] | None,
-    positions: torch.Tensor | None,
+    rope: RopeTables | None,
     buffers: list[torch.Tensor],
     slots: torch.Tensor,
 ) -> None:
-    """Plain-torch :func:`decode_into` (``alloc`` is the stream's :class:`Allocation`)."""
+    """Plain-torch :func:`decode_into`: dequantize ``[T, R]``, ``@ dec_basis + mean``, re-apply RoPE, scatter."""
     num_t = slots.numel()
     num_l, (heads, head_dim) = len(buffers), buffers[0].shape[1:]
-    coeffs = decode_coefficients(payload, alloc, fp8_scale, num_t, dec_basis.shape[0])  # [T, R]
+    coeffs = dequant_ref(payload, plan, fp8_scale, num_t)  # [T, R]
     x = (coeffs @ dec_basis + mean).reshape(num_t, num_l, heads, head_dim).permute(1, 0, 2, 3)  # [L, T, H, D]
     if rope is not None:
-        x = apply_rope(x, positions, rope)
+        x = rotate_ref(x, rope, 1.0)
     for layer, buf in enumerate(buffers):
         buf.index_copy_(0, slots.to(buf.device), x[layer].to(buf.dtype))

@@ -1,45 +1,57 @@
-"""Plan once, run many: the small integer tables the kernels read, built from a stream's calibration.
+"""Plan once, run many: the small integer tables the kernels read, built from a stream's coded groups.
 
-A :class:`StreamPlan` describes one stream (K or V) of one calibration on one device: the coded groups of
-its bit allocation (``start``, ``size``, ``bits``, ``kind``), which group each component belongs to, and,
-per token count ``T``, where each group's bytes start in the payload. Payload layout: see
-:mod:`kvtc_sglang.codec.quant` (the Triton and torch paths write the same bytes).
+A :class:`StreamPlan` describes one stream (K or V) of one calibration on one device: its coded groups
+(``start``, ``size``, ``bits``, ``kind``), which group each component belongs to, and, per token count
+``T``, where each group's bytes start in the payload. Payload layout: :mod:`kvtc_sglang.payload_format`
+(the Triton and torch paths write the same bytes). Kinds are :class:`GroupKind` values; the tables hold
+their :attr:`GroupKind.code`.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-from ..codec.allocation import INT_KINDS, KIND_BITS, Allocation
-from ..codec.quant import group_nbytes, payload_nbytes
+from ..payload_format import GroupKind, group_nbytes
 
-KIND_DROP, KIND_INT, KIND_FP8 = 0, 1, 2
 _MAX_CACHED_T = 256  # token counts whose offset tables are kept per plan
+
+
+class CodedGroup(Protocol):
+    """What the plan needs of a group (the codec's ``Group`` has it): components ``[start, start + size)``."""
+
+    @property
+    def start(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def kind(self) -> GroupKind: ...
 
 
 @dataclass(frozen=True)
 class GroupClass:
-    """Coded groups of one kind (``int2``/``int4``/``int8``/``fp8``): one kernel launch each."""
+    """Coded groups of one kind (``int2``/``int4``/``int8``/``fp8``): one quantize-and-pack launch each."""
 
-    kind: str
-    bits: int
+    kind: GroupKind
     group_ids: torch.Tensor  # [G_c] int32: indices into the plan's group tables
     max_size: int  # largest group size of this class
 
 
 @dataclass(frozen=True)
 class StreamPlan:
-    """Integer tables of one stream's bit allocation on one device.
+    """Integer tables of one stream's coded groups on one device.
 
     Attributes:
         rank: ``R``, components that carry bits (the basis has ``R`` columns).
-        group_start, group_size, group_bits, group_kind: ``[G]`` int32, coded groups in payload order.
+        group_start, group_size, group_bits, group_kind: ``[G]`` int32, coded groups in payload order
+            (``group_kind`` holds :attr:`GroupKind.code`).
         comp_group: ``[R]`` int32, the coded group of each component, ``-1`` for dropped components.
         classes: the groups split by kind, for the quantize-and-pack launches.
-        alloc: the allocation the tables were built from (payload sizes come from it).
+        spans: ``(start, size, kind)`` of each coded group, on the host (payload sizes come from them).
     """
 
     rank: int
@@ -49,24 +61,25 @@ class StreamPlan:
     group_kind: torch.Tensor
     comp_group: torch.Tensor
     classes: tuple[GroupClass, ...]
-    alloc: Allocation
+    spans: tuple[tuple[int, int, GroupKind], ...]
     _offsets: dict[int, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def build(cls, alloc: Allocation, device: torch.device) -> StreamPlan:
-        groups = alloc.coded_groups()
-        rank = alloc.rank
+    def build(cls, groups: Sequence[CodedGroup], rank: int, device: torch.device) -> StreamPlan:
+        """Tables of the coded (non-drop) ``groups``, in payload order, of a stream of ``rank`` components."""
+        groups = [g for g in groups if g.kind is not GroupKind.DROP]
+        for g in groups:
+            if g.start < 0 or g.start + g.size > rank:
+                raise ValueError(f"group [{g.start}, {g.start + g.size}) lies outside the rank {rank}")
         comp_group = torch.full((rank,), -1, dtype=torch.int32)
         for gi, g in enumerate(groups):
             comp_group[g.start : g.start + g.size] = gi
         classes = []
-        for kind in (*INT_KINDS, "fp8"):
-            ids = [gi for gi, g in enumerate(groups) if g.kind == kind]
+        for kind in GroupKind:
+            ids = [gi for gi, g in enumerate(groups) if g.kind is kind]
             if ids:
                 max_size = max(groups[gi].size for gi in ids)
-                classes.append(
-                    GroupClass(kind, KIND_BITS[kind], torch.tensor(ids, dtype=torch.int32, device=device), max_size)
-                )
+                classes.append(GroupClass(kind, torch.tensor(ids, dtype=torch.int32, device=device), max_size))
 
         def col(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int32, device=device)
@@ -75,16 +88,20 @@ class StreamPlan:
             rank=rank,
             group_start=col([g.start for g in groups]),
             group_size=col([g.size for g in groups]),
-            group_bits=col([KIND_BITS[g.kind] for g in groups]),
-            group_kind=col([KIND_FP8 if g.kind == "fp8" else KIND_INT for g in groups]),
+            group_bits=col([g.kind.bits for g in groups]),
+            group_kind=col([g.kind.code for g in groups]),
             comp_group=comp_group.to(device),
             classes=tuple(classes),
-            alloc=alloc,
+            spans=tuple((g.start, g.size, g.kind) for g in groups),
         )
+
+    @property
+    def device(self) -> torch.device:
+        return self.group_start.device
 
     def nbytes(self, num_tokens: int) -> int:
         """Payload bytes of this stream for ``num_tokens`` tokens."""
-        return payload_nbytes(self.alloc, num_tokens)
+        return sum(group_nbytes(size, kind, num_tokens) for _, size, kind in self.spans)
 
     def group_offsets(self, num_tokens: int) -> torch.Tensor:
         """``[G + 1]`` int64 byte offsets of each group in the payload for ``num_tokens`` tokens (cached)."""
@@ -92,8 +109,7 @@ class StreamPlan:
         if cached is None:
             if len(self._offsets) >= _MAX_CACHED_T:
                 self._offsets.pop(next(iter(self._offsets)))
-            sizes = [group_nbytes(g, num_tokens) for g in self.alloc.coded_groups()]
-            offsets = [0, *itertools.accumulate(sizes)]
-            cached = torch.tensor(offsets, dtype=torch.int64, device=self.group_start.device)
+            offsets = [0, *itertools.accumulate(group_nbytes(s, k, num_tokens) for _, s, k in self.spans)]
+            cached = torch.tensor(offsets, dtype=torch.int64, device=self.device)
             self._offsets[num_tokens] = cached
         return cached

@@ -1,0 +1,175 @@
+"""The payload backend seam: the one place where the codec's torch and Triton paths differ.
+
+A payload backend turns the K/V of one segment into its raw (pre-DEFLATE) payload and back: coefficients
+(RoPE removal, centring, projection) and packed codes (quantization, bit-packing), both streams. The
+codec picks one per device, once (:meth:`~.codec.KVTCCodec.payload_backend`): :class:`TorchBackend`
+here, or :class:`~.backend_triton.TritonBackend`, which drives :mod:`kvtc_sglang.triton_kernels`. Everything
+around it (validation, DEFLATE, headers, CRCs) is shared, so both write the same blob format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .artifact import CalibrationArtifact, StreamCalibration
+from .quant import decode_coefficients, encode_coefficients, payload_nbytes
+from .rope import apply_rope, remove_rope
+from .spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class DeviceStream:
+    """One stream's calibration tensors on one device (fp32)."""
+
+    cal: StreamCalibration
+    mean: torch.Tensor  # [F]
+    enc_basis: torch.Tensor  # [F, R]: normalise by the per-feature scale, then project
+    dec_basis: torch.Tensor  # [R, F]: project back, then undo the scale
+    fp8_scale: torch.Tensor  # [R]
+
+    @classmethod
+    def build(cls, cal: StreamCalibration, device: torch.device) -> DeviceStream:
+        return cls(
+            cal=cal,
+            mean=cal.mean.to(device),
+            enc_basis=(cal.basis / cal.scale[:, None]).to(device),
+            dec_basis=(cal.basis * cal.scale[:, None]).t().contiguous().to(device),
+            fp8_scale=cal.fp8_scale.to(device),
+        )
+
+    @property
+    def rank(self) -> int:
+        return self.enc_basis.shape[1]
+
+    def nbytes(self, num_tokens: int) -> int:
+        """This stream's payload bytes for ``num_tokens`` tokens."""
+        return payload_nbytes(self.cal.allocation, num_tokens)
+
+
+@dataclass(frozen=True)
+class DeviceStreams:
+    """Both streams of a calibration on one device."""
+
+    keys: DeviceStream
+    values: DeviceStream
+
+    @classmethod
+    def build(cls, artifact: CalibrationArtifact, device: torch.device) -> DeviceStreams:
+        return cls(DeviceStream.build(artifact.keys, device), DeviceStream.build(artifact.values, device))
+
+
+class PayloadBackend(Protocol):
+    """Both streams of one segment between K/V and the raw payload ``[nbytes_k + nbytes_v]`` uint8.
+
+    Inputs are validated by the codec before a backend sees them. ``k_layers``/``v_layers`` are SGLang's
+    per-layer pool buffers, ``L x [N, H, D]``; ``slots [T]`` and ``positions [T]`` are integer tensors.
+    """
+
+    def encode(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``[L, T, H, D]`` K (RoPE applied) and V -> payload."""
+        ...
+
+    def decode(
+        self, payload: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Payload of ``T = positions.numel()`` tokens -> K (RoPE re-applied) and V ``[L, T, H, D]`` ``dtype``."""
+        ...
+
+    def encode_rows(
+        self, k_layers: list[torch.Tensor], v_layers: list[torch.Tensor], slots: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """The pool rows ``slots`` -> payload."""
+        ...
+
+    def decode_rows(
+        self,
+        payload: torch.Tensor,
+        k_layers: list[torch.Tensor],
+        v_layers: list[torch.Tensor],
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        """Payload -> the pool rows ``slots``, in the buffers' dtype."""
+        ...
+
+
+class TorchBackend:
+    """Plain torch on any device: ``[T, F]`` features, matmuls, :mod:`.quant`'s quantizer."""
+
+    def __init__(self, spec: ModelSpec, streams: DeviceStreams) -> None:
+        self.spec = spec
+        self.streams = streams
+
+    def transform(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys without RoPE and values, centred and projected: ``([T, R_k], [T, R_v])`` float32."""
+        sk, sv = self.streams.keys, self.streams.values
+        num_t = k.shape[1]
+        k_un = remove_rope(k, positions.to(k.device), self.spec.ropes)  # [L, T, H, D] float32
+        xk = k_un.permute(1, 0, 2, 3).reshape(num_t, -1)  # [T, F = L*H*D]
+        xv = v.to(torch.float32).permute(1, 0, 2, 3).reshape(num_t, -1)  # [T, F]
+        return (xk - sk.mean) @ sk.enc_basis, (xv - sv.mean) @ sv.enc_basis
+
+    def inverse_transform(
+        self, ck: torch.Tensor, cv: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[T, R]`` coefficients -> K (RoPE re-applied at ``positions``) and V, ``[L, T, H, D]`` ``dtype``."""
+        sk, sv = self.streams.keys, self.streams.values
+        s = self.spec
+        num_t = ck.shape[0]
+        xk = ck @ sk.dec_basis + sk.mean  # [T, F]
+        xv = cv @ sv.dec_basis + sv.mean  # [T, F]
+        k_un = xk.reshape(num_t, s.num_layers, s.num_kv_heads, s.head_dim).permute(1, 0, 2, 3)  # [L, T, H, D]
+        v = xv.reshape(num_t, s.num_layers, s.num_kv_heads, s.head_dim).permute(1, 0, 2, 3)  # [L, T, H, D]
+        k = apply_rope(k_un, positions.to(ck.device), s.ropes)
+        return k.to(dtype).contiguous(), v.to(dtype).contiguous()
+
+    def quantize(self, ck: torch.Tensor, cv: torch.Tensor) -> torch.Tensor:
+        """Coefficients -> the raw payload ``[nbytes_k + nbytes_v]`` uint8: K then V."""
+        sk, sv = self.streams.keys, self.streams.values
+        return torch.cat(
+            [
+                encode_coefficients(ck, sk.cal.allocation, sk.fp8_scale),
+                encode_coefficients(cv, sv.cal.allocation, sv.fp8_scale),
+            ]
+        )
+
+    def dequantize(self, payload: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse of :meth:`quantize`: ``([T, R_k], [T, R_v])`` float32."""
+        sk, sv = self.streams.keys, self.streams.values
+        nk = sk.nbytes(num_tokens)
+        ck = decode_coefficients(payload[:nk], sk.cal.allocation, sk.fp8_scale, num_tokens, sk.rank)
+        cv = decode_coefficients(payload[nk:], sv.cal.allocation, sv.fp8_scale, num_tokens, sv.rank)
+        return ck, cv
+
+    def encode(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.quantize(*self.transform(k, v, positions))
+
+    def decode(
+        self, payload: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inverse_transform(*self.dequantize(payload, positions.numel()), positions, dtype)
+
+    def encode_rows(
+        self, k_layers: list[torch.Tensor], v_layers: list[torch.Tensor], slots: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        idx = slots.to(k_layers[0].device)
+        k = torch.stack([b.index_select(0, idx) for b in k_layers])  # [L, T, H, D]
+        v = torch.stack([b.index_select(0, idx) for b in v_layers])  # [L, T, H, D]
+        return self.encode(k, v, positions)
+
+    def decode_rows(
+        self,
+        payload: torch.Tensor,
+        k_layers: list[torch.Tensor],
+        v_layers: list[torch.Tensor],
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        k, v = self.decode(payload, positions, k_layers[0].dtype)  # [L, T, H, D] each
+        idx = slots.to(k_layers[0].device)
+        for layer, (kb, vb) in enumerate(zip(k_layers, v_layers, strict=True)):
+            kb.index_copy_(0, idx, k[layer])
+            vb.index_copy_(0, idx, v[layer])
