@@ -47,6 +47,7 @@ DEVICES = {
 
 
 DEVICE = torch.device("cuda")
+WARMUP = True  # off in smoke runs: the interpreter compiles nothing, and every call costs seconds
 
 
 def sync() -> None:
@@ -55,7 +56,9 @@ def sync() -> None:
 
 
 def timed(fn, repeat: int) -> float:
-    fn()
+    """Median seconds of ``repeat`` synchronised calls of ``fn``, after one warm-up call."""
+    if WARMUP:
+        fn()
     times = []
     for _ in range(repeat):
         sync()
@@ -127,6 +130,94 @@ def measure(codec: KVTCCodec, k0: torch.Tensor, v0: torch.Tensor, num_t: int, re
     }
 
 
+def run(
+    bundle: Path,
+    tokens: list[int],
+    repeat: int,
+    *,
+    precision: str = "ieee",
+    hbm: float | None = None,
+    peak_flops: float | None = None,
+    prefill: bool = True,
+) -> dict:
+    """Measure every ``T`` in ``tokens`` on ``DEVICE``: ``{"device", "precision", ..., "rows": [...]}``."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    art = load_artifact(next(bundle.glob("*.kvtc.safetensors")))
+    kv = load_file(str(bundle / "kv.safetensors"))
+    cfg_path = bundle / "config.json"
+    config = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "H100 (smoke run on the CPU)"
+    hbm, peak = device_peaks(name, precision, hbm, peak_flops)
+    codec = KVTCCodec(art, kernels="triton", dot_precision=precision)
+    rk, rv = art.keys.allocation.rank, art.values.allocation.rank
+    feat = art.spec.num_features
+    rows = []
+    for num_t in tokens:
+        m = measure(codec, kv["k"], kv["v"], num_t, repeat)
+        flops = 2 * num_t * feat * (rk + rv)
+        basis = 4 * feat * (rk + rv)
+        coeffs = 4 * num_t * (rk + rv)
+        enc_roof = max((m["kv_bytes"] + basis + 2 * coeffs + m["payload_bytes"]) / hbm, flops / peak)
+        dec_roof = max((m["kv_bytes"] + basis + m["payload_bytes"]) / hbm, flops / peak)
+        pre = prefill_seconds(config, num_t, repeat) if prefill and config is not None else float("nan")
+        gb = m["kv_bytes"] / 1e9
+        rows.append(
+            {
+                "tokens": num_t,
+                **m,
+                "encode_gbs": gb / m["encode_kernels"],
+                "decode_gbs": gb / m["decode_kernels"],
+                "encode_roofline": enc_roof / m["encode_kernels"],
+                "decode_roofline": dec_roof / m["decode_kernels"],
+                "prefill": pre,
+                "prefill_over_restore": pre / m["restore"],
+                "nvcomp_share_encode": m["nvcomp_compress"] / m["encode_rows"],
+                "nvcomp_share_restore": m["nvcomp_decompress"] / m["restore"],
+            }
+        )
+    return {
+        "device": name,
+        "precision": precision,
+        "hbm_bytes_per_s": hbm,
+        "peak_flops": peak,
+        "artifact_ratio": art.target_ratio,
+        "features": feat,
+        "rank_k": rk,
+        "rank_v": rv,
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+
+
+def markdown(result: dict) -> str:
+    """The result of :func:`run` as the table BENCHMARKS.md shows."""
+    lines = [
+        f"device {result['device']}; roofline {result['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
+        f"{result['precision']} {result['peak_flops'] / 1e12:.1f} TFLOP/s; artifact r{result['artifact_ratio']:g}; "
+        f"F={result['features']}, R_k={result['rank_k']}, R_v={result['rank_v']}, torch {result['torch']}",
+        "",
+        "| T | KV MB | encode ms | GB/s | roofline | decode ms | GB/s | roofline | restore ms | prefill ms | "
+        "prefill / restore | nvCOMP share enc / restore |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['tokens']} | {r['kv_bytes'] / 1e6:.0f} | {1e3 * r['encode_kernels']:.2f} | {r['encode_gbs']:.0f} | "
+            f"{100 * r['encode_roofline']:.0f}% | {1e3 * r['decode_kernels']:.2f} | {r['decode_gbs']:.0f} | "
+            f"{100 * r['decode_roofline']:.0f}% | {1e3 * r['restore']:.2f} | {1e3 * r['prefill']:.1f} | "
+            f"{r['prefill_over_restore']:.1f}x | {100 * r['nvcomp_share_encode']:.0f}% / "
+            f"{100 * r['nvcomp_share_restore']:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def use_cpu_for_smoke() -> None:
+    """Run on the CPU (Triton's interpreter must already be on): checks the script, timings meaningless."""
+    global DEVICE, WARMUP  # noqa: PLW0603 (one switch for the whole script)
+    DEVICE, WARMUP = torch.device("cpu"), False
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, required=True)
@@ -136,47 +227,25 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, help="peak of the dot precision in TFLOP/s (default: device name)")
     p.add_argument("--precision", choices=DOT_PRECISIONS, default="ieee", help="tl.dot precision of the kernels")
     p.add_argument("--no-prefill", action="store_true", help="skip the recompute comparison")
+    p.add_argument("--json", type=Path, help="also write the measurements as JSON here")
     p.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1: check the script, not speed")
     args = p.parse_args()
-    global DEVICE  # noqa: PLW0603 (one switch for the whole script)
     if args.smoke:
-        DEVICE = torch.device("cpu")
+        use_cpu_for_smoke()
     elif not torch.cuda.is_available():
         p.error("needs a CUDA GPU (or --smoke)")
-    from safetensors.torch import load_file  # noqa: PLC0415
-
-    art = load_artifact(next(args.bundle.glob("*.kvtc.safetensors")))
-    kv = load_file(str(args.bundle / "kv.safetensors"))
-    cfg_path = args.bundle / "config.json"
-    config = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
-    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "H100 (smoke run on the CPU)"
-    hbm, peak = device_peaks(
-        name, args.precision, args.hbm_gbs and args.hbm_gbs * 1e9, args.peak_tflops and args.peak_tflops * 1e12
+    result = run(
+        args.bundle,
+        args.tokens,
+        args.repeat,
+        precision=args.precision,
+        hbm=args.hbm_gbs and args.hbm_gbs * 1e9,
+        peak_flops=args.peak_tflops and args.peak_tflops * 1e12,
+        prefill=not args.no_prefill,
     )
-    codec = KVTCCodec(art, kernels="triton", dot_precision=args.precision)
-    sk, sv = art.keys.allocation, art.values.allocation
-    feat = art.spec.num_features
-    print(f"device {name}; roofline {hbm / 1e12:.2f} TB/s, {args.precision} {peak / 1e12:.1f} TFLOP/s")
-    print(f"artifact r{art.target_ratio:g}")
-    print(f"F={feat}, R_k={sk.rank}, R_v={sv.rank}, torch {torch.__version__}")
-    print("| T | KV MB | encode ms | GB/s | roofline | decode ms | GB/s | roofline | restore ms | prefill ms | "
-          "prefill / restore | nvCOMP share enc / restore |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for num_t in args.tokens:
-        m = measure(codec, kv["k"], kv["v"], num_t, args.repeat)
-        flops = 2 * num_t * feat * (sk.rank + sv.rank)
-        basis = 4 * feat * (sk.rank + sv.rank)
-        coeffs = 4 * num_t * (sk.rank + sv.rank)
-        enc_roof = max((m["kv_bytes"] + basis + 2 * coeffs + m["payload_bytes"]) / hbm, flops / peak)
-        dec_roof = max((m["kv_bytes"] + basis + m["payload_bytes"]) / hbm, flops / peak)
-        pre = float("nan") if args.no_prefill or config is None else prefill_seconds(config, num_t, args.repeat)
-        gb, enc, dec, res = m["kv_bytes"] / 1e9, m["encode_kernels"], m["decode_kernels"], m["restore"]
-        print(
-            f"| {num_t} | {m['kv_bytes'] / 1e6:.0f} | {1e3 * enc:.2f} | {gb / enc:.0f} | {100 * enc_roof / enc:.0f}% | "
-            f"{1e3 * dec:.2f} | {gb / dec:.0f} | {100 * dec_roof / dec:.0f}% | {1e3 * res:.2f} | {1e3 * pre:.1f} | "
-            f"{pre / res:.1f}x | {100 * m['nvcomp_compress'] / m['encode_rows']:.0f}% / "
-            f"{100 * m['nvcomp_decompress'] / res:.0f}% |"
-        )
+    print(markdown(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,12 +16,27 @@ if not torch.cuda.is_available():
 torch.manual_seed(0)
 
 
+# A folder made by benchmarks/gpu_bundle.py (artifact, K/V of >= 1024 real tokens): on a GPU machine without
+# the model package, the artifact and K/V fixtures read it instead of running the model.
+GPU_BUNDLE = os.environ.get("KVTC_GPU_BUNDLE")
+MODEL_FIXTURES = {"lm", "artifact_path", "artifact", "codec", "real_kv", "kv_bank"}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that loads the real model (directly or through a fixture) with the ``model`` marker,
-    so ``pytest -m "not model"`` runs the quick, model-free part of the suite."""
+    """Mark every test that needs the real model (or its calibration or K/V) with the ``model`` marker, so
+    ``pytest -m "not model"`` runs the quick, model-free part of the suite."""
     for item in items:
-        if "lm" in getattr(item, "fixturenames", ()):
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.model)
+
+
+def _bundle_kv(num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    kv = load_file(str(Path(GPU_BUNDLE) / "kv.safetensors"))  # k, v [L, T, H, D] bf16
+    if kv["k"].shape[1] < num_tokens:
+        raise ValueError(f"{GPU_BUNDLE} holds {kv['k'].shape[1]} tokens of K/V, the tests need {num_tokens}")
+    return kv["k"][:, :num_tokens].contiguous(), kv["v"][:, :num_tokens].contiguous()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -67,9 +82,13 @@ def lm():
 
 
 @pytest.fixture(scope="session")
-def artifact_path(lm, tmp_path_factory) -> Path:
-    """A real but small calibration (about 6k tokens) of the default model at 16x."""
+def artifact_path(request, tmp_path_factory) -> Path:
+    """A real but small calibration (about 6k tokens) of the default model at 16x (or the GPU bundle's)."""
+    if GPU_BUNDLE:
+        return next(Path(GPU_BUNDLE).glob("*.kvtc.safetensors"))
     from kvtc_sglang.calibration.fit import CalibrationConfig, calibrate
+
+    lm = request.getfixturevalue("lm")
 
     cfg = CalibrationConfig(tokens=6144, seq_len=1024, holdout_every=3, ratios=(16.0,))
     reuse = os.environ.get("KVTC_TEST_ARTIFACT_DIR")  # developer speed-up: keep the calibration between runs
@@ -82,10 +101,10 @@ def artifact_path(lm, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def artifact(artifact_path, lm):
+def artifact(artifact_path, request):
     from kvtc_sglang.codec import load_artifact
 
-    return load_artifact(artifact_path, expect=lm.spec)
+    return load_artifact(artifact_path, expect=None if GPU_BUNDLE else request.getfixturevalue("lm").spec)
 
 
 @pytest.fixture(scope="session")
@@ -96,10 +115,14 @@ def codec(artifact):
 
 
 @pytest.fixture(scope="session")
-def real_kv(lm):
+def real_kv(request):
     """K/V ``[L, 600, H, D]`` bf16 of a held-out prose segment and its positions."""
+    if GPU_BUNDLE:
+        return (*_bundle_kv(600), torch.arange(600))
     from kvtc_sglang.calibration.corpus import token_sequences
     from kvtc_sglang.calibration.model import prefill_kv
+
+    lm = request.getfixturevalue("lm")
 
     seqs, _ = token_sequences(lm.tokenizer, "evaluation", "prose", 600, 600)
     k, v, _ = prefill_kv(lm.model, seqs[0])
@@ -107,10 +130,14 @@ def real_kv(lm):
 
 
 @pytest.fixture(scope="session")
-def kv_bank(lm):
+def kv_bank(request):
     """K/V ``[L, 1024, H, D]`` bf16 of 1024 held-out prose tokens: the K/V written into SGLang pools."""
+    if GPU_BUNDLE:
+        return _bundle_kv(1024)
     from kvtc_sglang.calibration.corpus import token_sequences
     from kvtc_sglang.calibration.model import prefill_kv
+
+    lm = request.getfixturevalue("lm")
 
     seqs, _ = token_sequences(lm.tokenizer, "evaluation", "prose", 1024, 1024)
     k, v, _ = prefill_kv(lm.model, seqs[0])

@@ -13,6 +13,7 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SPLITS = ("calibration", "evaluation")
 KINDS = ("prose", "code")
@@ -55,7 +56,7 @@ def documents(split: str, kind: str) -> list[Document]:
     return [d for d in docs if _split_of(d.name) == split]
 
 
-def token_sequences(tokenizer: object, split: str, kind: str, seq_len: int, max_tokens: int) -> tuple[list, list[str]]:
+def token_sequences(tokenizer: Any, split: str, kind: str, seq_len: int, max_tokens: int) -> tuple[list, list[str]]:
     """Concatenate a split's documents and cut ``[seq_len]`` token id sequences, up to ``max_tokens``.
 
     Returns ``(sequences, document names used)``; each sequence is a 1-D ``torch.long`` tensor.

@@ -12,6 +12,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -85,7 +86,7 @@ def load_default_model(dtype: torch.dtype = torch.bfloat16) -> LoadedModel:
     return load_model(DEFAULT_MODEL, dtype)
 
 
-def cache_to_kv(cache: object) -> tuple[torch.Tensor, torch.Tensor]:
+def cache_to_kv(cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """A transformers ``DynamicCache`` of batch 1 -> ``(k, v)`` each ``[L, T, H, D]``."""
     layers = cache.layers
     k = torch.stack([layer.keys[0] for layer in layers]).permute(0, 2, 1, 3)  # [L, H, T, D] -> [L, T, H, D]
