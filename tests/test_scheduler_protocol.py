@@ -241,8 +241,8 @@ def test_checkpoint_in_free_group_with_idle_zero_keeps_exact_kv(codec, bank):
 
 
 def test_dropped_compressed_nodes_emit_removal_events(codec, bank):
-    """Evicting everything (a request needs the whole pool) emits one removal event per radix node, the
-    compressed ones included, as vanilla does for the nodes it evicts."""
+    """Evicting everything (a request needs the whole pool) emits the removal of every cached page (page
+    size 1: one block hash per token), the compressed nodes' included, as vanilla does for its nodes."""
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
     s = Sched(codec, 1024)
@@ -256,7 +256,7 @@ def test_dropped_compressed_nodes_emit_removal_events(codec, bank):
     s.cache.evict(EvictParams(num_tokens=1024))
     removed = [e for e in s.cache.take_events() if type(e).__name__ == "BlockRemoved"]
     assert not s.cache.root_node.children and s.cache.stats.dropped_nodes == compressed
-    assert len(removed) == len(nodes)
+    assert sum(len(e.block_hashes) for e in removed) == sum(len(n.key) for n in nodes) == 3 * 150
     assert s.allocator.available_size() == 1024
     check_invariants(s.cache)
 
