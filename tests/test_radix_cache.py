@@ -145,7 +145,7 @@ def test_restore_without_memory_is_a_shorter_match(codec, artifact, bank):
 
 
 def test_pressure_compresses_before_evicting(codec, artifact, bank):
-    cache = make(codec, artifact, 768, 1, window_tokens=16, idle_seconds=1e6)  # 576 slots for KV
+    cache = make(codec, artifact, 600, 1, window_tokens=16, idle_seconds=1e6)  # 743 tokens do not fit
     drv = Driver(cache, bank)
     kept = drv.start(list(range(5000, 5200)))  # locked: must come back exact
     for i in range(3):

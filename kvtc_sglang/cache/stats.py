@@ -23,6 +23,7 @@ class KVTCStats:
     restore_no_memory: int = 0
     retained_tokens: int = 0  # device tokens whose blob is kept (going cold again costs no encode)
     reused_blobs: int = 0  # compressions served by a kept blob
+    reused_tokens: int = 0  # tokens of those (not encoded again)
     load_backs: int = 0  # init_load_back calls that loaded all promised tokens
     load_back_failures: int = 0  # init_load_back calls that loaded nothing (the request recomputes)
     checksum_failures: int = 0

@@ -222,6 +222,7 @@ class TreeSurgery(TreeEviction):
             if node in self.io.retained:
                 entry = self.io.take_retained(node)
                 self.stats.reused_blobs += 1
+                self.stats.reused_tokens += entry.num_tokens
             else:
                 num_t = len(node.value)
                 handle = self._store_blob(node, blobs[id(node)])

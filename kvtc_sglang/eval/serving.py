@@ -116,6 +116,7 @@ def serving_eval(lm: LoadedModel, codec: KVTCCodec, cache_cfg: KVTCCacheConfig, 
         "reused_tokens": tally["reused"],
         "restored_tokens": s.restored_tokens,
         "compressed_tokens": s.compressed_tokens,
+        "encoded_tokens": s.compressed_tokens - s.reused_tokens,  # kept blobs are not encoded again
         "ratio": sum(ratios) / len(ratios) if ratios else 0.0,
         "compress_seconds": s.compress_seconds,
         "restore_seconds": s.restore_seconds,
