@@ -101,8 +101,8 @@ class _Metrics:
             if delta > 0:  # totals only grow; a reset (flush) keeps the totals
                 metric.inc(delta)
             self.last[key] = max(value, self.last.get(key, 0.0))
-        for key, metric in self.gauges.items():
-            metric.set(float(c.get(key, 0.0)))
+        for key, gauge in self.gauges.items():
+            gauge.set(float(c.get(key, 0.0)))
 
 
 class KVTCReporter:

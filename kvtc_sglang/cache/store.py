@@ -106,12 +106,19 @@ class BlobStore:
                 self._free_set.discard(block)
                 return block
 
+    def _held_page(self, page: int) -> torch.Tensor:
+        """The ``[P]`` slots of a page the store holds."""
+        slots = self._page_slots[page]
+        if slots is None:
+            raise RuntimeError(f"blob store page {page} is not held (a block points into a returned page)")
+        return slots
+
     def _locate(self, blocks: torch.Tensor):
         """Yield ``(buffer, positions in the blob, slot rows [k] on device)`` per buffer."""
         nbuf = len(self._rows)
         per_slot = blocks // nbuf  # slot position = page * P + offset
         buf_ids = blocks % nbuf
-        slots = torch.stack([self._page_slots[int(p) // self.page_size][int(p) % self.page_size] for p in per_slot])
+        slots = torch.stack([self._held_page(p // self.page_size)[p % self.page_size] for p in per_slot.tolist()])
         for b in torch.unique(buf_ids).tolist():
             sel = (buf_ids == b).nonzero().squeeze(1)  # positions in the blob, ascending
             yield b, sel, slots[sel].to(self.device)
