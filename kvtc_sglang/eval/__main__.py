@@ -17,11 +17,18 @@ from .methods import Method, deflate_method, fp8_method, kivi_method, kvtc_metho
 
 
 def build_methods(
-    codecs: dict[float, KVTCCodec], no_sink_ratio: float, trunc_ratios: list[float], kvtc_only: bool = False
+    codecs: dict[float, KVTCCodec],
+    no_sink_ratio: float,
+    trunc_ratios: list[float],
+    kvtc_only: bool = False,
+    split_kv: bool = False,
 ) -> dict:
     methods: dict[str, tuple[Method, bool]] = {}
     for ratio, codec in sorted(codecs.items()):
         methods[f"kvtc r{ratio:g}"] = (kvtc_method(codec), True)
+        if split_kv:
+            methods[f"kvtc r{ratio:g}, keys only (V exact)"] = (kvtc_method(codec, keep="v"), True)
+            methods[f"kvtc r{ratio:g}, values only (K exact)"] = (kvtc_method(codec, keep="k"), True)
     if kvtc_only:
         return methods
     if no_sink_ratio in codecs:
@@ -76,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--kinds", nargs="+", default=["prose", "code", "perl"], help="evaluation domains")
     p.add_argument("--split", choices=["evaluation", "calibration"], default="evaluation")
     p.add_argument("--skip-segments", type=int, default=0, help="segments per domain to skip (calibration split)")
+    p.add_argument("--split-kv", action="store_true", help="also K-only and V-only compression (error split)")
     p.add_argument("--kvtc-only", action="store_true", help="skip the baselines (faster ablations)")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--continuation", type=int, default=256)
@@ -96,7 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
         skip_segments=args.skip_segments,
     )
     no_sink = 16.0 if 16.0 in codecs else min(codecs)
-    methods = build_methods(codecs, no_sink, [r for r in (4.0, 8.0, 16.0, 20.0) if r in codecs], args.kvtc_only)
+    methods = build_methods(
+        codecs, no_sink, [r for r in (4.0, 8.0, 16.0, 20.0) if r in codecs], args.kvtc_only, args.split_kv
+    )
     with torch.inference_mode():
         results = evaluate(lm, cfg, methods)
     print(
