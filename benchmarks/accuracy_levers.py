@@ -29,17 +29,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", choices=MODELS, default=DEFAULT_MODEL)
     p.add_argument("--tokens", type=int, default=30_000)
+    p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--ratios", type=float, nargs="+", default=[16.0, 20.0])
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     p.add_argument("--out", type=Path, default=Path("out/levers"))
     args = p.parse_args()
     lm = load_model(args.model)
-    base = CalibrationConfig(tokens=args.tokens, ratios=tuple(args.ratios))
+    base = CalibrationConfig(tokens=args.tokens, seq_len=args.seq_len, ratios=tuple(args.ratios))
     col = collect(lm, base)
     print(f"collect: {col.seconds:.1f} s, {col.acc['k'].num_tokens} fit tokens")
+    cache: dict = {}
     for name in args.variants:
         t0 = time.perf_counter()
-        paths = write_artifacts(lm, replace(base, **VARIANTS[name]), col, args.out / name, show_progress=False)
+        paths = write_artifacts(lm, replace(base, **VARIANTS[name]), col, args.out / name, False, pca_cache=cache)
         print(f"{name}: {time.perf_counter() - t0:.1f} s -> {[str(x) for x in paths]}")
 
 

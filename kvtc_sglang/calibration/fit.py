@@ -95,10 +95,7 @@ def allocate(fits: dict[str, StreamFit], ratio: float, joint: bool) -> tuple[Str
     return fits["k"].calibration(ak), fits["v"].calibration(av)
 
 
-def _fit_stream(
-    acc: CovarianceAccumulator, heldout: torch.Tensor, block: int, scale: torch.Tensor | None, bf16: bool
-) -> StreamFit:
-    pca = acc.fit(block, scale)
+def _fit_stream(pca: PCAFit, heldout: torch.Tensor, bf16: bool) -> StreamFit:
     basis = pca.basis.to(torch.bfloat16).float() if bf16 else pca.basis  # [F, F]
     coeffs = ((heldout - pca.mean) / pca.scale) @ basis  # [N, F]
     fp8_scale = (2.0 * coeffs.abs().amax(dim=0) / FP8_MAX).clamp(min=1e-8)  # 2x headroom over held-out max
@@ -164,9 +161,18 @@ def collect(lm: LoadedModel, cfg: CalibrationConfig, show_progress: bool = True)
 
 
 def write_artifacts(
-    lm: LoadedModel, cfg: CalibrationConfig, col: Collected, out_dir: Path, show_progress: bool = True
+    lm: LoadedModel,
+    cfg: CalibrationConfig,
+    col: Collected,
+    out_dir: Path,
+    show_progress: bool = True,
+    *,
+    pca_cache: dict | None = None,
 ) -> list[Path]:
-    """Fit the PCA and the DP of ``col`` with ``cfg``'s settings; one artifact per ratio in ``out_dir``."""
+    """Fit the PCA and the DP of ``col`` with ``cfg``'s settings; one artifact per ratio in ``out_dir``.
+
+    ``pca_cache`` (a dict kept by the caller) reuses PCA fits across calls that share a stream's scale.
+    """
     t0 = time.perf_counter()
     spec, acc, held, names, t_collect = lm.spec, col.acc, col.held, col.names, col.seconds
     queries = col.queries
@@ -174,7 +180,11 @@ def write_artifacts(
     scales = stream_scales(lm, cfg, queries)
     block = spec.head_dim if cfg.normalize_heads else 1
     for s in tqdm(("k", "v"), desc="calibration: PCA + group errors", disable=not show_progress):
-        fits[s] = _fit_stream(acc[s], torch.cat(held[s]), block, scales[s], cfg.basis_bf16)
+        key = (s, cfg.key_scale if s == "k" else cfg.value_scale, block)
+        cache = {} if pca_cache is None else pca_cache
+        if key not in cache:
+            cache[key] = acc[s].fit(block, scales[s])
+        fits[s] = _fit_stream(cache[key], torch.cat(held[s]), cfg.basis_bf16)
     t_fit = time.perf_counter() - t0
     paths = []
     for ratio in tqdm(cfg.ratios, desc="calibration: DP bit allocation", disable=not show_progress):
