@@ -130,7 +130,7 @@ def test_artifact_round_trip_with_metric_scales(lm, real_q, tmp_path):
     from kvtc_sglang.codec import KVTCCodec, load_artifact
 
     cfg = CalibrationConfig(
-        tokens=4096, seq_len=1024, holdout_every=2, ratios=(16.0,), key_scale="query", value_scale="wo"
+        tokens=2048, seq_len=512, holdout_every=2, ratios=(16.0,), key_scale="query", value_scale="wo"
     )
     (path,) = calibrate(lm, cfg, tmp_path, show_progress=False)
     art = load_artifact(path, expect=lm.spec)
