@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -135,7 +137,7 @@ def test_artifact_round_trip_with_metric_scales(lm, real_q, tmp_path):
     (path,) = calibrate(lm, cfg, tmp_path, show_progress=False)
     art = load_artifact(path, expect=lm.spec)
     assert art.info["key_scale"] == "query" and art.info["value_scale"] == "wo"
-    want_v = stream_scales(lm, cfg, QueryMoments(lm.spec))["v"]  # W_o only: needs no queries
+    want_v = stream_scales(lm, replace(cfg, key_scale="rms"), QueryMoments(lm.spec))["v"]  # W_o: no queries
     torch.testing.assert_close(art.values.scale, want_v)
     rms_k = art.keys.scale.reshape(lm.spec.num_layers, -1)  # [L, H * D]
     assert (rms_k.std(dim=1) > 0).all(), "the key scale must vary within a head (not a per-head RMS)"
