@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..codec.artifact import load_artifact
-from .fit import CalibrationConfig, calibrate
+from .fit import KEY_SCALES, VALUE_SCALES, CalibrationConfig, calibrate
 from .model import DEFAULT_MODEL, MODELS, load_model
 
 
@@ -20,11 +20,21 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--ratios", type=float, nargs="+", default=[16.0], help="target compression ratios")
     p.add_argument("--out", type=Path, default=Path("artifacts"), help="output folder")
+    p.add_argument("--key-scale", choices=KEY_SCALES, default=CalibrationConfig.key_scale, help="key metric")
+    p.add_argument("--value-scale", choices=VALUE_SCALES, default=CalibrationConfig.value_scale, help="value metric")
+    p.add_argument("--basis-bf16", action="store_true", help="round the basis to bfloat16")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = CalibrationConfig(tokens=args.tokens, seq_len=args.seq_len, ratios=tuple(args.ratios))
+    cfg = CalibrationConfig(
+        tokens=args.tokens,
+        seq_len=args.seq_len,
+        ratios=tuple(args.ratios),
+        key_scale=args.key_scale,
+        value_scale=args.value_scale,
+        basis_bf16=args.basis_bf16,
+    )
     t0 = time.perf_counter()
     lm = load_model(args.model)
     paths = calibrate(lm, cfg, args.out)

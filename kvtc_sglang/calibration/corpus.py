@@ -1,7 +1,10 @@
 """Real text available offline: prose and code, split into disjoint calibration and evaluation sets.
 
 * prose: the Python reference manual's topic pages (``pydoc_data.topics``, shipped with CPython);
-* code: the Python standard library's own ``.py`` sources.
+* code: the Python standard library's own ``.py`` sources;
+* perl: Perl modules (``.pm``: Perl code and POD documentation) shipped by Debian's ``perl-base`` and
+  ``perl-modules-5.*`` packages -- a third domain, neither Python prose nor Python code, used for
+  evaluation only (calibration reads prose and code).
 
 Documents are assigned to a split by a CRC32 of their name, so the split is stable and disjoint; the
 document names of each split are recorded in the artifact.
@@ -16,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 SPLITS = ("calibration", "evaluation")
-KINDS = ("prose", "code")
+KINDS = ("prose", "code", "perl")
+EVAL_ONLY_KINDS = {"perl": "Perl modules (*.pm) of Debian perl-base and perl-modules-5.x (/usr/share/perl, perl-base)"}
+_PERL_ROOTS = ("/usr/share/perl", "/usr/lib/x86_64-linux-gnu/perl-base", "/usr/lib/aarch64-linux-gnu/perl-base")
 
 
 @dataclass(frozen=True)
@@ -46,13 +51,27 @@ def _code(max_bytes: int = 60_000) -> list[Document]:
     return docs
 
 
+def _perl(max_bytes: int = 60_000) -> list[Document]:
+    docs = []
+    for root in map(Path, _PERL_ROOTS):
+        for path in sorted(root.rglob("*.pm")) if root.is_dir() else []:
+            size = path.stat().st_size
+            if 2_000 <= size <= max_bytes:
+                rel = path.relative_to(root).as_posix()
+                docs.append(Document(f"perl:{rel}", "perl", path.read_text(encoding="utf-8", errors="replace")))
+    if not docs:
+        raise RuntimeError(f"no Perl modules found under {_PERL_ROOTS}: apt-get install perl-modules-5.36 (or newer)")
+    unique = {d.name: d for d in docs}  # the same module under two roots counts once
+    return [unique[n] for n in sorted(unique)]
+
+
 def documents(split: str, kind: str) -> list[Document]:
-    """All documents of ``kind`` (prose or code) in ``split`` (calibration or evaluation)."""
+    """All documents of ``kind`` (prose, code or perl) in ``split`` (calibration or evaluation)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    docs = _prose() if kind == "prose" else _code()
+    docs = {"prose": _prose, "code": _code, "perl": _perl}[kind]()
     return [d for d in docs if _split_of(d.name) == split]
 
 

@@ -19,11 +19,14 @@ from ..codec.artifact import CalibrationArtifact, StreamCalibration
 from ..codec.quant import FP8_MAX
 from ..codec.rope import remove_rope
 from .bitalloc import allocate_bits, allocate_bits_joint, measure_group_errors
-from .corpus import token_sequences
+from .corpus import EVAL_ONLY_KINDS, token_sequences
+from .metric import QueryMoments, key_metric_diag, metric_scale, value_metric_diag
 from .model import LoadedModel, prefill_kv
 from .pca import CovarianceAccumulator, PCAFit
 
 KINDS = ("int2", "int4", "int8", "fp8")
+KEY_SCALES = ("rms", "query")  # per-layer-head RMS, or the attention metric of the model's queries
+VALUE_SCALES = ("rms", "wo")  # per-layer-head RMS, or the diagonal of W_o,h^T W_o,h
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,9 @@ class CalibrationConfig:
     ratios: tuple[float, ...] = (16.0,)
     normalize_heads: bool = True  # divide each layer-head block by its RMS before PCA
     joint_budget: bool = False  # one budget shared by K and V; measured worse on KL (BENCHMARKS.md)
+    key_scale: str = "query"  # see KEY_SCALES and calibration/metric.py
+    value_scale: str = "rms"  # see VALUE_SCALES
+    basis_bf16: bool = False  # round the basis to bfloat16 (accuracy test of a half-size artifact)
 
     def __post_init__(self) -> None:
         if self.seq_len <= 2 * self.edge_tokens:
@@ -45,6 +51,11 @@ class CalibrationConfig:
             raise ValueError(f"tokens {self.tokens} must cover at least 2 sequences of {self.seq_len}")
         if not self.ratios or min(self.ratios) <= 1.0:
             raise ValueError(f"ratios must be > 1, got {self.ratios}")
+        if self.key_scale not in KEY_SCALES or self.value_scale not in VALUE_SCALES:
+            raise ValueError(
+                f"key_scale must be one of {KEY_SCALES} and value_scale one of {VALUE_SCALES}, "
+                f"got {self.key_scale!r}, {self.value_scale!r}"
+            )
         if self.holdout_every < 2:
             raise ValueError(f"holdout_every must be >= 2, got {self.holdout_every}")
 
@@ -56,13 +67,17 @@ class StreamFit:
     pca: PCAFit
     fp8_scale: torch.Tensor  # [F]
     errors: dict
+    basis_bf16: bool = False
 
     def calibration(self, alloc: Allocation) -> StreamCalibration:
         r = alloc.rank
+        basis = self.pca.basis[:, :r].contiguous()  # [F, R]
+        if self.basis_bf16:
+            basis = basis.to(torch.bfloat16).float()
         return StreamCalibration(
             mean=self.pca.mean,
             scale=self.pca.scale,
-            basis=self.pca.basis[:, :r].contiguous(),
+            basis=basis,
             fp8_scale=self.fp8_scale[:r].contiguous(),
             variance=self.pca.variance,
             allocation=alloc,
@@ -80,15 +95,43 @@ def allocate(fits: dict[str, StreamFit], ratio: float, joint: bool) -> tuple[Str
     return fits["k"].calibration(ak), fits["v"].calibration(av)
 
 
-def _fit_stream(acc: CovarianceAccumulator, heldout: torch.Tensor, block: int) -> StreamFit:
-    pca = acc.fit(block)
-    coeffs = ((heldout - pca.mean) / pca.scale) @ pca.basis  # [N, F]
+def _fit_stream(pca: PCAFit, heldout: torch.Tensor, bf16: bool) -> StreamFit:
+    basis = pca.basis.to(torch.bfloat16).float() if bf16 else pca.basis  # [F, F]
+    coeffs = ((heldout - pca.mean) / pca.scale) @ basis  # [N, F]
     fp8_scale = (2.0 * coeffs.abs().amax(dim=0) / FP8_MAX).clamp(min=1e-8)  # 2x headroom over held-out max
-    return StreamFit(pca, fp8_scale, measure_group_errors(coeffs, fp8_scale, KINDS))
+    return StreamFit(pca, fp8_scale, measure_group_errors(coeffs, fp8_scale, KINDS), bf16)
+
+
+def stream_scales(lm: LoadedModel, cfg: CalibrationConfig, queries: QueryMoments) -> dict[str, torch.Tensor | None]:
+    """Per-feature scale ``[F]`` float32 of each stream (``None``: per-layer-head RMS, computed by the PCA)."""
+    spec = lm.spec
+    ropes = list(spec.layer_ropes) or [spec.rope] * spec.num_layers
+    scales: dict[str, torch.Tensor | None] = {"k": None, "v": None}
+    if cfg.key_scale == "query":
+        scales["k"] = metric_scale(key_metric_diag(queries.second_moment(), ropes, cfg.seq_len))
+    if cfg.value_scale == "wo":
+        scales["v"] = metric_scale(value_metric_diag(lm.model, spec))
+    return scales
+
+
+@dataclass(frozen=True)
+class Collected:
+    """What one pass of the model over the calibration text gathered (fit and held-out K/V, queries)."""
+
+    acc: dict  # {"k"|"v": CovarianceAccumulator}
+    held: dict  # {"k"|"v": list of [T', F] float32}
+    queries: QueryMoments
+    names: dict  # {kind: document names}
+    seconds: float
 
 
 def calibrate(lm: LoadedModel, cfg: CalibrationConfig, out_dir: Path, show_progress: bool = True) -> list[Path]:
     """Run calibration and write one artifact per ratio into ``out_dir``; returns their paths."""
+    return write_artifacts(lm, cfg, collect(lm, cfg, show_progress), out_dir, show_progress)
+
+
+def collect(lm: LoadedModel, cfg: CalibrationConfig, show_progress: bool = True) -> Collected:
+    """Run the model over the calibration text once; the result can be fitted with several settings."""
     t0 = time.perf_counter()
     spec = lm.spec
     seqs, names = [], {}
@@ -100,9 +143,11 @@ def calibrate(lm: LoadedModel, cfg: CalibrationConfig, out_dir: Path, show_progr
     held: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
     keep = slice(cfg.edge_tokens, cfg.seq_len - cfg.edge_tokens)
     positions = torch.arange(cfg.seq_len)
+    queries = QueryMoments(spec)
     order = [seqs[i // 2 + (len(seqs) + 1) // 2 * (i % 2)] for i in range(len(seqs))]  # interleave prose/code
     for i, ids in enumerate(tqdm(order, desc="calibration: collect K/V", disable=not show_progress)):
-        k, v, _ = prefill_kv(lm.model, ids)  # [L, T, H, D]
+        with queries.hooks(lm.model, keep):
+            k, v, _ = prefill_kv(lm.model, ids)  # [L, T, H, D]
         k_un = remove_rope(k, positions, spec.ropes)[:, keep]  # [L, T', H, D] float32
         xk = k_un.permute(1, 0, 2, 3).reshape(k_un.shape[1], -1)  # [T', F]
         xv = v[:, keep].float().permute(1, 0, 2, 3).reshape(k_un.shape[1], -1)  # [T', F]
@@ -112,11 +157,35 @@ def calibrate(lm: LoadedModel, cfg: CalibrationConfig, out_dir: Path, show_progr
         else:
             acc["k"].update(xk)
             acc["v"].update(xv)
-    t_collect = time.perf_counter() - t0
+    return Collected(acc, held, queries, names, time.perf_counter() - t0)
+
+
+def write_artifacts(
+    lm: LoadedModel,
+    cfg: CalibrationConfig,
+    col: Collected,
+    out_dir: Path,
+    show_progress: bool = True,
+    *,
+    pca_cache: dict | None = None,
+) -> list[Path]:
+    """Fit the PCA and the DP of ``col`` with ``cfg``'s settings; one artifact per ratio in ``out_dir``.
+
+    ``pca_cache`` (a dict kept by the caller) reuses PCA fits across calls that share a stream's scale.
+    """
+    t0 = time.perf_counter()
+    spec, acc, held, names, t_collect = lm.spec, col.acc, col.held, col.names, col.seconds
+    queries = col.queries
     fits = {}
+    scales = stream_scales(lm, cfg, queries)
+    block = spec.head_dim if cfg.normalize_heads else 1
     for s in tqdm(("k", "v"), desc="calibration: PCA + group errors", disable=not show_progress):
-        fits[s] = _fit_stream(acc[s], torch.cat(held[s]), spec.head_dim if cfg.normalize_heads else 1)
-    t_fit = time.perf_counter() - t0 - t_collect
+        key = (s, cfg.key_scale if s == "k" else cfg.value_scale, block)
+        cache = {} if pca_cache is None else pca_cache
+        if key not in cache:
+            cache[key] = acc[s].fit(block, scales[s])
+        fits[s] = _fit_stream(cache[key], torch.cat(held[s]), cfg.basis_bf16)
+    t_fit = time.perf_counter() - t0
     paths = []
     for ratio in tqdm(cfg.ratios, desc="calibration: DP bit allocation", disable=not show_progress):
         info = {
@@ -125,12 +194,16 @@ def calibrate(lm: LoadedModel, cfg: CalibrationConfig, out_dir: Path, show_progr
                 "documents": names,
                 "split": "calibration",
                 "disjoint_from": "evaluation split (crc32(name) % 4 == 0)",
+                "evaluation_only_domains": dict(EVAL_ONLY_KINDS),
             },
             "tokens_fit": acc["k"].num_tokens,
             "tokens_heldout": int(sum(x.shape[0] for x in held["k"])),
             "seq_len": cfg.seq_len,
             "normalize_heads": cfg.normalize_heads,
             "joint_budget": cfg.joint_budget,
+            "key_scale": cfg.key_scale,
+            "value_scale": cfg.value_scale,
+            "basis_bf16": cfg.basis_bf16,
             "edge_tokens_skipped": cfg.edge_tokens,
             "seconds": {"collect": round(t_collect, 1), "pca_and_errors": round(t_fit, 1)},
         }

@@ -49,12 +49,13 @@ class CovarianceAccumulator:
         self._gram.addmm_(xc.t(), xc)  # fp32 GEMM, accumulated across batches
         self.num_tokens += x.shape[0]
 
-    def fit(self, block: int = 1) -> PCAFit:
+    def fit(self, block: int = 1, scale: torch.Tensor | None = None) -> PCAFit:
         """Eigen-decompose the covariance; raises if fewer than two tokens were seen.
 
         With ``block > 1``, every run of ``block`` consecutive features (one layer's head when
         ``block = D``) is first divided by its RMS deviation, so that low-norm layers are not drowned
-        by high-norm ones in the PCA and in the bit allocation's error measure.
+        by high-norm ones in the PCA and in the bit allocation's error measure. A given ``scale [F]``
+        (positive, e.g. from an attention-aware metric) is used instead of the RMS one.
         """
         if block <= 0 or self.num_features % block:
             raise ValueError(f"block must divide F={self.num_features}, got {block}")
@@ -64,7 +65,11 @@ class CovarianceAccumulator:
         mean_c = self._sum / n  # [F] float64
         cov = self._gram.double() / n - torch.outer(mean_c, mean_c)  # [F, F]
         var = cov.diagonal().clamp(min=0.0).reshape(-1, block).mean(dim=1)  # [F / block]
-        scale = var.sqrt().clamp(min=1e-6).repeat_interleave(block)  # [F]
+        if scale is None:
+            scale = var.sqrt().clamp(min=1e-6).repeat_interleave(block)  # [F]
+        elif scale.shape != (self.num_features,) or not bool((scale > 0).all()):
+            raise ValueError(f"scale must be positive [F={self.num_features}], got {tuple(scale.shape)}")
+        scale = scale.double()
         cov = cov / torch.outer(scale, scale)
         evals, evecs = torch.linalg.eigh(cov.float())  # ascending
         order = torch.argsort(evals, descending=True)

@@ -16,10 +16,21 @@ from .harness import EvalConfig, evaluate
 from .methods import Method, deflate_method, fp8_method, kivi_method, kvtc_method, pca_truncation_method
 
 
-def build_methods(codecs: dict[float, KVTCCodec], no_sink_ratio: float, trunc_ratios: list[float]) -> dict:
+def build_methods(
+    codecs: dict[float, KVTCCodec],
+    no_sink_ratio: float,
+    trunc_ratios: list[float],
+    kvtc_only: bool = False,
+    split_kv: bool = False,
+) -> dict:
     methods: dict[str, tuple[Method, bool]] = {}
     for ratio, codec in sorted(codecs.items()):
         methods[f"kvtc r{ratio:g}"] = (kvtc_method(codec), True)
+        if split_kv:
+            methods[f"kvtc r{ratio:g}, keys only (V exact)"] = (kvtc_method(codec, keep="v"), True)
+            methods[f"kvtc r{ratio:g}, values only (K exact)"] = (kvtc_method(codec, keep="k"), True)
+    if kvtc_only:
+        return methods
     if no_sink_ratio in codecs:
         methods[f"kvtc r{no_sink_ratio:g}, no sink exemption"] = (kvtc_method(codecs[no_sink_ratio]), False)
     methods["deflate only (lossless)"] = (deflate_method(), True)
@@ -30,6 +41,20 @@ def build_methods(codecs: dict[float, KVTCCodec], no_sink_ratio: float, trunc_ra
         if ratio in codecs:
             methods[f"pca truncation r{ratio:g}"] = (pca_truncation_method(codecs[ratio], ratio), True)
     return methods
+
+
+def domain_table(results: dict[str, dict]) -> str:
+    """Mean KL / top-1 / perplexity change of every method on every evaluation domain."""
+    kinds = list(next(iter(results.values()))["domains"])
+    head = "| method | " + " | ".join(f"{k}: KL / top-1 / ppl" for k in kinds) + " |"
+    rows = [head, "|---|" + "---|" * len(kinds)]
+    for name, r in results.items():
+        cells = [
+            f"{d['mean_kl']:.4f} / {100 * d['top1_agreement']:.1f}% / {d['perplexity_change_pct']:+.2f}%"
+            for d in (r["domains"][k] for k in kinds)
+        ]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def markdown_table(results: dict[str, dict]) -> str:
@@ -54,7 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", choices=MODELS, default=DEFAULT_MODEL, help="model to evaluate")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="folder of calibration artifacts")
     p.add_argument("--ratios", type=float, nargs="+", default=[4, 8, 16, 20, 32, 64])
-    p.add_argument("--segments", type=int, default=3, help="held-out segments per kind (prose, code)")
+    p.add_argument("--segments", type=int, default=3, help="held-out segments per domain")
+    p.add_argument("--kinds", nargs="+", default=["prose", "code", "perl"], help="evaluation domains")
+    p.add_argument("--split", choices=["evaluation", "calibration"], default="evaluation")
+    p.add_argument("--skip-segments", type=int, default=0, help="segments per domain to skip (calibration split)")
+    p.add_argument("--split-kv", action="store_true", help="also K-only and V-only compression (error split)")
+    p.add_argument("--kvtc-only", action="store_true", help="skip the baselines (faster ablations)")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--continuation", type=int, default=256)
     p.add_argument("--json", type=Path, default=None, help="write the full report (per-layer errors) here")
@@ -65,17 +95,28 @@ def main(argv: list[str] | None = None) -> dict:
     for ratio in args.ratios:
         path = args.artifacts / artifact_name(lm.spec.name, ratio)
         codecs[float(ratio)] = KVTCCodec(load_artifact(path, expect=lm.spec))
-    cfg = EvalConfig(context=args.context, continuation=args.continuation, segments_per_kind=args.segments)
+    cfg = EvalConfig(
+        context=args.context,
+        continuation=args.continuation,
+        segments_per_kind=args.segments,
+        kinds=tuple(args.kinds),
+        split=args.split,
+        skip_segments=args.skip_segments,
+    )
     no_sink = 16.0 if 16.0 in codecs else min(codecs)
-    methods = build_methods(codecs, no_sink, [r for r in (4.0, 8.0, 16.0, 20.0) if r in codecs])
+    methods = build_methods(
+        codecs, no_sink, [r for r in (4.0, 8.0, 16.0, 20.0) if r in codecs], args.kvtc_only, args.split_kv
+    )
     with torch.inference_mode():
         results = evaluate(lm, cfg, methods)
     print(
-        f"\nKVTC evaluation: {lm.spec.name}, {2 * args.segments} held-out segments (prose + code), context "
+        f"\nKVTC evaluation: {lm.spec.name}, {args.segments} held-out segments each of {', '.join(cfg.kinds)}, context "
         f"{cfg.context}, sinks {cfg.sinks} and window {cfg.window} uncompressed, {cfg.continuation} "
         f"teacher-forced tokens each; {time.perf_counter() - t0:.0f} s\n"
     )
     print(markdown_table(results))
+    print()
+    print(domain_table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"config": vars(cfg), "results": results}, indent=1))

@@ -24,8 +24,14 @@ class EvalConfig:
     sinks: int = 4
     window: int = 128
     segments_per_kind: int = 3
+    kinds: tuple[str, ...] = ("prose", "code", "perl")  # evaluation domains (corpus.KINDS)
+    # "calibration" + skip_segments: calibration-side text past what a calibration read (for choosing settings)
+    split: str = "evaluation"
+    skip_segments: int = 0
 
     def __post_init__(self) -> None:
+        if not self.kinds or len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(f"kinds must be distinct and non-empty, got {self.kinds}")
         if self.context < self.sinks + self.window + 1:
             raise ValueError(f"context {self.context} leaves nothing to compress after {self.sinks}+{self.window}")
         if self.continuation < 1 or self.segments_per_kind < 1:
@@ -77,16 +83,15 @@ class Tally:
 
 
 def eval_segments(lm: LoadedModel, cfg: EvalConfig) -> list[tuple[str, torch.Tensor]]:
-    """Held-out ``[context + continuation + 1]`` id sequences: ``segments_per_kind`` prose and code each."""
+    """Held-out ``[context + continuation + 1]`` id sequences: ``segments_per_kind`` of each of ``cfg.kinds``."""
     out = []
     n = cfg.context + cfg.continuation + 1
-    for kind in ("prose", "code"):
-        seqs, _ = token_sequences(lm.tokenizer, "evaluation", kind, n, n * cfg.segments_per_kind)
-        if len(seqs) < cfg.segments_per_kind:
-            raise RuntimeError(
-                f"evaluation split has {len(seqs)} {kind} segments of {n} tokens, need {cfg.segments_per_kind}"
-            )
-        out.extend((kind, s) for s in seqs)
+    for kind in cfg.kinds:
+        want = cfg.skip_segments + cfg.segments_per_kind
+        seqs, _ = token_sequences(lm.tokenizer, cfg.split, kind, n, n * want)
+        if len(seqs) < want:
+            raise RuntimeError(f"{cfg.split} split has {len(seqs)} {kind} segments of {n} tokens, need {want}")
+        out.extend((kind, s) for s in seqs[cfg.skip_segments :])
     return out
 
 
@@ -97,9 +102,13 @@ def _continue(lm: LoadedModel, cache: object, ids: torch.Tensor) -> torch.Tensor
 
 @torch.inference_mode()
 def evaluate(lm: LoadedModel, cfg: EvalConfig, methods: dict[str, tuple[Method, bool]]) -> dict[str, dict]:
-    """Run every method on every segment; ``methods[name] = (method, exempt_sinks)``."""
+    """Run every method on every segment; ``methods[name] = (method, exempt_sinks)``.
+
+    Each method's report also holds ``domains[kind]``: the same report over that domain's segments.
+    """
     tallies = {name: Tally() for name in methods}
-    for _, ids in eval_segments(lm, cfg):
+    per_kind = {(name, kind): Tally() for name in methods for kind in cfg.kinds}
+    for kind, ids in eval_segments(lm, cfg):
         ctx, cont, tgt = ids[: cfg.context], ids[cfg.context : -1], ids[cfg.context + 1 :]
         k, v, cache = prefill_kv(lm.model, ctx)  # [L, T, H, D]
         ref = _continue(lm, copy.deepcopy(cache), cont)  # [C, vocab] log-probs
@@ -113,18 +122,21 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig, methods: dict[str, tuple[Method, 
                 layer.keys[0, :, s0:s1] = res.k[layer_idx].transpose(0, 1).to(layer.keys.dtype)  # [H, T, D]
                 layer.values[0, :, s0:s1] = res.v[layer_idx].transpose(0, 1).to(layer.values.dtype)
             out = _continue(lm, mod, cont)
-            t = tallies[name]
-            t.tokens += cont.numel()
-            t.top1 += int((out.argmax(-1) == ref.argmax(-1)).sum())
-            t.kl += float((ref.exp() * (ref - out)).sum())
-            t.nll += -out.gather(1, tgt[:, None]).sum().item()
-            t.ref_nll += ref_nll
-            t.compressed_tokens += s1 - s0
-            t.bits_before += res.bits_before_entropy
-            if res.bits_after_entropy is None or t.bits_after is None:
-                t.bits_after = None
-            else:
-                t.bits_after += res.bits_after_entropy
-            t.add_layer_errors("k", k[:, s0:s1], res.k)
-            t.add_layer_errors("v", v[:, s0:s1], res.v)
-    return {name: t.report(lm.spec.num_features) for name, t in tallies.items()}
+            for t in (tallies[name], per_kind[(name, kind)]):
+                t.tokens += cont.numel()
+                t.top1 += int((out.argmax(-1) == ref.argmax(-1)).sum())
+                t.kl += float((ref.exp() * (ref - out)).sum())
+                t.nll += -out.gather(1, tgt[:, None]).sum().item()
+                t.ref_nll += ref_nll
+                t.compressed_tokens += s1 - s0
+                t.bits_before += res.bits_before_entropy
+                if res.bits_after_entropy is None or t.bits_after is None:
+                    t.bits_after = None
+                else:
+                    t.bits_after += res.bits_after_entropy
+                t.add_layer_errors("k", k[:, s0:s1], res.k)
+                t.add_layer_errors("v", v[:, s0:s1], res.v)
+    reports = {name: t.report(lm.spec.num_features) for name, t in tallies.items()}
+    for name, rep in reports.items():
+        rep["domains"] = {kind: per_kind[(name, kind)].report(lm.spec.num_features) for kind in cfg.kinds}
+    return reports

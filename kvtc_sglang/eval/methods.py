@@ -36,10 +36,16 @@ class Result:
 Method = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Result]
 
 
-def kvtc_method(codec: KVTCCodec) -> Method:
+def kvtc_method(codec: KVTCCodec, keep: str | None = None) -> Method:
+    """KVTC through the real codec; ``keep="k"`` or ``"v"`` puts that stream back exact (error split)."""
+    if keep not in (None, "k", "v"):
+        raise ValueError(f"keep must be None, 'k' or 'v', got {keep!r}")
+
     def run(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> Result:
         blob = codec.encode(k, v, positions)
         k2, v2, _ = codec.decode(blob)
+        k2 = k if keep == "k" else k2
+        v2 = v if keep == "v" else v2
         return Result(k2, v2, 8.0 * codec.payload_nbytes(k.shape[1]), 8.0 * blob.numel())
 
     return run
