@@ -72,7 +72,7 @@ class QueryMoments:
             return hook
 
         for i, attn in enumerate(attns):
-            handles.append(attn.q_proj.register_forward_hook(make(i, attn)))
+            handles.append(attn.get_submodule("q_proj").register_forward_hook(make(i, attn)))
         try:
             yield self
         finally:
@@ -148,7 +148,7 @@ def value_metric_diag(model: torch.nn.Module, spec: ModelSpec) -> torch.Tensor:
     """``diag(sum_g W_o,g^T W_o,g)`` ``[L, H, D]`` float64 over the query heads ``g`` of each KV head."""
     rows = []
     for attn in attention_layers(model):
-        w = attn.o_proj.weight.detach().double()  # [hidden, Hq * D]
+        w = attn.get_submodule("o_proj").get_parameter("weight").detach().double()  # [hidden, Hq * D]
         col = w.pow(2).sum(0).reshape(spec.num_kv_heads, -1, spec.head_dim)  # [H, G, D]
         rows.append(col.sum(1))  # [H, D]
     return torch.stack(rows)
