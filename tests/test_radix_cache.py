@@ -12,16 +12,13 @@ import time
 
 import pytest
 import torch
+from conftest import rel_err
 
 from kvtc_sglang.cache.config import KVTCCacheConfig
 from kvtc_sglang.workloads.invariants import check_invariants
 from kvtc_sglang.workloads.replay import BankKV, Driver, build_cache, build_pool, random_workload
 
 FUTURE = 1e9  # a "now" after every idle threshold
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(scope="module")
