@@ -30,7 +30,8 @@ def test_report_fields_and_ratio(results):
     r = results["kvtc"]
     assert r["ratio_before_entropy"] >= 16.0 and r["ratio_after_entropy"] > r["ratio_before_entropy"]
     assert len(r["k_rel_err_per_layer"]) == 30 and len(r["v_rel_err_per_layer"]) == 30
-    assert r["tokens_scored"] == 128
+    assert r["tokens_scored"] == 64 * 3  # one 64-token continuation per domain: prose, code, Perl
+    assert {kind: d["tokens_scored"] for kind, d in r["domains"].items()} == {"prose": 64, "code": 64, "perl": 64}
 
 
 def test_metrics_against_the_lossless_reference(results):
