@@ -6,12 +6,13 @@ re-apply RoPE, plus inflating ``4*F/ratio`` bytes of DEFLATE. Recomputing it (pr
 FLOPs per weight of the layers' projections and MLPs, plus attention over its context
 (``4 * L * n_heads * head_dim`` FLOPs per context token for ``QK^T`` and ``AV``).
 
-Two constants come from this machine, measured in one run on the real SmolLM2 and its calibration:
-``matmul``, the FLOP rate of an fp32 ``[T, R] @ [R, F]`` projection (the restore's main term), and
+Three constants come from this machine, measured in one run on the real SmolLM2 and its calibration:
+``matmul``, the FLOP rate of an fp32 ``[T, R] @ [R, F]`` projection (the restore's main term);
 ``overhead``, the rest of a real ``codec.decode`` per feature (dequantization, RoPE, DEFLATE, mean and
-scale); ``prefill``, SmolLM2's own prefill FLOP rate. Other models' ranks are not measured (no weights
-here): ``R = rho * F`` with ``rho`` from this calibration, and a second row with ``rho`` from the
-paper's 70B figure (the stored basis is about 2.4% of the parameters, so ``2*F*R = 0.024 * params``).
+scale); ``prefill``, SmolLM2's own prefill FLOP rate (dense fp32 weights, as the CPU server runs it).
+Other models' ranks are not measured (no weights here): ``R = rho * F`` with ``rho`` from this
+calibration, and a second row with ``rho`` from the paper's 70B figure (the stored basis is about 2.4% of
+the parameters, so ``2*F*R = 0.024 * params``).
 
     python benchmarks/cost_model.py --artifact artifacts/smollm2-135m-instruct.r16.kvtc.safetensors
 
@@ -96,16 +97,18 @@ def measure(artifact_path: Path, tokens: int, repeat: int) -> Constants:
     from kvtc_sglang.codec.spec import spec_from_config
     from kvtc_sglang.serve.export import export_default_model
 
-    # The dense bf16 export SGLang serves (the GGUF-loaded model keeps packed weights and prefills far slower).
+    # The dense export, in fp32 as the CPU server runs it (bf16 matmuls are several times slower on this CPU;
+    # the GGUF-loaded model keeps packed weights and prefills slower still). The KV cache stays bf16.
     hf_dir = export_default_model()
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     spec = spec_from_config(model.config, DEFAULT_MODEL, "bfloat16", serving=False)
     art = load_artifact(artifact_path, expect=spec)
     codec = KVTCCodec(art)
     (ids,), _ = token_sequences(tokenizer, "evaluation", "prose", tokens, tokens)
     with torch.inference_mode():
-        k, v, _ = prefill_kv(model, ids)  # [L, T, H, D] bf16
+        k, v, _ = prefill_kv(model, ids)  # [L, T, H, D] fp32
+        k, v = k.bfloat16(), v.bfloat16()  # the KV pool's dtype
         t_prefill = _median_seconds(lambda: prefill_kv(model, ids), repeat)
         pos = torch.arange(tokens)
         blob = codec.encode(k, v, pos)
