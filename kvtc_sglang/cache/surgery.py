@@ -186,9 +186,15 @@ class TreeSurgery(TreeEviction):
         cands = self.policy.compress_order(self.root_node)
         version, drops = self.policy.tree_version, self.policy.drops
         store_before, freed, i, passed = self.store.num_slots, 0, 0, []
-        while i < len(cands) and (need is None or freed - (self.store.num_slots - store_before) < need):
+
+        def net() -> int:  # slots freed so far, less what the store borrowed to hold the blobs
+            return freed - (self.store.num_slots - store_before)
+
+        while i < len(cands) and (need is None or net() < need):
             targets, planned = [], 0
-            while i < len(cands) and (need is None or freed + planned < need):
+            # the same measure as the outer loop: with a smaller one (gross ``freed``) this loop could take no
+            # candidate while the outer one still wants more, and spin for ever
+            while i < len(cands) and (need is None or net() + planned < need):
                 cand, start, lo, hi = cands[i]
                 i += 1
                 if cand.parent is None or cand.value is None:
@@ -208,7 +214,7 @@ class TreeSurgery(TreeEviction):
                 freed += self._compress_many(targets)
         if self.policy.drops == drops:  # only listed nodes were split or compressed: the rest is still valid
             self.policy.keep_candidates(version, passed + cands[i:])
-        return freed - (self.store.num_slots - store_before)
+        return net()
 
     def _compress_many(self, targets: list[tuple[TreeNode, int]]) -> int:
         """Compress device nodes ``(node, start position)``; returns the slots freed. Nodes with a kept blob
