@@ -26,7 +26,7 @@ class CompressionPolicy:
         ps = page_size
         self.page_size = ps
         self.sink_end = -(-config.sink_tokens // ps) * ps
-        self.window = config.window_tokens
+        self._window = config.window_tokens
         self.min_tokens = max(ps, config.min_tokens // ps * ps)
         self.idle_seconds = config.idle_seconds
         self.tree_version = 0  # bumped by the cache on every change that can add or move a candidate
@@ -36,6 +36,16 @@ class CompressionPolicy:
         self.reuse_candidates = reuse_candidates  # False: walk on every call (the old behaviour, for benchmarks)
         self.candidate_walks = 0
         self.candidate_seconds = 0.0
+
+    @property
+    def window(self) -> int:
+        """Most recent tokens of each leaf path that are never compressed."""
+        return self._window
+
+    @window.setter
+    def window(self, tokens: int) -> None:
+        self._window = tokens
+        self.tree_version += 1  # the listed candidates were cut with the old window
 
     def compress_order(self, root: TreeNode) -> list[tuple[TreeNode, int, int, int]]:
         """``(node, start, lo, hi)``: device nodes with a compressible span ``[lo, hi)``, LRU first.
