@@ -65,6 +65,11 @@ def run(artifact_path, tmp_path_factory):
     return out
 
 
+@pytest.mark.xfail(
+    reason="first run 2026-11-24 on the real server: no request of the last round got > 100 cached tokens "
+    "with lpm + idle 0 + watermark 0; not yet diagnosed (issue 12 note)",
+    strict=False,
+)
 def test_lpm_idle_zero_conversations_served(run):
     for turn in run["results"]:
         for r in turn:
