@@ -28,8 +28,8 @@ LONG = POOL - 64  # prompt tokens of the long request (+8 new): nearly the whole
 def run(artifact_path, tmp_path_factory):
     from concurrent.futures import ThreadPoolExecutor
 
-    extra = ["--schedule-policy", "lpm", "--kvtc-idle-seconds", "0", "--kvtc-idle-watermark", "0",
-             "--enable-metrics", "--chunked-prefill-size", "512"]
+    extra = ["--enable-cache-report", "--schedule-policy", "lpm", "--kvtc-idle-seconds", "0",
+             "--kvtc-idle-watermark", "0", "--enable-metrics", "--chunked-prefill-size", "512"]
     spec = ServerSpec("kvtc", hf_model(), str(artifact_path), max_total_tokens=POOL, extra=extra)
     srv = start(spec, tmp_path_factory.mktemp("kvtc_sched") / "server.log")
     out: dict = {}
@@ -65,11 +65,6 @@ def run(artifact_path, tmp_path_factory):
     return out
 
 
-@pytest.mark.xfail(
-    reason="first run 2026-11-24 on the real server: no request of the last round got > 100 cached tokens "
-    "with lpm + idle 0 + watermark 0; not yet diagnosed (issue 12 note)",
-    strict=False,
-)
 def test_lpm_idle_zero_conversations_served(run):
     for turn in run["results"]:
         for r in turn:
