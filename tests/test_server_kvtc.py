@@ -65,8 +65,9 @@ def run(request, artifact_path, tmp_path_factory):
         with ThreadPoolExecutor(WL.conversations) as pool:
             before = [_turn(client, convs, tools, t, pool) for t in range(2)]
             out["aborted_chunks"] = _aborted_stream(client)
-            time.sleep(1.0)
-            out["flush"] = srv.post("/flush_cache")[0]
+            # The aborted stream may still be in the scheduler: SGLang refuses (400) a flush while any request
+            # runs or waits, and its ?timeout= waits for the scheduler to go idle first.
+            out["flush"] = srv.post("/flush_cache?timeout=120", timeout=180.0)[0]
             after = [_turn(client, convs, tools, t, pool) for t in range(2, WL.turns)]
         out["results"] = before + after
         out["health_after_abort"] = srv.get("/health")[0]
