@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from kvtc_sglang.calibration.fit import artifact_name
-from kvtc_sglang.calibration.model import DEFAULT_MODEL, MODELS, load_model
+from kvtc_sglang.calibration.model import COMPUTE_DTYPES, DEFAULT_COMPUTE, DEFAULT_MODEL, MODELS, load_model
 from kvtc_sglang.codec import KVTCCodec, load_artifact
 from kvtc_sglang.eval.__main__ import domain_table, markdown_table
 from kvtc_sglang.eval.harness import EvalConfig, evaluate
@@ -34,9 +34,11 @@ def main() -> None:
     p.add_argument("--continuation", type=int, default=256)
     p.add_argument("--split-kv", nargs="*", default=[], help="variants to also run K-only / V-only")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--compute-dtype", choices=sorted(COMPUTE_DTYPES), default=DEFAULT_COMPUTE,
+                   help="model arithmetic (the KV cache is bfloat16 either way)")
     args = p.parse_args()
     t0 = time.perf_counter()
-    lm = load_model(args.model)
+    lm = load_model(args.model, compute_dtype=COMPUTE_DTYPES[args.compute_dtype])
     methods = {}
     for var in args.variants:
         for ratio in args.ratios:

@@ -57,14 +57,16 @@ def test_dp_respects_budget_and_beats_truncation_on_real_heldout_kv(artifact, co
     from kvtc_sglang.calibration.model import prefill_kv
 
     seqs, _ = token_sequences(lm.tokenizer, "evaluation", "code", 400, 400)
-    k, v, _ = prefill_kv(lm.model, seqs[0])
+    k, v, _ = prefill_kv(lm.model, seqs[0], torch.bfloat16)
     ck, cv = codec.transform(k[:, 4:], v[:, 4:], torch.arange(4, 400))
+    budget = round(16 * lm.spec.num_features / artifact.target_ratio)  # per stream; K+V share 2x (joint)
+    assert artifact.keys.allocation.bits_per_token + artifact.values.allocation.bits_per_token <= 2 * budget
     for coeffs, stream in ((ck, artifact.keys), (cv, artifact.values)):
-        budget = round(16 * lm.spec.num_features / artifact.target_ratio)
-        assert stream.allocation.bits_per_token <= budget
+        bits = stream.allocation.bits_per_token
+        assert bits > 0
         dp_err = heldout_error(coeffs, stream.allocation, stream.fp8_scale)
-        # truncation at the same budget: leading components in 8-bit fp8, nothing else
-        keep = min(coeffs.shape[1], budget // 8)
+        # truncation at the same bits: leading components in 8-bit fp8, nothing else
+        keep = min(coeffs.shape[1], bits // 8)
         trunc = Allocation(tuple(Group(i, 1, "fp8") for i in range(keep)))
         trunc_err = heldout_error(coeffs[:, :keep], trunc, stream.fp8_scale[:keep]) + float(
             coeffs[:, keep:].pow(2).sum(1).mean()

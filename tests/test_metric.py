@@ -37,7 +37,7 @@ def real_q(lm):
     qm = QueryMoments(lm.spec)
     try:
         with qm.hooks(lm.model, slice(0, T)):
-            k, v, _ = prefill_kv(lm.model, seqs[0])
+            k, v, _ = prefill_kv(lm.model, seqs[0], torch.bfloat16)
     finally:
         for h in handles:
             h.remove()
@@ -128,16 +128,18 @@ def test_metric_scale_rejects_negative_and_clamps():
 
 def test_artifact_round_trip_with_metric_scales(lm, real_q, tmp_path):
     """A calibration with both metric scales saves, loads with the same scale and encodes/decodes real K/V."""
-    from kvtc_sglang.calibration.fit import CalibrationConfig, calibrate, stream_scales
+    from kvtc_sglang.calibration.fit import CalibrationConfig, Collected, calibrate, stream_scales
     from kvtc_sglang.codec import KVTCCodec, load_artifact
 
     cfg = CalibrationConfig(
-        tokens=2048, seq_len=512, holdout_every=2, ratios=(16.0,), key_scale="query", value_scale="wo"
+        tokens=2048, seq_len=512, holdout_every=2, ratios=(16.0,), key_scale="query", value_scale="wo",
+        joint_budget=False,
     )
     (path,) = calibrate(lm, cfg, tmp_path, show_progress=False)
     art = load_artifact(path, expect=lm.spec)
     assert art.info["key_scale"] == "query" and art.info["value_scale"] == "wo"
-    want_v = stream_scales(lm, replace(cfg, key_scale="rms"), QueryMoments(lm.spec))["v"]  # W_o: no queries
+    no_queries = Collected(acc={}, held={}, queries=QueryMoments(lm.spec), names={}, seconds=0.0)
+    want_v = stream_scales(lm, replace(cfg, key_scale="rms"), no_queries)["v"]  # W_o: no queries
     torch.testing.assert_close(art.values.scale, want_v)
     rms_k = art.keys.scale.reshape(lm.spec.num_layers, -1)  # [L, H * D]
     assert (rms_k.std(dim=1) > 0).all(), "the key scale must vary within a head (not a per-head RMS)"
@@ -147,3 +149,79 @@ def test_artifact_round_trip_with_metric_scales(lm, real_q, tmp_path):
     rel_k = ((k2.float() - k.float()).norm() / k.float().norm()).item()
     rel_v = ((v2.float() - v.float()).norm() / v.float().norm()).item()
     assert rel_k < 0.4 and rel_v < 0.8, (rel_k, rel_v)  # measured 0.23 / 0.58 (2k-token calibration, wo scale)
+
+
+
+def test_fisher_diagonal_predicts_the_kl_of_a_perturbed_cache(lm):
+    """Reference: perturb one layer's cached V, or its RoPE-removed K, by ``s * d`` (random signs ``s``,
+    magnitudes ``d`` that differ per feature, so the frame matters) and measure the KL of the following
+    tokens' distributions; to second order its mean over signs is ``1/2 sum_(n,f) F_nf d_f^2``. The
+    estimate from sampled tokens must agree within 1.6x on average (measured 0.8-1.2x)."""
+    from transformers import DynamicCache
+
+    from kvtc_sglang.calibration.corpus import token_sequences
+    from kvtc_sglang.calibration.fisher import FisherMoments
+    from kvtc_sglang.calibration.model import cache_to_kv, round_cache
+
+    n, cont, keep, samples = 160, 32, 16, 24
+    (ids,), _ = token_sequences(lm.tokenizer, "calibration", "prose", n, n)
+    prefix = n - cont
+    fm = FisherMoments(lm.spec)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(samples):
+        fm.update(lm.model, ids, cont, keep, gen)
+    assert fm.count == samples * (prefix - keep)
+    s = lm.spec
+    with torch.no_grad():
+        out = lm.model(ids[None, :prefix], past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        round_cache(out.past_key_values, torch.bfloat16)
+        k, v = cache_to_kv(out.past_key_values)  # [L, P, H, D] float32 holding bf16 values
+        pos = torch.arange(prefix)
+
+        def logp(kk: torch.Tensor, vv: torch.Tensor) -> torch.Tensor:
+            cache = DynamicCache()
+            for i in range(s.num_layers):
+                cache.update(kk[i].permute(1, 0, 2)[None].contiguous(), vv[i].permute(1, 0, 2)[None].contiguous(), i)
+            return torch.log_softmax(lm.model(ids[None, prefix:], past_key_values=cache).logits[0].float(), -1)
+
+        base = logp(k, v)  # [C, V]
+        rng = torch.Generator().manual_seed(1)
+        for stream, layer in (("v", 5), ("k", 3)):
+            fisher = (fm.sum[stream] / samples).reshape(s.num_layers, s.num_kv_heads, s.head_dim)  # sum over n
+            x = remove_rope(k, pos, s.ropes) if stream == "k" else v  # [L, P, H, D]
+            mag = torch.rand(s.num_kv_heads, s.head_dim, generator=rng) * 2  # [H, D] per-feature magnitudes
+            d = x[layer, keep:].std() * 0.05 * mag  # [H, D]
+            ratios = []
+            for _ in range(6):  # random signs: the Fisher's off-diagonal part averages out
+                dd = torch.zeros_like(x)
+                sign = torch.randint(0, 2, (prefix - keep, *mag.shape), generator=rng).float() * 2 - 1
+                dd[layer, keep:] = sign * d
+                kk, vv = (apply_rope(x + dd, pos, s.ropes), v) if stream == "k" else (k, x + dd)
+                lp = logp(kk, vv)
+                measured = (base.exp() * (base - lp)).sum().item()  # KL(p || p') summed over the C tokens
+                predicted = 0.5 * (fisher[layer] * d.double().pow(2)).sum().item()
+                ratios.append(measured / predicted)
+            mean = sum(ratios) / len(ratios)
+            assert 1 / 1.6 < mean < 1.6, (stream, ratios)
+
+
+def test_fisher_scales_share_one_normalisation(lm):
+    """K and V Fisher scales keep their relative size (the joint budget compares their errors): a stream
+    with 4x the Fisher gets half the scale, feature by feature."""
+    from kvtc_sglang.calibration.fisher import FisherMoments
+    from kvtc_sglang.calibration.fit import CalibrationConfig, Collected, stream_scales
+
+    fm = FisherMoments(lm.spec)
+    g = torch.Generator().manual_seed(3)
+    fm.sum["v"] = torch.rand(lm.spec.num_features, generator=g, dtype=torch.float64) + 0.5
+    fm.sum["k"] = 4 * fm.sum["v"]
+    fm.count = 10
+    col = Collected(acc={}, held={}, queries=QueryMoments(lm.spec), names={}, seconds=0.0, fisher=fm)
+    sc = stream_scales(lm, CalibrationConfig(), col)
+    torch.testing.assert_close(sc["k"] * 2, sc["v"])
+    mean = torch.cat([fm.sum["k"], fm.sum["v"]]).mean() / 10
+    torch.testing.assert_close(sc["v"].double(), (mean / (fm.sum["v"] / 10)).sqrt(), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="needs statistics collected with fisher_continuation"):
+        stream_scales(lm, CalibrationConfig(), Collected({}, {}, QueryMoments(lm.spec), {}, 0.0))
+    with pytest.raises(ValueError, match=r"'fisher' needs fisher_continuation > 0"):
+        CalibrationConfig(fisher_continuation=0)

@@ -10,7 +10,7 @@ import torch
 
 from ..codec.artifact import load_artifact
 from .fit import KEY_SCALES, VALUE_SCALES, CalibrationConfig, calibrate
-from .model import DEFAULT_MODEL, MODELS, load_model
+from .model import COMPUTE_DTYPES, DEFAULT_COMPUTE, DEFAULT_MODEL, MODELS, load_model
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -23,7 +23,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--key-scale", choices=KEY_SCALES, default=CalibrationConfig.key_scale, help="key metric")
     p.add_argument("--value-scale", choices=VALUE_SCALES, default=CalibrationConfig.value_scale, help="value metric")
     p.add_argument("--basis-bf16", action="store_true", help="round the basis to bfloat16")
+    p.add_argument("--joint-budget", action=argparse.BooleanOptionalAction, default=CalibrationConfig.joint_budget,
+                   help="one bit budget shared by K and V")
+    p.add_argument("--fisher-continuation", type=int, default=CalibrationConfig.fisher_continuation,
+                   help="sampled tokens per sequence for the Fisher (KL-sensitivity) scales; needed by 'fisher'")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--compute-dtype", choices=sorted(COMPUTE_DTYPES), default=DEFAULT_COMPUTE,
+                   help="model arithmetic (the KV cache is bfloat16 either way)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -34,9 +40,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
         key_scale=args.key_scale,
         value_scale=args.value_scale,
         basis_bf16=args.basis_bf16,
+        joint_budget=args.joint_budget,
+        fisher_continuation=args.fisher_continuation,
     )
     t0 = time.perf_counter()
-    lm = load_model(args.model)
+    lm = load_model(args.model, compute_dtype=COMPUTE_DTYPES[args.compute_dtype])
     paths = calibrate(lm, cfg, args.out)
     wall = time.perf_counter() - t0
     for path in paths:

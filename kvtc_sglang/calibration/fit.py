@@ -20,13 +20,15 @@ from ..codec.quant import FP8_MAX
 from ..codec.rope import remove_rope
 from .bitalloc import allocate_bits, allocate_bits_joint, measure_group_errors
 from .corpus import EVAL_ONLY_KINDS, token_sequences
+from .fisher import FisherMoments
 from .metric import QueryMoments, key_metric_diag, metric_scale, value_metric_diag
-from .model import LoadedModel, prefill_kv
+from .model import LoadedModel, kv_dtype, prefill_kv
 from .pca import CovarianceAccumulator, PCAFit
 
 KINDS = ("int2", "int4", "int8", "fp8")
-KEY_SCALES = ("rms", "query")  # per-layer-head RMS, or the attention metric of the model's queries
-VALUE_SCALES = ("rms", "wo")  # per-layer-head RMS, or the diagonal of W_o,h^T W_o,h
+# per-layer-head RMS; the attention metric of the model's queries; the diagonal Fisher (KL sensitivity)
+KEY_SCALES = ("rms", "query", "fisher")
+VALUE_SCALES = ("rms", "wo", "fisher")  # per-layer-head RMS; the diagonal of W_o,h^T W_o,h; the diagonal Fisher
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,13 @@ class CalibrationConfig:
     holdout_every: int = 8  # every n-th sequence measures the DP's errors instead of fitting the PCA
     ratios: tuple[float, ...] = (16.0,)
     normalize_heads: bool = True  # divide each layer-head block by its RMS before PCA
-    joint_budget: bool = False  # one budget shared by K and V; measured worse on KL (BENCHMARKS.md)
-    key_scale: str = "query"  # see KEY_SCALES and calibration/metric.py
-    value_scale: str = "rms"  # see VALUE_SCALES
+    # One bit budget shared by K and V: needs errors in common units (the Fisher scales); with the RMS
+    # scales it was worse on KL (BENCHMARKS.md, issue 13)
+    joint_budget: bool = True
+    key_scale: str = "fisher"  # see KEY_SCALES, calibration/metric.py and calibration/fisher.py
+    value_scale: str = "fisher"  # see VALUE_SCALES
     basis_bf16: bool = False  # round the basis to bfloat16 (accuracy test of a half-size artifact)
+    fisher_continuation: int = 128  # sampled tokens per sequence for the Fisher diagonal (used by "fisher")
 
     def __post_init__(self) -> None:
         if self.seq_len <= 2 * self.edge_tokens:
@@ -58,6 +63,13 @@ class CalibrationConfig:
             )
         if self.holdout_every < 2:
             raise ValueError(f"holdout_every must be >= 2, got {self.holdout_every}")
+        if "fisher" in (self.key_scale, self.value_scale) and self.fisher_continuation == 0:
+            raise ValueError("key_scale/value_scale 'fisher' needs fisher_continuation > 0 (sampled tokens)")
+        if not 0 <= self.fisher_continuation <= self.seq_len - 2 * self.edge_tokens:
+            raise ValueError(
+                f"fisher_continuation must be in [0, seq_len - 2 * edge_tokens = "
+                f"{self.seq_len - 2 * self.edge_tokens}], got {self.fisher_continuation}"
+            )
 
 
 @dataclass(frozen=True)
@@ -102,15 +114,26 @@ def _fit_stream(pca: PCAFit, heldout: torch.Tensor, bf16: bool) -> StreamFit:
     return StreamFit(pca, fp8_scale, measure_group_errors(coeffs, fp8_scale, KINDS), bf16)
 
 
-def stream_scales(lm: LoadedModel, cfg: CalibrationConfig, queries: QueryMoments) -> dict[str, torch.Tensor | None]:
-    """Per-feature scale ``[F]`` float32 of each stream (``None``: per-layer-head RMS, computed by the PCA)."""
+def stream_scales(lm: LoadedModel, cfg: CalibrationConfig, col: Collected) -> dict[str, torch.Tensor | None]:
+    """Per-feature scale ``[F]`` float32 of each stream (``None``: per-layer-head RMS, computed by the PCA).
+
+    Fisher scales of both streams share one normalisation, so K and V errors stay in the same (KL) units.
+    """
     spec = lm.spec
     ropes = list(spec.layer_ropes) or [spec.rope] * spec.num_layers
     scales: dict[str, torch.Tensor | None] = {"k": None, "v": None}
+    if "fisher" in (cfg.key_scale, cfg.value_scale) and col.fisher is None:
+        raise ValueError("a 'fisher' scale needs statistics collected with fisher_continuation > 0")
+    fisher_mean = None
+    if col.fisher is not None:
+        fisher_mean = float(torch.cat([col.fisher.diag("k").flatten(), col.fisher.diag("v").flatten()]).mean())
     if cfg.key_scale == "query":
-        scales["k"] = metric_scale(key_metric_diag(queries.second_moment(), ropes, cfg.seq_len))
+        scales["k"] = metric_scale(key_metric_diag(col.queries.second_moment(), ropes, cfg.seq_len))
     if cfg.value_scale == "wo":
         scales["v"] = metric_scale(value_metric_diag(lm.model, spec))
+    for s, name in (("k", cfg.key_scale), ("v", cfg.value_scale)):
+        if name == "fisher" and col.fisher is not None:
+            scales[s] = metric_scale(col.fisher.diag(s), mean=fisher_mean)
     return scales
 
 
@@ -123,6 +146,7 @@ class Collected:
     queries: QueryMoments
     names: dict  # {kind: document names}
     seconds: float
+    fisher: FisherMoments | None = None  # with fisher_continuation > 0
 
 
 def calibrate(lm: LoadedModel, cfg: CalibrationConfig, out_dir: Path, show_progress: bool = True) -> list[Path]:
@@ -144,10 +168,13 @@ def collect(lm: LoadedModel, cfg: CalibrationConfig, show_progress: bool = True)
     keep = slice(cfg.edge_tokens, cfg.seq_len - cfg.edge_tokens)
     positions = torch.arange(cfg.seq_len)
     queries = QueryMoments(spec)
+    wants_fisher = cfg.fisher_continuation > 0 and "fisher" in (cfg.key_scale, cfg.value_scale)
+    fisher = FisherMoments(spec) if wants_fisher else None
+    gen = torch.Generator().manual_seed(0)
     order = [seqs[i // 2 + (len(seqs) + 1) // 2 * (i % 2)] for i in range(len(seqs))]  # interleave prose/code
     for i, ids in enumerate(tqdm(order, desc="calibration: collect K/V", disable=not show_progress)):
         with queries.hooks(lm.model, keep):
-            k, v, _ = prefill_kv(lm.model, ids)  # [L, T, H, D]
+            k, v, _ = prefill_kv(lm.model, ids, kv_dtype(spec))  # [L, T, H, D] in the KV dtype
         k_un = remove_rope(k, positions, spec.ropes)[:, keep]  # [L, T', H, D] float32
         xk = k_un.permute(1, 0, 2, 3).reshape(k_un.shape[1], -1)  # [T', F]
         xv = v[:, keep].float().permute(1, 0, 2, 3).reshape(k_un.shape[1], -1)  # [T', F]
@@ -157,7 +184,9 @@ def collect(lm: LoadedModel, cfg: CalibrationConfig, show_progress: bool = True)
         else:
             acc["k"].update(xk)
             acc["v"].update(xv)
-    return Collected(acc, held, queries, names, time.perf_counter() - t0)
+            if fisher is not None:  # fit sequences only, like the PCA
+                fisher.update(lm.model, ids, cfg.fisher_continuation, cfg.edge_tokens, gen)
+    return Collected(acc, held, queries, names, time.perf_counter() - t0, fisher)
 
 
 def write_artifacts(
@@ -175,9 +204,8 @@ def write_artifacts(
     """
     t0 = time.perf_counter()
     spec, acc, held, names, t_collect = lm.spec, col.acc, col.held, col.names, col.seconds
-    queries = col.queries
     fits = {}
-    scales = stream_scales(lm, cfg, queries)
+    scales = stream_scales(lm, cfg, col)
     block = spec.head_dim if cfg.normalize_heads else 1
     for s in tqdm(("k", "v"), desc="calibration: PCA + group errors", disable=not show_progress):
         key = (s, cfg.key_scale if s == "k" else cfg.value_scale, block)
@@ -204,6 +232,7 @@ def write_artifacts(
             "key_scale": cfg.key_scale,
             "value_scale": cfg.value_scale,
             "basis_bf16": cfg.basis_bf16,
+            "fisher_continuation": cfg.fisher_continuation,
             "edge_tokens_skipped": cfg.edge_tokens,
             "seconds": {"collect": round(t_collect, 1), "pca_and_errors": round(t_fit, 1)},
         }

@@ -154,14 +154,18 @@ def value_metric_diag(model: torch.nn.Module, spec: ModelSpec) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def metric_scale(diag: torch.Tensor, floor: float = 1e-3) -> torch.Tensor:
+def metric_scale(diag: torch.Tensor, floor: float = 1e-3, mean: float | None = None) -> torch.Tensor:
     """Per-feature scale ``[F]`` float32 ``1 / sqrt(diag)`` for ``diag [L, H, D]``, normalised to mean 1.
 
     Features with metric below ``floor`` times the mean are clamped there (their error is nearly
     invisible, but a zero would make the scale infinite). ``F`` is ordered ``(L, H, D)`` as the codec's.
+    ``mean`` replaces ``diag``'s own mean as the normaliser (one normalisation for several streams).
     """
     if (diag < 0).any():
         raise ValueError("metric diagonal must be non-negative")
     m = diag.flatten()  # [F]
-    m = m / m.mean()
+    ref = float(m.mean()) if mean is None else mean
+    if not ref > 0:
+        raise ValueError(f"metric normaliser must be positive, got {ref}")
+    m = m / ref
     return m.clamp(min=floor).rsqrt().float()

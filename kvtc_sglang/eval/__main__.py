@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..calibration.fit import artifact_name
-from ..calibration.model import DEFAULT_MODEL, MODELS, load_model
+from ..calibration.model import COMPUTE_DTYPES, DEFAULT_COMPUTE, DEFAULT_MODEL, MODELS, load_model
 from ..codec import KVTCCodec, load_artifact
 from .harness import EvalConfig, evaluate
 from .methods import Method, deflate_method, fp8_method, kivi_method, kvtc_method, pca_truncation_method
@@ -88,9 +88,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--continuation", type=int, default=256)
     p.add_argument("--json", type=Path, default=None, help="write the full report (per-layer errors) here")
+    p.add_argument("--compute-dtype", choices=sorted(COMPUTE_DTYPES), default=DEFAULT_COMPUTE,
+                   help="model arithmetic (the KV cache is bfloat16 either way)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    lm = load_model(args.model)
+    lm = load_model(args.model, compute_dtype=COMPUTE_DTYPES[args.compute_dtype])
     codecs = {}
     for ratio in args.ratios:
         path = args.artifacts / artifact_name(lm.spec.name, ratio)

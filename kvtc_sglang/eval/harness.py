@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..calibration.corpus import token_sequences
-from ..calibration.model import LoadedModel, prefill_kv
+from ..calibration.model import LoadedModel, kv_dtype, prefill_kv
 from .methods import Method
 
 
@@ -110,7 +110,7 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig, methods: dict[str, tuple[Method, 
     per_kind = {(name, kind): Tally() for name in methods for kind in cfg.kinds}
     for kind, ids in eval_segments(lm, cfg):
         ctx, cont, tgt = ids[: cfg.context], ids[cfg.context : -1], ids[cfg.context + 1 :]
-        k, v, cache = prefill_kv(lm.model, ctx)  # [L, T, H, D]
+        k, v, cache = prefill_kv(lm.model, ctx, kv_dtype(lm.spec))  # [L, T, H, D] in the KV dtype
         ref = _continue(lm, copy.deepcopy(cache), cont)  # [C, vocab] log-probs
         ref_nll = -ref.gather(1, tgt[:, None]).sum().item()
         positions = torch.arange(cfg.context)
