@@ -11,6 +11,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.registry import TreeCacheBuildContext, get_radix_cache_factory
 
@@ -136,6 +137,7 @@ def test_launch_server_stops_with_one_clear_line():
 
 def test_start_up_refuses_a_local_model_the_calibration_does_not_fit(lm, artifact_path, tmp_path):
     cfg = copy.deepcopy(lm.model.config)
+    cfg.dtype = torch.bfloat16  # as the HF export is saved (the test model computes in fp32)
     cfg.save_pretrained(tmp_path / "same")
     ok = parse(["--kv-backend", "kvtc", "--kvtc-calibration", str(artifact_path)])
     ok.model_path = str(tmp_path / "same")
