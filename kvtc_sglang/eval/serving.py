@@ -4,7 +4,9 @@ Each turn: match the cached prefix and load back its compressed part (``init_loa
 admission does; restored nodes keep their blob), read the prefix K/V
 from the pool exactly as attention would, run the model on the new tokens on top of it (which also
 yields their K/V, written back to the pool), insert, then let the cache compress what went cold. The
-logits of the new tokens are compared with an uncompressed full prefill of the same sequence.
+logits of the new tokens are compared with an uncompressed full prefill of the same sequence. The model may
+compute in a wider dtype than the pool (fp32 model, bf16 pool, as SGLang's CPU server runs): new K/V are
+rounded to the pool's dtype when written, as the server's pool does.
 
 Scenarios (real held-out text):
 - ``multi_turn``: one conversation whose every turn re-sends all previous turns;
@@ -49,7 +51,8 @@ def _to_cache(model, k: torch.Tensor, v: torch.Tensor) -> DynamicCache:
     """``[L, T, H, D]`` K/V -> a transformers cache of batch 1."""
     cache = DynamicCache(config=model.config)
     for layer in range(k.shape[0]):
-        cache.update(k[layer].transpose(0, 1)[None], v[layer].transpose(0, 1)[None], layer)  # [1, H, T, D]
+        k_l = k[layer].transpose(0, 1)[None].to(model.dtype)  # [T, H, D] -> [1, H, T, D] in the compute dtype
+        cache.update(k_l, v[layer].transpose(0, 1)[None].to(model.dtype), layer)
     return cache
 
 
@@ -69,7 +72,8 @@ def _turn(lm: LoadedModel, drv: Driver, tokens: list[int], tally: dict) -> None:
     out = lm.model(ids[None, n:], past_key_values=past, use_cache=True)
     logp = out.logits[0].float().log_softmax(-1)  # [T - n, vocab]
     ref = lm.model(ids[None, :]).logits[0, n:].float().log_softmax(-1)  # uncompressed full prefill
-    k_all, v_all = cache_to_kv(out.past_key_values)  # [L, T, H, D]
+    k_all, v_all = cache_to_kv(out.past_key_values)  # [L, T, H, D] in the compute dtype
+    k_all, v_all = k_all.to(drv.kv.dtype), v_all.to(drv.kv.dtype)  # what the KV pool stores
     tally["tokens"] += len(tokens) - n
     tally["top1"] += int((logp.argmax(-1) == ref.argmax(-1)).sum())
     tally["kl"] += float((ref.exp() * (ref - logp)).sum())
