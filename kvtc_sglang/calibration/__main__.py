@@ -16,7 +16,9 @@ from .model import COMPUTE_DTYPES, DEFAULT_COMPUTE, DEFAULT_MODEL, MODELS, load_
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(prog="python -m kvtc_sglang.calibration", description=__doc__)
     p.add_argument("--model", choices=MODELS, default=DEFAULT_MODEL, help="model to calibrate")
-    p.add_argument("--tokens", type=int, default=100_000, help="calibration tokens (half prose, half code)")
+    p.add_argument("--tokens", type=int, default=100_000, help="calibration tokens (equal shares of --domains)")
+    p.add_argument("--domains", nargs="+", default=list(CalibrationConfig.domains),
+                   help="calibration text kinds: prose, code, c (C headers); perl is evaluation-only")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--ratios", type=float, nargs="+", default=[16.0], help="target compression ratios")
     p.add_argument("--out", type=Path, default=Path("artifacts"), help="output folder")
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         basis_bf16=args.basis_bf16,
         joint_budget=args.joint_budget,
         fisher_continuation=args.fisher_continuation,
+        domains=tuple(args.domains),
     )
     t0 = time.perf_counter()
     lm = load_model(args.model, compute_dtype=COMPUTE_DTYPES[args.compute_dtype])

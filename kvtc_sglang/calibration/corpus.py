@@ -2,9 +2,13 @@
 
 * prose: the Python reference manual's topic pages (``pydoc_data.topics``, shipped with CPython);
 * code: the Python standard library's own ``.py`` sources;
+* c: C and C++ headers under ``/usr/include`` (Debian's libc6-dev, linux-libc-dev and whatever else the machine
+  has installed there: declarations, macros and their comments; identical copies counted once), an optional
+  extra calibration domain (``CalibrationConfig.domains``), drawn in CRC32 order of the path so that a sample
+  spans many packages;
 * perl: Perl modules (``.pm``: Perl code and POD documentation) shipped by Debian's ``perl-base`` and
   ``perl-modules-5.*`` packages -- a third domain, neither Python prose nor Python code, used for
-  evaluation only (calibration reads prose and code).
+  evaluation only (calibration reads prose and code, and C headers when asked).
 
 Documents are assigned to a split by a CRC32 of their name, so the split is stable and disjoint; the
 document names of each split are recorded in the artifact.
@@ -19,8 +23,15 @@ from pathlib import Path
 from typing import Any
 
 SPLITS = ("calibration", "evaluation")
-KINDS = ("prose", "code", "perl")
+KINDS = ("prose", "code", "c", "perl")
 EVAL_ONLY_KINDS = {"perl": "Perl modules (*.pm) of Debian perl-base and perl-modules-5.x (/usr/share/perl, perl-base)"}
+SOURCES = {
+    "prose": "pydoc_data.topics (the Python reference manual's topic pages)",
+    "code": "CPython stdlib *.py",
+    "c": "C and C++ headers under /usr/include (*.h, identical copies once), in CRC32 order of the path",
+    "perl": EVAL_ONLY_KINDS["perl"],
+}
+_C_ROOT = Path("/usr/include")
 _PERL_ROOTS = ("/usr/share/perl", "/usr/lib/x86_64-linux-gnu/perl-base", "/usr/lib/aarch64-linux-gnu/perl-base")
 
 
@@ -51,6 +62,19 @@ def _code(max_bytes: int = 60_000) -> list[Document]:
     return docs
 
 
+def _c(max_bytes: int = 60_000) -> list[Document]:
+    docs, seen = [], set()
+    for path in sorted(_C_ROOT.rglob("*.h")) if _C_ROOT.is_dir() else []:
+        if path.is_file() and 2_000 <= path.stat().st_size <= max_bytes:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if (digest := zlib.crc32(text.encode())) not in seen:  # one copy of headers vendored per arch
+                seen.add(digest)
+                docs.append(Document(f"include:{path.relative_to(_C_ROOT).as_posix()}", "c", text))
+    if not docs:
+        raise RuntimeError(f"no C headers found under {_C_ROOT}: apt-get install libc6-dev")
+    return sorted(docs, key=lambda d: zlib.crc32(d.name.encode()))  # spread over packages, not alphabetical
+
+
 def _perl(max_bytes: int = 60_000) -> list[Document]:
     docs = []
     for root in map(Path, _PERL_ROOTS):
@@ -66,12 +90,12 @@ def _perl(max_bytes: int = 60_000) -> list[Document]:
 
 
 def documents(split: str, kind: str) -> list[Document]:
-    """All documents of ``kind`` (prose, code or perl) in ``split`` (calibration or evaluation)."""
+    """All documents of ``kind`` (prose, code, c or perl) in ``split`` (calibration or evaluation)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    docs = {"prose": _prose, "code": _code, "perl": _perl}[kind]()
+    docs = {"prose": _prose, "code": _code, "c": _c, "perl": _perl}[kind]()
     return [d for d in docs if _split_of(d.name) == split]
 
 

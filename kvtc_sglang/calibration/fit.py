@@ -19,7 +19,8 @@ from ..codec.artifact import CalibrationArtifact, StreamCalibration
 from ..codec.quant import FP8_MAX
 from ..codec.rope import remove_rope
 from .bitalloc import allocate_bits, allocate_bits_joint, measure_group_errors
-from .corpus import EVAL_ONLY_KINDS, token_sequences
+from .corpus import EVAL_ONLY_KINDS, SOURCES, token_sequences
+from .corpus import KINDS as DOMAINS
 from .fisher import FisherMoments
 from .metric import QueryMoments, key_metric_diag, metric_scale, value_metric_diag
 from .model import LoadedModel, kv_dtype, prefill_kv
@@ -48,6 +49,7 @@ class CalibrationConfig:
     value_scale: str = "fisher"  # see VALUE_SCALES
     basis_bf16: bool = False  # round the basis to bfloat16 (accuracy test of a half-size artifact)
     fisher_continuation: int = 128  # sampled tokens per sequence for the Fisher diagonal (used by "fisher")
+    domains: tuple[str, ...] = ("prose", "code")  # calibration text kinds, equal shares (corpus.py)
 
     def __post_init__(self) -> None:
         if self.seq_len <= 2 * self.edge_tokens:
@@ -61,6 +63,10 @@ class CalibrationConfig:
                 f"key_scale must be one of {KEY_SCALES} and value_scale one of {VALUE_SCALES}, "
                 f"got {self.key_scale!r}, {self.value_scale!r}"
             )
+        bad = [d for d in self.domains if d not in DOMAINS or d in EVAL_ONLY_KINDS]
+        if not self.domains or bad or len(set(self.domains)) != len(self.domains):
+            allowed = tuple(d for d in DOMAINS if d not in EVAL_ONLY_KINDS)
+            raise ValueError(f"domains must be distinct kinds from {allowed}, got {self.domains}")
         if self.holdout_every < 2:
             raise ValueError(f"holdout_every must be >= 2, got {self.holdout_every}")
         if "fisher" in (self.key_scale, self.value_scale) and self.fisher_continuation == 0:
@@ -158,10 +164,10 @@ def collect(lm: LoadedModel, cfg: CalibrationConfig, show_progress: bool = True)
     """Run the model over the calibration text once; the result can be fitted with several settings."""
     t0 = time.perf_counter()
     spec = lm.spec
-    seqs, names = [], {}
-    for kind in ("prose", "code"):
-        s, n = token_sequences(lm.tokenizer, "calibration", kind, cfg.seq_len, cfg.tokens // 2)
-        seqs.extend(s)
+    per_kind, names = [], {}
+    for kind in cfg.domains:
+        s, n = token_sequences(lm.tokenizer, "calibration", kind, cfg.seq_len, cfg.tokens // len(cfg.domains))
+        per_kind.append(s)
         names[kind] = n
     acc = {"k": CovarianceAccumulator(spec.num_features), "v": CovarianceAccumulator(spec.num_features)}
     held: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
@@ -171,7 +177,8 @@ def collect(lm: LoadedModel, cfg: CalibrationConfig, show_progress: bool = True)
     wants_fisher = cfg.fisher_continuation > 0 and "fisher" in (cfg.key_scale, cfg.value_scale)
     fisher = FisherMoments(spec) if wants_fisher else None
     gen = torch.Generator().manual_seed(0)
-    order = [seqs[i // 2 + (len(seqs) + 1) // 2 * (i % 2)] for i in range(len(seqs))]  # interleave prose/code
+    longest = max(len(s) for s in per_kind)
+    order = [s[i] for i in range(longest) for s in per_kind if i < len(s)]  # interleave the domains
     for i, ids in enumerate(tqdm(order, desc="calibration: collect K/V", disable=not show_progress)):
         with queries.hooks(lm.model, keep):
             k, v, _ = prefill_kv(lm.model, ids, kv_dtype(spec))  # [L, T, H, D] in the KV dtype
@@ -218,7 +225,7 @@ def write_artifacts(
     for ratio in tqdm(cfg.ratios, desc="calibration: DP bit allocation", disable=not show_progress):
         info = {
             "corpus": {
-                "source": "pydoc_data.topics (prose) + CPython stdlib *.py (code)",
+                "source": " + ".join(f"{SOURCES[d]} ({d})" for d in cfg.domains),
                 "documents": names,
                 "split": "calibration",
                 "disjoint_from": "evaluation split (crc32(name) % 4 == 0)",
