@@ -46,6 +46,8 @@ def main() -> None:
     args = p.parse_args()
     lm = load_model(args.model, compute_dtype=COMPUTE_DTYPES[args.compute_dtype])
     base = CalibrationConfig(tokens=args.tokens, seq_len=args.seq_len, ratios=tuple(args.ratios))
+    if not any("fisher" in (VARIANTS[n].get("key_scale"), VARIANTS[n].get("value_scale")) for n in args.variants):
+        base = replace(base, key_scale="rms", value_scale="rms", fisher_continuation=0)  # skip the Fisher pass
     col = collect(lm, base)
     print(f"collect: {col.seconds:.1f} s, {col.acc['k'].num_tokens} fit tokens")
     cache: dict = {}

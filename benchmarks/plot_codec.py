@@ -4,7 +4,10 @@ curves from an evaluation report.
     python benchmarks/plot_codec.py --artifact artifacts/smollm2-135m-instruct.r16.kvtc.safetensors \
         --eval out/eval.json --out out
 
-``out/eval.json`` is written by ``python -m kvtc_sglang`` (or ``python -m kvtc_sglang.eval --json``).
+``out/eval.json`` is written by ``python -m kvtc_sglang.eval --json``. Before/after curves of calibration
+variants (issue 13) from ``benchmarks/eval_levers.py --json``:
+
+    python benchmarks/plot_codec.py --levers-json out/eval_before_after.json --out out
 """
 
 from __future__ import annotations
@@ -73,16 +76,54 @@ def curves(eval_json: Path, out: Path) -> Path:
     return path
 
 
+_LABELS = {"rms": "RMS scales, K/V 50/50 (before issue 13)", "query": "lever 1: key metric from queries",
+           "fisher_joint": "lever 3: Fisher scales, joint K+V budget (default)"}
+
+
+def lever_curves(levers_json: Path, out: Path) -> Path:
+    """KL, top-1 and perplexity change against the ratio after DEFLATE, one line per calibration variant."""
+    results = json.loads(levers_json.read_text())["results"]
+    lines: dict[str, list] = {}
+    for name, r in results.items():
+        m = re.fullmatch(r"(\S+) r([\d.]+)", name)  # "VARIANT rRATIO"; split-K/V rows have a suffix
+        if m:
+            lines.setdefault(m.group(1), []).append((r["ratio_after_entropy"], r))
+    if not lines:
+        raise ValueError(f"{levers_json}: no 'VARIANT rRATIO' results (write it with benchmarks/eval_levers.py)")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    metrics = (("mean_kl", "mean KL (nats)", 1.0), ("top1_agreement", "top-1 agreement (%)", 100.0),
+               ("perplexity_change_pct", "perplexity change (%)", 1.0))
+    for ax, (key, label, scale) in zip(axes, metrics, strict=True):
+        for var, pts in lines.items():
+            pts.sort(key=lambda x: x[0])
+            ax.plot([x for x, _ in pts], [r[key] * scale for _, r in pts], "o-", label=_LABELS.get(var, var))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("compression ratio after DEFLATE (x)")
+        ax.set_title(label)
+        if key == "mean_kl":
+            ax.set_yscale("log")
+            ax.axhline(0.01, color="grey", lw=0.8, ls="--")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "ratio_accuracy_levers.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--artifact", type=Path, required=True)
+    ap.add_argument("--artifact", type=Path, default=None)
     ap.add_argument("--eval", type=Path, default=None)
+    ap.add_argument("--levers-json", type=Path, default=None, help="eval_levers.py --json output")
     ap.add_argument("--out", type=Path, default=Path("out"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(bit_allocation(args.artifact, args.out))
+    if args.artifact:
+        print(bit_allocation(args.artifact, args.out))
     if args.eval:
         print(curves(args.eval, args.out))
+    if args.levers_json:
+        print(lever_curves(args.levers_json, args.out))
 
 
 if __name__ == "__main__":

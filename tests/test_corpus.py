@@ -35,3 +35,9 @@ def test_token_sequences_respect_the_budget(lm):
     seqs, names = token_sequences(lm.tokenizer, "calibration", "c", 256, 1_000)
     assert len(seqs) == 4 and all(s.numel() == 256 for s in seqs) and names
     assert not set(names) & {d.name for d in documents("evaluation", "c")}
+
+
+def test_too_few_tokens_for_a_held_out_sequence_is_refused():
+    with pytest.raises(ValueError, match=r"at least holdout_every = 8 sequences of 1024 \(>= 8192 tokens\)"):
+        CalibrationConfig(tokens=4096, seq_len=1024)
+    assert CalibrationConfig(tokens=8192, seq_len=1024).holdout_every == 8

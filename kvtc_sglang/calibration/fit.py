@@ -54,8 +54,13 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         if self.seq_len <= 2 * self.edge_tokens:
             raise ValueError(f"seq_len {self.seq_len} must exceed twice edge_tokens {self.edge_tokens}")
-        if self.tokens < 2 * self.seq_len:
-            raise ValueError(f"tokens {self.tokens} must cover at least 2 sequences of {self.seq_len}")
+        if self.holdout_every < 2:
+            raise ValueError(f"holdout_every must be >= 2, got {self.holdout_every}")
+        if self.tokens < self.holdout_every * self.seq_len:  # else no sequence is held out for the DP's errors
+            raise ValueError(
+                f"tokens {self.tokens} must cover at least holdout_every = {self.holdout_every} sequences of "
+                f"{self.seq_len} (>= {self.holdout_every * self.seq_len} tokens)"
+            )
         if not self.ratios or min(self.ratios) <= 1.0:
             raise ValueError(f"ratios must be > 1, got {self.ratios}")
         if self.key_scale not in KEY_SCALES or self.value_scale not in VALUE_SCALES:
@@ -67,8 +72,6 @@ class CalibrationConfig:
         if not self.domains or bad or len(set(self.domains)) != len(self.domains):
             allowed = tuple(d for d in DOMAINS if d not in EVAL_ONLY_KINDS)
             raise ValueError(f"domains must be distinct kinds from {allowed}, got {self.domains}")
-        if self.holdout_every < 2:
-            raise ValueError(f"holdout_every must be >= 2, got {self.holdout_every}")
         if "fisher" in (self.key_scale, self.value_scale) and self.fisher_continuation == 0:
             raise ValueError("key_scale/value_scale 'fisher' needs fisher_continuation > 0 (sampled tokens)")
         if not 0 <= self.fisher_continuation <= self.seq_len - 2 * self.edge_tokens:
