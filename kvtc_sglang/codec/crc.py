@@ -211,7 +211,7 @@ def crc32_many(chunks: Sequence[torch.Tensor], method: str = "auto") -> list[int
         if c.device != device:
             raise ValueError(f"CRC chunks must share one device: {device} and {c.device}")
     if method == "zlib" or (method == "auto" and device.type == "cpu"):
-        return [zlib.crc32(c.detach().cpu().contiguous().numpy()) for c in chunks]
+        return [zlib.crc32(c.detach().cpu().contiguous().numpy().data) for c in chunks]
     raw = raw_crc_torch(chunks).tolist()  # the one device-to-host copy: [C] values
     return [(r & 0xFFFFFFFF) ^ zeros_crc(int(c.numel())) for r, c in zip(raw, chunks, strict=True)]
 
