@@ -76,6 +76,7 @@ class KVTCCodec:
         self._entropy = entropy
         self._streams: dict[torch.device, DeviceStreams] = {}
         self._backends: dict[torch.device, PayloadBackend] = {}
+        self._coders: dict[torch.device, EntropyCoder] = {}
         if kernels == "triton":  # fail here, not on the first encode, if Triton or the precision is wrong
             from .backend_triton import check_dot_precision
 
@@ -106,7 +107,12 @@ class KVTCCodec:
         return self.kernels == "triton" or (self.kernels == "auto" and device.type == "cuda")
 
     def _coder(self, device: torch.device) -> EntropyCoder:
-        return self._entropy if self._entropy is not None else default_entropy_coder(device)
+        """The entropy coder for ``device``: the one given, else the default, made once per device."""
+        if self._entropy is not None:
+            return self._entropy
+        if device not in self._coders:  # nvCOMP keeps one codec per stream inside: reuse it
+            self._coders[device] = default_entropy_coder(device)
+        return self._coders[device]
 
     def payload_nbytes(self, num_tokens: int) -> int:
         """Bytes of quantized K and V before DEFLATE for ``num_tokens`` tokens."""
