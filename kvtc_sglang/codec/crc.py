@@ -10,9 +10,9 @@ remainder by ``x^(8n)`` modulo the polynomial, a linear map of 32 bits applied w
 ``zlib.crc32(m) = R(m) ^ zlib.crc32(bytes(len(m)))``, and the second term depends on the length only.
 
 So the bytes are cut into 16-byte words (one gather from a ``[16, 256]`` table and an XOR tree per word)
-and the word CRCs are merged pairwise, ``log2`` levels, all chunks at once (see :func:`raw_crc_torch`): a
-few dozen vectorised torch ops whatever the number of chunks, no Python loop over bytes. On the CPU zlib
-is much faster (see ``benchmarks/crc_bench.py``), so CPU tensors go to zlib.
+and the word CRCs are merged pairwise, ``log2`` levels, all chunks at once (see :func:`raw_crc_torch`):
+about a hundred small vectorised torch ops per batch whatever the number of chunks, no Python loop over
+bytes. On the CPU zlib is far faster (see ``benchmarks/crc_bench.py``), so CPU tensors go to zlib.
 """
 
 from __future__ import annotations
@@ -116,23 +116,26 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _DEVICE_TABLES[device]
 
 
+def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for a 1-D table (``index_select`` on the flat index: much faster than ``[]`` on CPU)."""
+    return table.index_select(0, index.reshape(-1)).view(index.shape)
+
+
 def _merge(v: torch.Tensor, merge: torch.Tensor, level: int) -> torch.Tensor:
     """Merge the ``[rows, n]`` raw CRCs of consecutive ``_WORD * 2**level``-byte blocks pairwise until one is left.
 
-    An odd count gets a leading zero block (leading zero bytes leave a raw CRC unchanged).
+    An odd count gets a leading zero block (leading zero bytes leave a raw CRC unchanged). The left CRC of
+    each pair is shifted by one gather of its four bytes from ``merge[level]`` (``[4 * 256]`` int32).
     """
+    byte_offsets = torch.arange(4, dtype=torch.int64, device=v.device) * 256
     while v.shape[1] > 1:
         if v.shape[1] % 2:
             v = torch.nn.functional.pad(v, (1, 0))
-        left, right = v[:, 0::2], v[:, 1::2]
-        t = merge[level]
-        v = (
-            t[left & 255]
-            ^ t[((left >> 8) & 255) + 256]
-            ^ t[((left >> 16) & 255) + 512]
-            ^ t[((left >> 24) & 255) + 768]
-            ^ right
-        )
+        pairs = v.view(v.shape[0], -1, 2)
+        left = pairs[..., 0].clone(memory_format=torch.contiguous_format)  # strides (n/2, 1), even when n/2 == 1
+        left_bytes = left.view(torch.uint8).view(v.shape[0], -1, 4)  # little endian: byte k = bits 8k..8k+7
+        shifted = _take(merge[level], left_bytes.long() + byte_offsets)  # [rows, n/2, 4]: shift of each byte
+        v = shifted[..., 0] ^ shifted[..., 1] ^ shifted[..., 2] ^ shifted[..., 3] ^ pairs[..., 1]
         level += 1
     return v[:, 0]
 
@@ -152,7 +155,7 @@ def _right_align(flat: torch.Tensor, lengths: list[int], width: torch.Tensor | i
     row = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens, output_size=total)
     src_start = torch.cumsum(lens, 0) - lens
     dst_end = torch.cumsum(spans, 0)
-    out[torch.arange(total, device=device) + (dst_end - lens - src_start)[row]] = flat
+    out[torch.arange(total, device=device) + _take(dst_end - lens - src_start, row)] = flat
     return out
 
 
@@ -179,7 +182,7 @@ def raw_crc_torch(chunks: Sequence[torch.Tensor]) -> torch.Tensor:
     padded = _right_align(flat, lengths, blocks_t * block, nblocks * block)  # [nblocks * B] uint8
     leaf, merge = _tables(device)
     offsets = torch.arange(_WORD, dtype=torch.int64, device=device) * 256
-    v = leaf[padded.view(nblocks, block // _WORD, _WORD).long() + offsets]  # [nblocks, B/16, 16] int32
+    v = _take(leaf, padded.view(nblocks, block // _WORD, _WORD).long() + offsets)  # [nblocks, B/16, 16] int32
     w = _WORD
     while w > 1:
         w //= 2
