@@ -14,7 +14,9 @@ Steps, each recorded (a failure is reported, the next step still runs):
 2. tests, kernels compiled (``TRITON_INTERPRET`` unset), ``KVTC_GPU_BUNDLE`` pointing at the bundle:
    ``test_triton_kernels`` and ``test_codec_triton`` (kernels against their torch references),
    ``test_gpu`` (nvCOMP <-> zlib both ways, GPU decode = CPU decode), ``test_gpu_flashinfer`` (FlashInfer's
-   paged decode reading restored pages); passed / failed / skipped per file, with the skip reasons;
+   paged decode reading restored pages), ``test_crc`` (the torch CRC-32 on CUDA = zlib),
+   ``test_nvcomp_stream`` (nvCOMP and the codec inside a non-default ``torch.cuda.Stream`` = default
+   stream); passed / failed / skipped per file, with the skip reasons;
 3. ``benchmarks/gpu_kernels.py`` once per dot precision at ``--tokens`` (1K/4K/8K/32K): encode/decode GB/s
    and roofline fraction, restore vs prefill recompute, nvCOMP share.
 
@@ -37,7 +39,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-GPU_TESTS = ("test_triton_kernels.py", "test_codec_triton.py", "test_gpu.py", "test_gpu_flashinfer.py")
+GPU_TESTS = ("test_triton_kernels.py", "test_codec_triton.py", "test_gpu.py", "test_gpu_flashinfer.py",
+             "test_crc.py", "test_nvcomp_stream.py")  # fmt: skip
 SMOKE_TESTS = ("test_triton_kernels.py::test_bad_inputs_are_refused_with_the_expected_values",)
 
 

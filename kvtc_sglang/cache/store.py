@@ -52,7 +52,8 @@ class BlobStore:
         self.page_size = page_size
         self.max_pages = max_slots // page_size
         self.blocks_per_page = len(buffers) * page_size
-        self._page_slots: list[torch.Tensor | None] = [None] * self.max_pages  # page -> [P] int64 slots
+        self._page_slots: list[torch.Tensor | None] = [None] * self.max_pages  # page -> [P] slots, as allocated
+        self._page_table = torch.full((self.max_pages, page_size), -1, dtype=torch.int64)  # [max_pages, P], CPU
         self._page_used = [0] * self.max_pages  # used blocks per page
         self._free: list[int] = []  # min-heap of free block ids on held pages
         self._free_set: set[int] = set()
@@ -84,6 +85,7 @@ class BlobStore:
             return False
         page = self._page_slots.index(None)  # lowest unused page number
         self._page_slots[page] = slots.to(torch.int64)
+        self._page_table[page] = slots.to(device="cpu", dtype=torch.int64)  # -1 rows: pages not held
         self.num_pages += 1
         first = page * self.blocks_per_page
         for block in range(first, first + self.blocks_per_page):
@@ -96,6 +98,7 @@ class BlobStore:
         first = page * self.blocks_per_page
         self._free_set.difference_update(range(first, first + self.blocks_per_page))  # heap entries go lazily
         self._page_slots[page] = None
+        self._page_table[page] = -1
         self.num_pages -= 1
         self.allocator.free(slots)
 
@@ -106,22 +109,29 @@ class BlobStore:
                 self._free_set.discard(block)
                 return block
 
-    def _held_page(self, page: int) -> torch.Tensor:
-        """The ``[P]`` slots of a page the store holds."""
-        slots = self._page_slots[page]
-        if slots is None:
-            raise RuntimeError(f"blob store page {page} is not held (a block points into a returned page)")
-        return slots
+    def _locate(self, blocks: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(buffer, positions in the blob [k_b], slot rows [k_b])`` per buffer the blob uses, both on device.
 
-    def _locate(self, blocks: torch.Tensor):
-        """Yield ``(buffer, positions in the blob, slot rows [k] on device)`` per buffer."""
+        One lookup in the ``[max_pages, P]`` page table finds every block's slot; the blocks are then
+        grouped by buffer with one sort, and the index tensors go to the device once.
+        """
         nbuf = len(self._rows)
         per_slot = blocks // nbuf  # slot position = page * P + offset
+        slots = self._page_table[per_slot // self.page_size, per_slot % self.page_size]  # [k] int64
+        if bool((slots < 0).any()):
+            bad = int(per_slot[slots < 0][0]) // self.page_size
+            raise RuntimeError(f"blob store page {bad} is not held (a block points into a returned page)")
         buf_ids = blocks % nbuf
-        slots = torch.stack([self._held_page(p // self.page_size)[p % self.page_size] for p in per_slot.tolist()])
-        for b in torch.unique(buf_ids).tolist():
-            sel = (buf_ids == b).nonzero().squeeze(1)  # positions in the blob, ascending
-            yield b, sel, slots[sel].to(self.device)
+        order = torch.argsort(buf_ids, stable=True)  # positions in the blob, grouped by buffer, ascending
+        counts = torch.bincount(buf_ids, minlength=nbuf).tolist()
+        where = order.to(self.device)
+        rows = slots[order].to(self.device)
+        out, at = [], 0
+        for b, n in enumerate(counts):
+            if n:
+                out.append((b, where[at : at + n], rows[at : at + n]))
+                at += n
+        return out
 
     # ----- blobs -----
 
@@ -141,14 +151,14 @@ class BlobStore:
         padded[: blob.numel()] = blob.to(self.device)
         rows = padded.view(k, self.row_bytes)  # [k, row_bytes]
         for b, sel, slot_rows in self._locate(blocks):
-            self._rows[b].index_copy_(0, slot_rows, rows[sel.to(self.device)])
+            self._rows[b].index_copy_(0, slot_rows, rows[sel])
         return BlobHandle(blocks, blob.numel())
 
     def get(self, handle: BlobHandle) -> torch.Tensor:
         """The stored bytes, ``[nbytes]`` uint8 on the store's device (a copy)."""
         out = torch.empty(handle.blocks.numel(), self.row_bytes, dtype=torch.uint8, device=self.device)
         for b, sel, slot_rows in self._locate(handle.blocks):
-            out[sel.to(self.device)] = self._rows[b].index_select(0, slot_rows)
+            out[sel] = self._rows[b].index_select(0, slot_rows)
         return out.view(-1)[: handle.nbytes]
 
     def free(self, handle: BlobHandle) -> None:
@@ -174,6 +184,7 @@ class BlobStore:
     def clear(self) -> None:
         """Forget every page without freeing it (SGLang clears the allocator itself after ``reset``)."""
         self._page_slots = [None] * self.max_pages
+        self._page_table.fill_(-1)
         self._page_used = [0] * self.max_pages
         self._free, self._free_set = [], set()
         self.num_pages = 0

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .crc import crc32_many
 from .errors import BlobCalibrationMismatchError, BlobChecksumError, BlobTruncatedError, BlobVersionError
 
 MAGIC = b"KVTC"
@@ -34,6 +35,7 @@ _CHUNK = struct.Struct("<III")
 FLAG_EXPLICIT_POSITIONS = 1
 DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+_HEAD_PREFIX = 4096  # bytes copied to the host to read a header: fixed part + 338 chunk entries
 
 
 @dataclass(frozen=True)
@@ -102,20 +104,48 @@ def build_header(
     return fixed[:8] + struct.pack("<I", crc) + fixed[12:] + body
 
 
-def parse_header(blob: bytes, expect_artifact_id: bytes) -> BlobHeader:
-    """Validate and parse; raises a :class:`~kvtc_sglang.codec.errors.BlobError` subclass on any defect."""
-    if len(blob) < _FIXED.size:
-        raise BlobTruncatedError(f"blob has {len(blob)} bytes, the fixed header alone needs {_FIXED.size}")
-    magic, version, flags, crc, art_id, num_l, num_h, num_d, dcode, _, num_t, start, n_chunks = _FIXED.unpack_from(blob)
+def header_bytes(blob: torch.Tensor) -> bytes:
+    """The header of a blob ``[n] uint8`` (any device) as host bytes, without copying the chunks.
+
+    Copies a prefix that holds the fixed part and, usually, the whole header; a header longer than that
+    (explicit positions of a long segment) takes a second copy of exactly its length. The result may be
+    shorter than the header when the blob is; :func:`parse_header` reports that.
+    """
+    if blob.dtype != torch.uint8 or blob.dim() != 1:
+        raise ValueError(f"blob must be a 1-D uint8 tensor, got {blob.dtype} with shape {list(blob.shape)}")
+    head = blob[:_HEAD_PREFIX].cpu().numpy().tobytes()
+    if len(head) < _FIXED.size:
+        return head
+    magic, _, flags, *_, num_t, _, n_chunks = _FIXED.unpack_from(head)
+    need = header_nbytes(num_t, n_chunks, bool(flags & FLAG_EXPLICIT_POSITIONS))
+    if magic == MAGIC and need > len(head) and blob.numel() > len(head):
+        head = blob[:need].cpu().numpy().tobytes()
+    return head
+
+
+def parse_header(head: bytes, expect_artifact_id: bytes, blob_nbytes: int | None = None) -> BlobHeader:
+    """Validate and parse; raises a :class:`~kvtc_sglang.codec.errors.BlobError` subclass on any defect.
+
+    Args:
+        head: the blob, or at least its first ``min(blob_nbytes, header length)`` bytes (:func:`header_bytes`).
+        expect_artifact_id: the decoder's calibration fingerprint.
+        blob_nbytes: the whole blob's length; default ``len(head)``.
+    """
+    total_in = len(head) if blob_nbytes is None else blob_nbytes
+    if total_in < _FIXED.size:
+        raise BlobTruncatedError(f"blob has {total_in} bytes, the fixed header alone needs {_FIXED.size}")
+    magic, version, flags, crc, art_id, num_l, num_h, num_d, dcode, _, num_t, start, n_chunks = _FIXED.unpack_from(head)
     if magic != MAGIC:
         raise BlobVersionError(f"not a KVTC blob: magic {magic!r}, expected {MAGIC!r}")
     if version != BLOB_VERSION:
         raise BlobVersionError(f"blob format version {version}, this decoder reads version {BLOB_VERSION}")
     explicit = bool(flags & FLAG_EXPLICIT_POSITIONS)
     hdr_len = header_nbytes(num_t, n_chunks, explicit)
-    if len(blob) < hdr_len:
-        raise BlobTruncatedError(f"blob has {len(blob)} bytes, its header needs {hdr_len}")
-    if zlib.crc32(blob[12:hdr_len]) != crc:
+    if total_in < hdr_len:
+        raise BlobTruncatedError(f"blob has {total_in} bytes, its header needs {hdr_len}")
+    if len(head) < hdr_len:
+        raise ValueError(f"parse_header got {len(head)} bytes of a {hdr_len}-byte header (use header_bytes)")
+    if zlib.crc32(head[12:hdr_len]) != crc:
         raise BlobChecksumError("blob header CRC32 mismatch")
     if art_id != expect_artifact_id:
         raise BlobCalibrationMismatchError(
@@ -123,25 +153,31 @@ def parse_header(blob: bytes, expect_artifact_id: bytes) -> BlobHeader:
         )
     if dcode not in CODE_DTYPES:
         raise BlobVersionError(f"unknown dtype code {dcode} in blob header")
-    chunks = tuple(_CHUNK.unpack_from(blob, _FIXED.size + i * _CHUNK.size) for i in range(n_chunks))
+    chunks = tuple(_CHUNK.unpack_from(head, _FIXED.size + i * _CHUNK.size) for i in range(n_chunks))
     if explicit:
         off = _FIXED.size + n_chunks * _CHUNK.size
-        positions = torch.frombuffer(bytearray(blob[off : off + 4 * num_t]), dtype=torch.int32).to(torch.int64)
+        positions = torch.frombuffer(bytearray(head[off : off + 4 * num_t]), dtype=torch.int32).to(torch.int64)
     else:
         positions = torch.arange(start, start + num_t, dtype=torch.int64)
     total = hdr_len + sum(c[0] for c in chunks)
-    if len(blob) != total:
-        raise BlobTruncatedError(f"blob has {len(blob)} bytes, header and chunk table say {total}")
+    if total_in != total:
+        raise BlobTruncatedError(f"blob has {total_in} bytes, header and chunk table say {total}")
     return BlobHeader(art_id, num_l, num_h, num_d, CODE_DTYPES[dcode], positions, chunks, hdr_len)
 
 
-def verify_chunks(blob: bytes, header: BlobHeader) -> list[tuple[int, int]]:
-    """Check each chunk's CRC32; returns ``(offset, length)`` of every chunk."""
+def verify_chunks(blob: torch.Tensor, header: BlobHeader) -> list[tuple[int, int]]:
+    """Check each chunk's CRC32 where ``blob [n] uint8`` lives; returns ``(offset, length)`` of every chunk.
+
+    On a GPU the CRCs are computed there (:func:`~.crc.crc32_many`); only the ``[num_chunks]`` CRC values
+    come to the host, not the blob.
+    """
     spans = []
     off = header.data_offset
-    for i, (clen, _, crc) in enumerate(header.chunks):
-        if zlib.crc32(blob[off : off + clen]) != crc:
-            raise BlobChecksumError(f"chunk {i} CRC32 mismatch")
+    for clen, _, _ in header.chunks:
         spans.append((off, clen))
         off += clen
+    got = crc32_many([blob[o : o + n] for o, n in spans])
+    for i, ((_, _, crc), actual) in enumerate(zip(header.chunks, got, strict=True)):
+        if actual != crc:
+            raise BlobChecksumError(f"chunk {i} CRC32 mismatch: table says {crc:#010x}, bytes give {actual:#010x}")
     return spans

@@ -17,20 +17,26 @@ writes the rows in place, the torch backend gathers (scatters) them.
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 
 from .artifact import CalibrationArtifact
 from .backend import DeviceStreams, PayloadBackend, TorchBackend
-from .blob import BlobHeader, build_header, header_nbytes, parse_header, verify_chunks
+from .blob import BlobHeader, build_header, header_bytes, header_nbytes, parse_header, verify_chunks
 from .checks import check_kv, check_layers, check_positions
+from .crc import crc32_many
 from .entropy import EntropyCoder, default_entropy_coder
 from .errors import BlobCalibrationMismatchError, BlobChecksumError, BlobPositionsError
 from .quant import payload_nbytes
 
 DEFAULT_CHUNK_BYTES = 1 << 16
 KERNELS = ("auto", "torch", "triton")
+
+
+def _as_tensor(blob: torch.Tensor | bytes) -> torch.Tensor:
+    """A blob as a ``[n] uint8`` tensor: a tensor as is, bytes as a CPU tensor (a copy)."""
+    if not isinstance(blob, (bytes, bytearray)):
+        return blob
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8)
 
 
 class KVTCCodec:
@@ -70,6 +76,7 @@ class KVTCCodec:
         self._entropy = entropy
         self._streams: dict[torch.device, DeviceStreams] = {}
         self._backends: dict[torch.device, PayloadBackend] = {}
+        self._coders: dict[torch.device, EntropyCoder] = {}
         if kernels == "triton":  # fail here, not on the first encode, if Triton or the precision is wrong
             from .backend_triton import check_dot_precision
 
@@ -100,7 +107,12 @@ class KVTCCodec:
         return self.kernels == "triton" or (self.kernels == "auto" and device.type == "cuda")
 
     def _coder(self, device: torch.device) -> EntropyCoder:
-        return self._entropy if self._entropy is not None else default_entropy_coder(device)
+        """The entropy coder for ``device``: the one given, else the default, made once per device."""
+        if self._entropy is not None:
+            return self._entropy
+        if device not in self._coders:  # nvCOMP keeps one codec per stream inside: reuse it
+            self._coders[device] = default_entropy_coder(device)
+        return self._coders[device]
 
     def payload_nbytes(self, num_tokens: int) -> int:
         """Bytes of quantized K and V before DEFLATE for ``num_tokens`` tokens."""
@@ -192,23 +204,25 @@ class KVTCCodec:
             return []
         chunked = [list(torch.split(p, self.chunk_bytes)) if p.numel() else [] for p in payloads]
         flat = self._coder(payloads[0].device).compress([c for chunks in chunked for c in chunks])
+        crcs = crc32_many(flat)  # on the chunks' device; only these values come to the host
         s = self.spec
         blobs, at = [], 0
         for payload, chunks, pos in zip(payloads, chunked, positions, strict=True):
             comp = flat[at : at + len(chunks)]
+            crc = crcs[at : at + len(chunks)]
+            table = [(c.numel(), r.numel(), k) for c, r, k in zip(comp, chunks, crc, strict=True)]
             at += len(chunks)
-            table = [
-                (c.numel(), r.numel(), zlib.crc32(c.cpu().numpy().tobytes())) for c, r in zip(comp, chunks, strict=True)
-            ]
             header = build_header(self.artifact_id, (s.num_layers, s.num_kv_heads, s.head_dim), dtype, pos, table)
             head = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(payload.device)
             blobs.append(torch.cat([head, *comp]))
         return blobs
 
     def read_header(self, blob: torch.Tensor | bytes) -> BlobHeader:
-        """Validate a blob's header against this codec's calibration (no decoding)."""
-        data = bytes(blob) if isinstance(blob, (bytes, bytearray)) else blob.cpu().numpy().tobytes()
-        header = parse_header(data, self.artifact_id)
+        """Validate a blob's header against this codec's calibration (no decoding; copies only the header)."""
+        if isinstance(blob, (bytes, bytearray)):
+            header = parse_header(bytes(blob), self.artifact_id)
+        else:
+            header = parse_header(header_bytes(blob), self.artifact_id, blob.numel())
         s = self.spec
         if (header.num_layers, header.num_heads, header.head_dim) != (s.num_layers, s.num_kv_heads, s.head_dim):
             raise BlobCalibrationMismatchError(
@@ -218,21 +232,21 @@ class KVTCCodec:
         return header
 
     def _unwrap(self, blob: torch.Tensor | bytes, device: torch.device) -> tuple[BlobHeader, torch.Tensor]:
-        """Verify a blob (header, chunk lengths and CRC32s) and inflate it: ``(header, payload [raw] uint8)``."""
-        data = bytes(blob) if isinstance(blob, (bytes, bytearray)) else blob.cpu().numpy().tobytes()
-        header = self.read_header(data)
+        """Verify a blob (header, chunk lengths and CRC32s) and inflate it: ``(header, payload [raw] uint8)``.
+
+        Only the header goes to the host; the chunk CRCs are checked where the blob lives (one small copy
+        of the CRC values), then the blob moves to ``device`` if it is elsewhere.
+        """
+        src = _as_tensor(blob)
+        header = self.read_header(src)
         num_t = header.num_tokens
         if sum(c[1] for c in header.chunks) != self.payload_nbytes(num_t):
             raise BlobChecksumError(
                 f"chunk table holds {sum(c[1] for c in header.chunks)} raw bytes, "
                 f"{num_t} tokens need {self.payload_nbytes(num_t)}"
             )
-        spans = verify_chunks(data, header)
-        src = (
-            blob
-            if isinstance(blob, torch.Tensor) and blob.device == device
-            else torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
-        )
+        spans = verify_chunks(src, header)
+        src = src.to(device)
         comp = [src[off : off + n] for off, n in spans]
         raw = self._coder(device).decompress(comp, [c[1] for c in header.chunks])
         payload = torch.cat(raw) if raw else torch.empty(0, dtype=torch.uint8, device=device)

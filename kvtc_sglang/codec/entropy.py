@@ -66,22 +66,50 @@ class ZlibDeflate:
         return out
 
 
+def current_stream_handle(device_index: int) -> int:
+    """``cudaStream_t`` (as an int) of torch's current stream on CUDA device ``device_index``."""
+    return int(torch.cuda.current_stream(device_index).cuda_stream)
+
+
 class NvcompDeflate:
     """GPU raw DEFLATE through nvCOMP's Python API (``nvidia-nvcomp-cu12``/``-cu13``), batched.
 
     One ``encode``/``decode`` call covers every chunk of every blob passed together; the streams are
     plain DEFLATE (``BitstreamKind.RAW``), readable by :class:`ZlibDeflate`.
+
+    Streams: nvCOMP runs on torch's *current* stream of the chunks' device (SGLang's scheduler runs
+    under its own stream), so its kernels are ordered after the torch work that made the input and
+    before the torch work that reads the output. An nvCOMP ``Codec`` is bound to one stream at
+    creation, so one is made per ``(device, stream)`` and kept (at most ``MAX_CODECS``, oldest dropped).
     """
 
     name = "nvcomp"
+    MAX_CODECS = 16
 
     def __init__(self, algorithm_type: int = 1) -> None:
         from nvidia import nvcomp  # noqa: PLC0415  (optional GPU dependency)
 
         self._nvcomp = nvcomp
-        self._codec = nvcomp.Codec(
-            algorithm="Deflate", bitstream_kind=nvcomp.BitstreamKind.RAW, algorithm_type=algorithm_type
-        )
+        self.algorithm_type = algorithm_type
+        self._codecs: dict[tuple[int, int], Any] = {}
+
+    def codec_for(self, device: torch.device) -> Any:
+        """The nvCOMP codec for ``device`` (a CUDA device) on its current torch stream, made on first use."""
+        if device.type != "cuda":
+            raise ValueError(f"nvCOMP needs CUDA tensors, got a tensor on {device}")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (index, current_stream_handle(index))
+        if key not in self._codecs:
+            if len(self._codecs) >= self.MAX_CODECS:
+                del self._codecs[next(iter(self._codecs))]
+            self._codecs[key] = self._nvcomp.Codec(
+                algorithm="Deflate",
+                bitstream_kind=self._nvcomp.BitstreamKind.RAW,
+                algorithm_type=self.algorithm_type,
+                device_id=index,
+                cuda_stream=key[1],
+            )
+        return self._codecs[key]
 
     @staticmethod
     def _to_torch(arr: Any, device: torch.device) -> torch.Tensor:
@@ -92,7 +120,7 @@ class NvcompDeflate:
         if not chunks:
             return []
         batch = self._nvcomp.as_arrays([c.contiguous() for c in chunks])
-        encoded = self._codec.encode(batch)
+        encoded = self.codec_for(chunks[0].device).encode(batch)
         return [self._to_torch(encoded[i], chunks[i].device) for i in range(len(chunks))]
 
     def decompress(self, chunks: Sequence[torch.Tensor], raw_sizes: Sequence[int]) -> list[torch.Tensor]:
@@ -100,7 +128,7 @@ class NvcompDeflate:
             return []
         # nvCOMP wants 4-byte aligned inputs; chunks sliced out of a blob can start anywhere.
         batch = self._nvcomp.as_arrays([c if c.data_ptr() % 8 == 0 else c.clone() for c in chunks])
-        decoded = self._codec.decode(batch, "|u1")
+        decoded = self.codec_for(chunks[0].device).decode(batch, "|u1")
         out = [self._to_torch(decoded[i], chunks[i].device) for i in range(len(chunks))]
         for o, size in zip(out, raw_sizes, strict=True):
             if o.numel() != size:

@@ -1,0 +1,109 @@
+"""BlobStore round trips: odd sizes, fragmentation, page borrowing and return, on a fake allocator (CPU)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kvtc_sglang.cache.store import BlobHandle, BlobStore
+
+
+class FakeAllocator:
+    """SGLang's allocator interface over a shuffled free list (so a page's slots are scattered rows)."""
+
+    def __init__(self, num_slots: int, page_size: int, seed: int) -> None:
+        pages = list(range(num_slots // page_size))
+        random.Random(seed).shuffle(pages)
+        self.page_size = page_size
+        self.free_pages = [torch.arange(p * page_size, (p + 1) * page_size) for p in pages]
+        self.num_slots = num_slots
+
+    def available_size(self) -> int:
+        return len(self.free_pages) * self.page_size
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        if n != self.page_size:
+            raise ValueError(f"fake allocator hands out whole pages of {self.page_size}, asked for {n}")
+        return self.free_pages.pop() if self.free_pages else None
+
+    def free(self, slots: torch.Tensor) -> None:
+        self.free_pages.append(slots.clone())
+
+
+def _store(num_slots=64, page_size=4, max_slots=32, seed=0):
+    buffers = [torch.zeros(num_slots, 2, 8, dtype=torch.bfloat16) for _ in range(6)]  # 3 layers, rows of 32 bytes
+    alloc = FakeAllocator(num_slots, page_size, seed)
+    return BlobStore(buffers, alloc, page_size, max_slots), alloc, buffers
+
+
+def _blob(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+def test_put_get_free_odd_sizes_with_fragmentation(page_size):
+    store, alloc, _ = _store(num_slots=128, page_size=page_size, max_slots=64, seed=page_size)
+    rng = random.Random(page_size)
+    live: dict[int, tuple[BlobHandle, torch.Tensor]] = {}
+    for step in range(300):
+        if live and (rng.random() < 0.45 or store.room_bytes < 4096):
+            key = rng.choice(sorted(live))
+            store.free(live.pop(key)[0])
+        else:
+            n = rng.choice([0, 1, 31, 32, 33, 97, 255, 1000, rng.randrange(1, 3000)])
+            blob = _blob(n, step)
+            handle = store.put(blob)
+            if handle is None:
+                assert store.pages_needed(n) > 0  # refused only when it really needed pages it cannot borrow
+                continue
+            live[step] = (handle, blob)
+        for handle, blob in live.values():
+            got = store.get(handle)
+            assert got.dtype == torch.uint8 and torch.equal(got, blob)
+        held = store.held_slots()
+        assert held.numel() == store.num_slots == store.num_pages * page_size
+        assert held.numel() + alloc.available_size() == 128  # borrowed + free = the pool
+    for handle, _ in list(live.values()):
+        store.free(handle)
+    assert store.num_pages == 0 and alloc.available_size() == 128  # every page went back
+
+
+def test_blob_spanning_pages_and_buffers_lands_in_borrowed_rows_only():
+    store, alloc, buffers = _store(num_slots=64, page_size=4, max_slots=32)
+    blob = _blob(7 * 32 * 6 + 5, 1)  # more than a page of blocks (4 slots x 6 buffers x 32 bytes)
+    handle = store.put(blob)
+    assert handle is not None and store.num_pages == 2
+    assert torch.equal(store.get(handle), blob)
+    borrowed = store.held_slots()
+    untouched = torch.ones(64, dtype=torch.bool)
+    untouched[borrowed] = False
+    for b in buffers:
+        assert not b[untouched].view(torch.uint8).any()  # rows of slots the store does not hold stay zero
+
+
+def test_full_store_refuses_and_double_free_raises():
+    store, _, _ = _store(num_slots=64, page_size=4, max_slots=8)
+    assert store.put(_blob(store.capacity_bytes + 1, 2)) is None
+    handle = store.put(_blob(store.capacity_bytes, 3))
+    assert handle is not None and store.room_bytes == 0
+    assert store.put(_blob(1, 4)) is None
+    store.free(handle)
+    with pytest.raises(RuntimeError, match="double free"):
+        store.free(handle)
+
+
+def test_reading_a_returned_page_raises():
+    store, _, _ = _store()
+    handle = store.put(_blob(40, 5))
+    assert handle is not None
+    store.free(handle)  # the page was the blob's only one: it goes back to the allocator
+    with pytest.raises(RuntimeError, match="not held"):
+        store.get(handle)
+
+
+def test_refuses_non_byte_blobs():
+    store, _, _ = _store()
+    with pytest.raises(ValueError, match="1-D uint8"):
+        store.put(torch.zeros(4, dtype=torch.int32))
