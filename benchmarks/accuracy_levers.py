@@ -41,11 +41,14 @@ def main() -> None:
     p.add_argument("--ratios", type=float, nargs="+", default=[16.0, 20.0])
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     p.add_argument("--out", type=Path, default=Path("out/levers"))
+    p.add_argument("--domains", nargs="+", default=list(CalibrationConfig.domains),
+                   help="calibration text kinds (lever 4): prose, code, c")
     p.add_argument("--compute-dtype", choices=sorted(COMPUTE_DTYPES), default=DEFAULT_COMPUTE,
                    help="model arithmetic (the KV cache is bfloat16 either way)")
     args = p.parse_args()
     lm = load_model(args.model, compute_dtype=COMPUTE_DTYPES[args.compute_dtype])
-    base = CalibrationConfig(tokens=args.tokens, seq_len=args.seq_len, ratios=tuple(args.ratios))
+    base = CalibrationConfig(tokens=args.tokens, seq_len=args.seq_len, ratios=tuple(args.ratios),
+                             domains=tuple(args.domains))
     if not any("fisher" in (VARIANTS[n].get("key_scale"), VARIANTS[n].get("value_scale")) for n in args.variants):
         base = replace(base, key_scale="rms", value_scale="rms", fisher_continuation=0)  # skip the Fisher pass
     col = collect(lm, base)
