@@ -21,6 +21,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from kvtc_sglang.cache.config import KVTCCacheConfig
+from kvtc_sglang.cache.tree_walk import subtree_postorder
 from kvtc_sglang.calibration.corpus import token_sequences
 from kvtc_sglang.calibration.model import load_default_model, prefill_kv
 from kvtc_sglang.codec import KVTCCodec, load_artifact
@@ -53,16 +54,8 @@ def run(cache, calls: int, tokens: int) -> dict:
         "walk_seconds": pol.candidate_seconds - secs0,
         "evict_seconds": time.perf_counter() - t0,
         "freed": freed,
-        "nodes": sum(1 for _ in _nodes(cache.root_node)),
+        "nodes": len(subtree_postorder(cache.root_node)),
     }
-
-
-def _nodes(node):
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        yield n
-        stack.extend(n.children.values())
 
 
 def main() -> None:
