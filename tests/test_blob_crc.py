@@ -10,8 +10,8 @@ import torch
 
 from kvtc_sglang.codec import BlobChecksumError, BlobTruncatedError
 from kvtc_sglang.codec import blob as blob_mod
-from kvtc_sglang.codec import codec as codec_mod
 from kvtc_sglang.codec import crc as crc_mod
+from kvtc_sglang.codec import framing as framing_mod
 from kvtc_sglang.codec.blob import build_header, header_bytes, parse_header
 
 ARTIFACT_ID = b"12345678"
@@ -26,7 +26,7 @@ def _force_torch_crc(monkeypatch) -> list[int]:
         return crc_mod.crc32_many(chunks, "torch")
 
     monkeypatch.setattr(blob_mod, "crc32_many", forced)
-    monkeypatch.setattr(codec_mod, "crc32_many", forced)
+    monkeypatch.setattr(framing_mod, "crc32_many", forced)
     return calls
 
 

@@ -45,7 +45,7 @@ def test_kernel_coefficients_quantize_to_the_same_bytes(paths, segment):
     torch_codec, triton_codec = paths
     k, v, pos = segment
     blob = triton_codec.encode(k, v, pos)
-    _, payload = triton_codec._unwrap(blob, k.device)
+    payload = triton_codec.payload_of(blob)
     streams = triton_codec._device_streams(k.device)
     sk, sv = streams.keys, streams.values
     rope = rope_tables(triton_codec.spec.ropes, pos, k.device)

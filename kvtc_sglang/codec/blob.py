@@ -171,13 +171,25 @@ def verify_chunks(blob: torch.Tensor, header: BlobHeader) -> list[tuple[int, int
     On a GPU the CRCs are computed there (:func:`~.crc.crc32_many`); only the ``[num_chunks]`` CRC values
     come to the host, not the blob.
     """
-    spans = []
-    off = header.data_offset
-    for clen, _, _ in header.chunks:
-        spans.append((off, clen))
-        off += clen
-    got = crc32_many([blob[o : o + n] for o, n in spans])
-    for i, ((_, _, crc), actual) in enumerate(zip(header.chunks, got, strict=True)):
-        if actual != crc:
-            raise BlobChecksumError(f"chunk {i} CRC32 mismatch: table says {crc:#010x}, bytes give {actual:#010x}")
+    return verify_chunks_many([blob], [header])[0]
+
+
+def verify_chunks_many(blobs: list[torch.Tensor], headers: list[BlobHeader]) -> list[list[tuple[int, int]]]:
+    """:func:`verify_chunks` for several blobs with one :func:`~.crc.crc32_many` call (one copy of CRC values
+    to the host for all of them). A mismatch raises ``BlobChecksumError`` marked with the blob's index."""
+    spans: list[list[tuple[int, int]]] = []
+    for header in headers:
+        off, own = header.data_offset, []
+        for clen, _, _ in header.chunks:
+            own.append((off, clen))
+            off += clen
+        spans.append(own)
+    got = iter(crc32_many([b[o : o + n] for b, own in zip(blobs, spans, strict=True) for o, n in own]))
+    for index, header in enumerate(headers):
+        for i, (_, _, crc) in enumerate(header.chunks):
+            actual = next(got)
+            if actual != crc:
+                raise BlobChecksumError(
+                    f"chunk {i} CRC32 mismatch: table says {crc:#010x}, bytes give {actual:#010x}"
+                ).at(index)
     return spans

@@ -17,15 +17,17 @@ writes the rows in place, the torch backend gathers (scatters) them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .artifact import CalibrationArtifact
 from .backend import DeviceStreams, PayloadBackend, TorchBackend
-from .blob import BlobHeader, build_header, header_bytes, header_nbytes, parse_header, verify_chunks
+from .blob import BlobHeader, header_bytes, header_nbytes, parse_header
 from .checks import check_kv, check_layers, check_positions
-from .crc import crc32_many
 from .entropy import EntropyCoder, default_entropy_coder
-from .errors import BlobCalibrationMismatchError, BlobChecksumError, BlobPositionsError
+from .errors import BlobCalibrationMismatchError, BlobError, BlobPositionsError
+from .framing import unwrap_payloads, wrap_payloads
 from .quant import payload_nbytes
 
 DEFAULT_CHUNK_BYTES = 1 << 16
@@ -105,6 +107,11 @@ class KVTCCodec:
     def uses_triton(self, device: torch.device) -> bool:
         """Whether tensors on ``device`` go through the Triton backend."""
         return self.kernels == "triton" or (self.kernels == "auto" and device.type == "cuda")
+
+    def prepare(self, device: torch.device) -> None:
+        """Make the payload backend and entropy coder for ``device`` now (before worker threads use them)."""
+        self.payload_backend(device)
+        self._coder(device)
 
     def _coder(self, device: torch.device) -> EntropyCoder:
         """The entropy coder for ``device``: the one given, else the default, made once per device."""
@@ -202,20 +209,13 @@ class KVTCCodec:
         """Entropy-code payloads (one batched call) and prepend each one's header: blobs on the payloads' device."""
         if not payloads:
             return []
-        chunked = [list(torch.split(p, self.chunk_bytes)) if p.numel() else [] for p in payloads]
-        flat = self._coder(payloads[0].device).compress([c for chunks in chunked for c in chunks])
-        crcs = crc32_many(flat)  # on the chunks' device; only these values come to the host
         s = self.spec
-        blobs, at = [], 0
-        for payload, chunks, pos in zip(payloads, chunked, positions, strict=True):
-            comp = flat[at : at + len(chunks)]
-            crc = crcs[at : at + len(chunks)]
-            table = [(c.numel(), r.numel(), k) for c, r, k in zip(comp, chunks, crc, strict=True)]
-            at += len(chunks)
-            header = build_header(self.artifact_id, (s.num_layers, s.num_kv_heads, s.head_dim), dtype, pos, table)
-            head = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(payload.device)
-            blobs.append(torch.cat([head, *comp]))
-        return blobs
+        shape = (s.num_layers, s.num_kv_heads, s.head_dim)
+        coder = self._coder(payloads[0].device)
+        return wrap_payloads(
+            coder, payloads, positions, dtype=dtype, chunk_bytes=self.chunk_bytes, artifact_id=self.artifact_id,
+            shape=shape,
+        )
 
     def read_header(self, blob: torch.Tensor | bytes) -> BlobHeader:
         """Validate a blob's header against this codec's calibration (no decoding; copies only the header)."""
@@ -231,26 +231,25 @@ class KVTCCodec:
             )
         return header
 
-    def _unwrap(self, blob: torch.Tensor | bytes, device: torch.device) -> tuple[BlobHeader, torch.Tensor]:
-        """Verify a blob (header, chunk lengths and CRC32s) and inflate it: ``(header, payload [raw] uint8)``.
+    def _unwrap_many(
+        self, blobs: list[torch.Tensor], headers: list[BlobHeader], device: torch.device
+    ) -> list[torch.Tensor]:
+        """Verify and inflate blobs whose headers are read: raw payloads on ``device`` (see :func:`unwrap_payloads`)."""
+        return unwrap_payloads(self._coder(device), blobs, headers, device, self.payload_nbytes)
 
-        Only the header goes to the host; the chunk CRCs are checked where the blob lives (one small copy
-        of the CRC values), then the blob moves to ``device`` if it is elsewhere.
-        """
+    def payload_of(self, blob: torch.Tensor | bytes) -> torch.Tensor:
+        """A verified blob's raw (pre-DEFLATE) payload ``[payload_nbytes(T)]`` uint8 on the blob's device."""
         src = _as_tensor(blob)
-        header = self.read_header(src)
-        num_t = header.num_tokens
-        if sum(c[1] for c in header.chunks) != self.payload_nbytes(num_t):
-            raise BlobChecksumError(
-                f"chunk table holds {sum(c[1] for c in header.chunks)} raw bytes, "
-                f"{num_t} tokens need {self.payload_nbytes(num_t)}"
-            )
-        spans = verify_chunks(src, header)
-        src = src.to(device)
-        comp = [src[off : off + n] for off, n in spans]
-        raw = self._coder(device).decompress(comp, [c[1] for c in header.chunks])
-        payload = torch.cat(raw) if raw else torch.empty(0, dtype=torch.uint8, device=device)
-        return header, payload
+        return self._unwrap_many([src], self._headers([src]), src.device)[0]
+
+    def _headers(self, blobs: list[torch.Tensor]) -> list[BlobHeader]:
+        out = []
+        for i, blob in enumerate(blobs):
+            try:
+                out.append(self.read_header(blob))
+            except BlobError as e:
+                raise e.at(i) from None
+        return out
 
     def decode(
         self, blob: torch.Tensor | bytes, device: torch.device | None = None
@@ -262,7 +261,9 @@ class KVTCCodec:
         """
         if device is None:
             device = blob.device if isinstance(blob, torch.Tensor) else torch.device("cpu")
-        header, payload = self._unwrap(blob, device)
+        src = _as_tensor(blob)
+        [header] = self._headers([src])
+        [payload] = self._unwrap_many([src], [header], device)
         k, v = self.payload_backend(device).decode(payload, header.positions, header.dtype)
         return k, v, header.positions.to(device)
 
@@ -274,23 +275,47 @@ class KVTCCodec:
         slots: torch.Tensor,
         positions: torch.Tensor,
     ) -> None:
-        """Decode a blob straight into the rows ``slots`` of per-layer KV-pool buffers.
+        """Decode a blob straight into the rows ``slots`` of per-layer KV-pool buffers (see
+        :meth:`decode_rows_many`)."""
+        self.decode_rows_many([blob], k_layers, v_layers, [(slots, positions)])
 
-        ``positions [T]`` must equal the blob's (else :class:`~.errors.BlobPositionsError`); the blob's
-        dtype must equal the buffers'. Every check (header, CRC32s, positions, dtype) runs before the
-        first row is written, so a bad blob raises a :class:`~kvtc_sglang.codec.errors.BlobError` and
-        leaves the buffers untouched.
+    def decode_rows_many(
+        self,
+        blobs: Sequence[torch.Tensor | bytes],
+        k_layers: list[torch.Tensor],
+        v_layers: list[torch.Tensor],
+        targets: list[tuple[torch.Tensor, torch.Tensor]],
+        headers: list[BlobHeader] | None = None,
+    ) -> None:
+        """Decode several blobs straight into pool rows, one ``(slots [T_i], positions [T_i])`` target each.
+
+        ``positions`` must equal each blob's (else :class:`~.errors.BlobPositionsError`); the blobs' dtype
+        must equal the buffers'. Every check of every blob (headers, CRC32s, positions, dtype) runs before the
+        first row is written, and the DEFLATE chunks of all blobs go through one entropy call (one nvCOMP
+        launch on a GPU). A bad blob raises a :class:`~kvtc_sglang.codec.errors.BlobError` whose
+        ``blob_index`` names it, and leaves the buffers untouched.
+
+        ``headers``: the blobs' headers as the caller keeps them on the host (from :meth:`read_header` when
+        the blob was made); the copies of the headers to the host are then skipped. The chunk CRCs are
+        checked either way.
         """
         check_layers(self.spec, k_layers, v_layers)
+        if len(targets) != len(blobs) or (headers is not None and len(headers) != len(blobs)):
+            raise ValueError(f"{len(blobs)} blobs need as many targets and headers, got {len(targets)} targets")
         device = k_layers[0].device
-        header, payload = self._unwrap(blob, device)
-        if not torch.equal(header.positions.cpu(), positions.cpu().to(header.positions.dtype)):
-            raise BlobPositionsError(
-                f"blob positions {header.positions[:1].tolist()}.. differ from {positions[:1].tolist()}.."
-            )
-        if header.dtype != k_layers[0].dtype or slots.numel() != header.num_tokens:
-            raise ValueError(
-                f"blob holds {header.num_tokens} {header.dtype} tokens, destination is {slots.numel()} rows of "
-                f"{k_layers[0].dtype}"
-            )
-        self.payload_backend(device).decode_rows(payload, k_layers, v_layers, slots, header.positions)
+        srcs = [_as_tensor(b) for b in blobs]
+        heads = self._headers(srcs) if headers is None else headers
+        for i, (header, (slots, positions)) in enumerate(zip(heads, targets, strict=True)):
+            if not torch.equal(header.positions.cpu(), positions.cpu().to(header.positions.dtype)):
+                raise BlobPositionsError(
+                    f"blob positions {header.positions[:1].tolist()}.. differ from {positions[:1].tolist()}.."
+                ).at(i)
+            if header.dtype != k_layers[0].dtype or slots.numel() != header.num_tokens:
+                raise ValueError(
+                    f"blob holds {header.num_tokens} {header.dtype} tokens, destination is {slots.numel()} rows of "
+                    f"{k_layers[0].dtype} (blob {i} of {len(blobs)})"
+                )
+        payloads = self._unwrap_many(srcs, heads, device)
+        backend = self.payload_backend(device)
+        for payload, header, (slots, _) in zip(payloads, heads, targets, strict=True):
+            backend.decode_rows(payload, k_layers, v_layers, slots, header.positions)

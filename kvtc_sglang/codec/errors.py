@@ -8,7 +8,16 @@ from __future__ import annotations
 
 
 class BlobError(ValueError):
-    """An encoded blob cannot be decoded; the caller must treat the entry as missing."""
+    """An encoded blob cannot be decoded; the caller must treat the entry as missing.
+
+    ``blob_index``: which blob of a batch call (``decode_rows_many``) failed, ``None`` for a single blob."""
+
+    blob_index: int | None = None
+
+    def at(self, index: int) -> BlobError:
+        """This error, marked as raised by blob ``index`` of a batch."""
+        self.blob_index = index
+        return self
 
 
 class BlobTruncatedError(BlobError):
