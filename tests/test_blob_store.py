@@ -31,6 +31,11 @@ class FakeAllocator:
     def free(self, slots: torch.Tensor) -> None:
         self.free_pages.append(slots.clone())
 
+    def free_segment(self, slots: torch.Tensor, *, start_pos: int) -> None:  # SGLang's sync-free page free
+        if start_pos % self.page_size or slots.numel() != self.page_size:
+            raise ValueError(f"a segment free of whole pages at a page start, got {slots.numel()} at {start_pos}")
+        self.free(slots)
+
 
 def _store(num_slots=64, page_size=4, max_slots=32, seed=0):
     buffers = [torch.zeros(num_slots, 2, 8, dtype=torch.bfloat16) for _ in range(6)]  # 3 layers, rows of 32 bytes

@@ -36,7 +36,7 @@ def codec_err(codec, kv_bank) -> float:
 
 def make(codec, artifact, slots: int, ps: int, **cfg):
     _, allocator = build_pool(artifact.spec, slots, ps)
-    config = KVTCCacheConfig(calibration="unused-in-tests", **cfg)
+    config = KVTCCacheConfig(calibration="unused-in-tests", **{"encode": "inline", **cfg})
     return build_cache(allocator, ps, codec, config)
 
 
@@ -142,7 +142,8 @@ def test_restore_without_memory_is_a_shorter_match(codec, artifact, bank):
 
 
 def test_pressure_compresses_before_evicting(codec, artifact, bank):
-    cache = make(codec, artifact, 600, 1, window_tokens=16, idle_seconds=1e6)  # 743 tokens do not fit
+    """The tick encodes cold nodes ahead of need; admission's evict frees them instead of dropping KV."""
+    cache = make(codec, artifact, 600, 1, window_tokens=16)  # 743 tokens do not fit
     drv = Driver(cache, bank)
     kept = drv.start(list(range(5000, 5200)))  # locked: must come back exact
     for i in range(3):
@@ -206,7 +207,7 @@ def test_randomized_under_memory_pressure(codec, artifact, bank):
     """Small pools: KVTC keeps more cached than vanilla; nothing leaks, locked KV is never touched."""
     rng = random.Random(99)
     vanilla = build_cache(build_pool(artifact.spec, 1536, 1)[1], 1)
-    kvtc = make(codec, artifact, 1536, 1, window_tokens=16, idle_seconds=1e6, store_fraction=0.2)
+    kvtc = make(codec, artifact, 1536, 1, window_tokens=16, store_fraction=0.2)
     dv, dk = Driver(vanilla, bank), Driver(kvtc, bank)
     held = []
     for step, (seq, _) in enumerate(random_workload(rng, 400, 30, 300)):

@@ -29,7 +29,8 @@ def _damage(cache, node, damage=_flip_tail) -> None:
 def test_one_bad_node_among_many_good_ones(codec, artifact, kv_bank):
     bank = BankKV(*kv_bank)
     _, allocator = build_pool(artifact.spec, 4096, 1)
-    cache = build_cache(allocator, 1, codec, KVTCCacheConfig(calibration="t", window_tokens=8, idle_seconds=0.0))
+    cache = build_cache(allocator, 1, codec, KVTCCacheConfig(
+        calibration="t", window_tokens=8, idle_seconds=0.0, encode="inline"))
     drv = Driver(cache, bank)
     shared = list(range(200))
     branches = {b: shared + [10_000 * (b + 1) + i for i in range(150)] for b in range(4)}
@@ -66,7 +67,8 @@ def test_fuzzed_blob_in_the_cache_never_writes_outside_its_slots(codec, artifact
     rng = random.Random(7)
     bank = BankKV(*kv_bank)
     _, allocator = build_pool(artifact.spec, 1024, 1)
-    cache = build_cache(allocator, 1, codec, KVTCCacheConfig(calibration="t", window_tokens=8, idle_seconds=0.0))
+    cache = build_cache(allocator, 1, codec, KVTCCacheConfig(
+        calibration="t", window_tokens=8, idle_seconds=0.0, encode="inline"))
     drv = Driver(cache, bank)
     seq = list(range(120))
     for _ in range(40):

@@ -54,7 +54,8 @@ class Sched:
             disable=False, req_to_token_pool=self.rtp, token_to_kv_pool_allocator=self.allocator, page_size=ps,
             enable_kv_cache_events=True,
         )
-        config = KVTCCacheConfig(calibration="unused", **{"window_tokens": 8, "idle_seconds": 0.0, **cfg})
+        defaults = {"window_tokens": 8, "idle_seconds": 0.0, "encode": "inline"}
+        config = KVTCCacheConfig(calibration="unused", **{**defaults, **cfg})
         self.cache = RadixCache(params) if vanilla else KVTCRadixCache(params, codec, config)
         self.ps = ps
         self.n = 0
@@ -89,7 +90,7 @@ class Sched:
         row[: r.prefix_len] = prefix.to(row.dtype)
         row[r.prefix_len : fill] = slots[:n_new].to(row.dtype)
         k, v = bank.kv(list(r.full_untruncated_fill_ids), r.prefix_len)
-        kv = self.cache.io.kv if isinstance(self.cache, KVTCRadixCache) else None
+        kv = self.cache.ctl.kv if isinstance(self.cache, KVTCRadixCache) else None
         if kv is not None:
             kv.scatter(slots[:n_new], k, v)
         else:
@@ -147,7 +148,7 @@ def test_matching_waiting_requests_restores_nothing(codec, bank, policy):
             assert r.host_loaded_length == 0
     for r in admitted:
         s.forward(r, bank)
-        k = torch.stack([b[s.rtp.req_to_token[r.kv.req_pool_idx, :120].long()] for b in s.cache.io.kv.k_buffers])
+        k = torch.stack([b[s.rtp.req_to_token[r.kv.req_pool_idx, :120].long()] for b in s.cache.ctl.kv.k_buffers])
         ref = bank.kv(list(r.origin_input_ids), 0)[0][:, :120]  # [L, 120, H, D]
         assert ((k.float() - ref.float()).norm() / ref.float().norm()) < 0.2
         s.finish(r)
@@ -202,10 +203,10 @@ def test_request_as_long_as_vanilla_serves_is_admitted(codec, bank, ps):
 
 
 def test_checkpoint_in_free_group_with_idle_zero_keeps_exact_kv(codec, bank):
-    """Two requests admitted in one pass share 300 tokens; the longer finishes first and an idle-0 tick
-    compresses it. The other's release_kv_cache checkpoint then inserts through that compressed node,
-    which it covers only in part, inside a free group: nothing is allocated, nothing restored, and the
-    tree keeps the request's own exact rows for the part it covers."""
+    """Two requests admitted in one pass share 300 tokens; the longer finishes first and is compressed (what
+    ``evict`` does to an encoded node under pressure). The other's release_kv_cache checkpoint then inserts
+    through that compressed node, which it covers only in part, inside a free group: nothing is allocated,
+    nothing restored, and the tree keeps the request's own exact rows for the part it covers."""
     s = Sched(codec, 2048, idle_watermark=0.0)
     long_seq = list(range(400))
     short_seq = long_seq[:300] + [70_000 + i for i in range(50)]
@@ -215,7 +216,7 @@ def test_checkpoint_in_free_group_with_idle_zero_keeps_exact_kv(codec, bank):
     s.forward(b, bank)
     own = s.rtp.req_to_token[a.kv.req_pool_idx, :350].long().clone()
     s.finish(b)
-    s.cache.scheduler_tick()  # idle 0, watermark 0: b's KV is compressed at once
+    s.cache.compress_idle()  # idle 0: b's KV is compressed at once
     [(node, entry)] = s.cache.io.entries.items()
     assert (entry.start, entry.num_tokens) == (4, 388)
     available = s.allocator.available_size()
@@ -233,7 +234,7 @@ def test_checkpoint_in_free_group_with_idle_zero_keeps_exact_kv(codec, bank):
     assert r.prefix_len == 400 and s.cache.stats.restores == 1
     s.forward(r, bank)
     rows = s.rtp.req_to_token[r.kv.req_pool_idx, :400].long()
-    k = torch.stack([buf[rows] for buf in s.cache.io.kv.k_buffers])  # [L, 400, H, D]
+    k = torch.stack([buf[rows] for buf in s.cache.ctl.kv.k_buffers])  # [L, 400, H, D]
     assert torch.equal(k[:, :300], bank.k[:, :300])
     assert ((k.float() - bank.k[:, :400].float()).norm() / bank.k[:, :400].float().norm()) < 0.2
     s.finish(r)

@@ -1,6 +1,7 @@
-"""Real kvtc servers under memory pressure (page sizes 1 and 16): four concurrent conversations through the
-``openai`` client on a pool too small for them, ``/flush_cache`` in the middle, a streaming request aborted
-half way, SGLang's strict idle memory check on. The backend's counters are read where users read them:
+"""Real kvtc servers under memory pressure (page size 1 with SGLang's overlap scheduler, page size 16 with the
+normal loop): four concurrent conversations through the ``openai`` client on a pool too small for them,
+``/flush_cache`` in the middle, a streaming request aborted half way, SGLang's strict idle memory check on;
+compression runs in the background (the default). The backend's counters are read where users read them:
 ``/metrics`` (``--enable-metrics``) and the ``KVTC cache.`` log line."""
 
 from __future__ import annotations
@@ -46,14 +47,16 @@ def _aborted_stream(client) -> int:
     return n
 
 
-@pytest.fixture(scope="module", params=[1, 16], ids=["page1", "page16"])
+@pytest.fixture(scope="module", params=[(1, True), (16, False)], ids=["page1-overlap", "page16-normal-loop"])
 def run(request, artifact_path, tmp_path_factory):
     from concurrent.futures import ThreadPoolExecutor
 
     from kvtc_sglang.serve.workload import _excerpts
 
-    page = request.param
-    extra = ["--enable-cache-report", "--enable-metrics", "--page-size", str(page), "--kvtc-idle-seconds", "30"]
+    page, overlap = request.param
+    extra = ["--enable-cache-report", "--enable-metrics", "--page-size", str(page)]
+    if not overlap:
+        extra.append("--disable-overlap-schedule")
     spec = ServerSpec("kvtc", hf_model(), str(artifact_path), max_total_tokens=POOL, extra=extra)
     srv = start(spec, tmp_path_factory.mktemp(f"kvtc_p{page}") / "server.log")
     out = {"page": page}

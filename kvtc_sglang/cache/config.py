@@ -17,6 +17,16 @@ def refused_server_option(get: Callable[[str], object]) -> str | None:
         return "--disable-radix-cache leaves nothing to compress; drop it"
     if get("enable_hierarchical_cache"):
         return "--enable-hierarchical-cache cannot be combined with kvtc; drop one"
+    if get("hicache_storage_backend"):
+        return (
+            f"--hicache-storage-backend {get('hicache_storage_backend')} is HiCache's storage tier, which kvtc "
+            "does not feed; drop it"
+        )
+    if get("disaggregation_decode_retraction_backup") == "host_pool":
+        return (
+            "--disaggregation-decode-retraction-backup host_pool needs SGLang's HiCache host pool, which kvtc "
+            "replaces; drop it"
+        )
     tp = get("tp_size")
     if tp not in (None, 1):
         return f"kvtc calibrations cover all KV heads; run with --tp-size 1 (got {tp})"
@@ -29,6 +39,22 @@ def refused_server_option(get: Callable[[str], object]) -> str | None:
     return None
 
 
+def refused_window(window_tokens: int, page_size: int | None, overlap: bool) -> str | None:
+    """Why a recent window is too small for the scheduler, or ``None``: under SGLang's overlap scheduler a
+    forward may still write the last row of a request that already finished, so at least that row's page
+    must stay exact."""
+    ps = page_size or 1
+    if overlap and window_tokens < ps:
+        return (
+            f"--kvtc-window-tokens {window_tokens} is below one page ({ps} tokens) with the overlap scheduler "
+            f"on: use at least {ps}, or add --disable-overlap-schedule"
+        )
+    return None
+
+
+ENCODE_MODES = ("background", "inline")
+
+
 @dataclass(frozen=True)
 class KVTCCacheConfig:
     """Options of :class:`~kvtc_sglang.cache.radix.KVTCRadixCache`.
@@ -37,9 +63,19 @@ class KVTCCacheConfig:
         calibration: path of the calibration artifact (``*.kvtc.safetensors``) for the served model.
         sink_tokens: leading tokens of every sequence that are never compressed (attention sinks).
         window_tokens: most recent tokens of every cached sequence (each leaf path) never compressed.
-        idle_seconds: an unlocked node untouched this long may be compressed by the per-step scheduler tick.
-        idle_watermark: idle compression runs only while the pool's used share (``1 - free / size``) is
-            above this, and stops once it is back below; pressure-driven compression (``evict``) always runs.
+        idle_seconds: the background encoder takes only nodes untouched this long (``compress_idle``, the
+            tool API, compresses nodes idle this long).
+        idle_watermark: the background encoder wakes up when more than this share of the pool is in use, or
+            when SGLang had to evict within the last ``PRESSURE_TICKS`` scheduler iterations; a workload that
+            fits leaves it idle. ``evict`` frees encoded nodes first and never encodes.
+        ready_fraction: once awake, the encoder keeps at least this share of the pool free or instantly
+            freeable (free slots plus encoded, unlocked nodes), coldest nodes first.
+        encode: ``background`` (a worker thread; the scheduler commits finished encodes at a later tick) or
+            ``inline`` (each encode runs when the tick queues it, on the scheduler thread: the old cost, for
+            comparisons and deterministic tools).
+        verify_restores: debugging: keep a host copy of what each blob decodes to when it is made, and check
+            every restored row against it (``verify_failures`` counts mismatches: a blob or a row overwritten
+            between encode and restore, such as a stream race). Costs the raw KV size in host memory.
         store_fraction: most of the KV pool's token slots the compressed store may borrow. The store takes
             free slots page by page when a blob needs room and gives them back when its blobs are dropped,
             so nothing is reserved at start-up (its slots count as evictable for SGLang's admission).
@@ -50,13 +86,20 @@ class KVTCCacheConfig:
     calibration: str
     sink_tokens: int = 4
     window_tokens: int = 128
-    idle_seconds: float = 30.0
+    idle_seconds: float = 0.0
     idle_watermark: float = 0.75
+    ready_fraction: float = 0.5
     store_fraction: float = 0.5
     min_tokens: int = 16
     chunk_bytes: int = 1 << 16
+    encode: str = "background"
+    verify_restores: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.verify_restores, bool):
+            raise ValueError(f"verify_restores must be a bool, got {self.verify_restores!r}")
+        if self.encode not in ENCODE_MODES:
+            raise ValueError(f"encode must be one of {ENCODE_MODES}, got {self.encode!r}")
         if not isinstance(self.calibration, str) or not self.calibration:
             raise ValueError(f"calibration must be a non-empty path, got {self.calibration!r}")
         for name in ("sink_tokens", "window_tokens", "min_tokens"):
@@ -73,6 +116,8 @@ class KVTCCacheConfig:
             raise ValueError(f"store_fraction must be in (0, 1), got {self.store_fraction!r}")
         if not isinstance(self.idle_watermark, (int, float)) or not 0.0 <= self.idle_watermark < 1.0:
             raise ValueError(f"idle_watermark must be in [0, 1), got {self.idle_watermark!r}")
+        if not isinstance(self.ready_fraction, (int, float)) or not 0.0 < self.ready_fraction <= 1.0:
+            raise ValueError(f"ready_fraction must be in (0, 1], got {self.ready_fraction!r}")
         if not isinstance(self.chunk_bytes, int) or self.chunk_bytes < 1024:
             raise ValueError(f"chunk_bytes must be an integer >= 1024, got {self.chunk_bytes!r}")
 

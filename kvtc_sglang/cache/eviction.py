@@ -1,6 +1,7 @@
 """Dropping KV for :class:`~kvtc_sglang.cache.radix.KVTCRadixCache` (base of its tree surgery): device
 leaves as SGLang's LRU eviction does, blobs when the store must shrink or make room. Nodes in ``_protect``
-are never touched; every node that leaves the tree emits SGLang's removal event."""
+are never touched; every node that leaves the tree emits SGLang's removal event. A node whose rows the
+background encoder still reads is passed over, or, when it must go, waited for first."""
 
 from __future__ import annotations
 
@@ -12,6 +13,18 @@ from .tree_walk import subtree_postorder
 
 
 class TreeEviction(RadixCache):
+    # ----- blobs -----
+
+    def _holds(self, node: TreeNode, kept: bool) -> bool:
+        return node in (self.io.retained if kept else self.io.entries)
+
+    def _drop_blob(self, node: TreeNode, kept: bool) -> int:
+        """Drop a kept blob (no KV lost) or a compressed node with its subtree; returns device slots freed."""
+        if kept:
+            self.io.drop_retained(node)
+            return 0
+        return self._drop_subtree(node)
+
     def _make_store_room(self, pages: int, keep: TreeNode) -> None:
         """Drop blobs (the policy's order) until the store can borrow ``pages`` more pages within its cap.
 
@@ -22,26 +35,28 @@ class TreeEviction(RadixCache):
             keep = keep.parent
         store = self.store
         target = store.max_pages - pages
-        for node, kept in self.policy.store_victims(self.io.retained, self.io.entries, spared):
-            if store.num_pages <= target:
-                return
-            if kept:
-                self.io.drop_retained(node)
-            elif node in self.io.entries and node.parent is not None:
-                self._drop_subtree(node)
+
+        def drop(node: TreeNode, kept: bool) -> bool:
+            self._drop_blob(node, kept)
+            return store.num_pages <= target
+
+        if store.num_pages > target:
+            self.policy.offer_blobs(spared, self._holds, drop)
 
     def _shrink_store(self, need: int) -> int:
         """Drop blobs until the store has given ``need`` slots back to the pool (or none are left)."""
         store = self.store
         before, freed = store.num_slots, 0
-        for node, kept in self.policy.store_victims(self.io.retained, self.io.entries, set(self._protect)):
-            if before - store.num_slots + freed >= need:
-                break
-            if kept:
-                self.io.drop_retained(node)
-            elif node in self.io.entries and node.parent is not None:
-                freed += self._drop_subtree(node)
+
+        def drop(node: TreeNode, kept: bool) -> bool:
+            nonlocal freed
+            freed += self._drop_blob(node, kept)
+            return before - store.num_slots + freed >= need
+
+        self.policy.offer_blobs(set(self._protect), self._holds, drop)
         return before - store.num_slots + freed
+
+    # ----- device nodes -----
 
     def _evict_device_pass(self, need: int, keep_compressed: bool) -> int:
         """SGLang's LRU leaf eviction over device nodes.
@@ -49,16 +64,19 @@ class TreeEviction(RadixCache):
         With ``keep_compressed`` only leaves with nothing compressed under them; else also leaves whose
         compressed children go with them (evicting a 4-token sink would otherwise throw away every
         compressed conversation under it). A leaf whose compressed children still hold device nodes
-        further down waits until those are gone (deeper, more specific KV goes first)."""
+        further down waits until those are gone (deeper, more specific KV goes first). Nodes being encoded
+        are passed over (their rows are still read)."""
         prio = self.eviction_strategy.get_priority
         heap = [(prio(n), id(n), n) for n in self.evictable_leaves]
         heapq.heapify(heap)
         freed = 0
         while freed < need and heap:
             _, _, victim = heapq.heappop(heap)
-            if victim not in self.evictable_leaves or victim in self._protect or _has_device_below(victim):
+            if victim not in self.evictable_leaves or victim in self._protect or victim in self._pending:
                 continue
             if keep_compressed and victim.children:
+                continue
+            if not keep_compressed and self._busy_below(victim):
                 continue
             up = victim.parent
             freed += self._drop_subtree(victim)
@@ -68,33 +86,33 @@ class TreeEviction(RadixCache):
                 heapq.heappush(heap, (prio(up), id(up), up))
         return freed
 
+    def _busy_below(self, node: TreeNode) -> bool:
+        """A device node under ``node`` (it goes first), or one being encoded."""
+        return any(n is not node and (n.value is not None or n in self._pending) for n, _ in subtree_postorder(node))
+
     def _drop_subtree(self, node: TreeNode) -> int:
         """Remove ``node`` and everything under it from the tree; returns the device slots freed."""
-        self.policy.tree_version += 1
-        self.policy.drops += 1
+        parent = node.parent
+        order = subtree_postorder(node)
+        if any(n in self._pending for n, _ in order):
+            self._wait_pending()  # rows the encoder reads must not be freed under it (rare: passes skip these)
         freed = 0
-        for n, _ in subtree_postorder(node):
+        for n, _ in order:
             if n.lock_ref > 0:
                 raise RuntimeError(f"kvtc invariant broken: dropping a locked node (lock_ref={n.lock_ref})")
             self.kv_events.record_remove(n)  # children first, while the parent links still stand
+            self.policy.candidates.discard(n)
             if n in self.io.entries:
-                entry = self.io.pop(n)
-                self.store.free(entry.handle)
-                self.stats.dropped_nodes += 1
-                self.stats.dropped_tokens += entry.node_tokens
+                self.io.free_dropped(n)
             elif n.value is not None:
                 self.io.drop_retained(n)
-                self.token_to_kv_pool_allocator.free(n.value)
+                self.token_to_kv_pool_allocator.free_segment(n.value, start_pos=0)  # page-exact: no sync
                 self.evictable_size_ -= len(n.value)
                 freed += len(n.value)
                 self.evictable_leaves.discard(n)
                 n.value = None
-        parent = node.parent
         parent.children.pop(node.key.child_key(self.page_size))
         node.parent = None
         self._update_leaf_status(parent)
+        self.policy.touch_path(parent)  # the shallowest leaf below its ancestors may be deeper now
         return freed
-
-
-def _has_device_below(node: TreeNode) -> bool:
-    return any(n is not node and n.value is not None for n, _ in subtree_postorder(node))

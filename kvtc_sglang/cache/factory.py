@@ -9,7 +9,7 @@ from typing import Any
 
 from ..codec import ArtifactError, KVTCCodec, load_artifact
 from ..codec.spec import spec_from_config
-from .config import ENV_VAR, KVTCCacheConfig, refused_server_option
+from .config import ENV_VAR, KVTCCacheConfig, refused_server_option, refused_window
 from .radix import KVTCRadixCache
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,11 @@ def build_kvtc_cache(ctx: Any) -> KVTCRadixCache:
     """Factory registered as ``--radix-cache-backend kvtc``; ``ctx`` is SGLang's ``TreeCacheBuildContext``."""
     check_context(ctx)
     config = config_from_env()
+    server_args = getattr(ctx, "server_args", None)
+    overlap = server_args is not None and not getattr(server_args, "disable_overlap_schedule", True)
+    refused = refused_window(config.window_tokens, ctx.params.page_size, overlap)
+    if refused:
+        raise ValueError(f"kvtc: {refused}")
     allocator = ctx.params.token_to_kv_pool_allocator
     pool_dtype = str(allocator.get_kvcache().dtype).removeprefix("torch.")
     model_config = ctx.model_config

@@ -1,84 +1,172 @@
-"""The order of things (like SGLang's ``EvictionStrategy``): what to compress first, which blobs give way
-when the store needs room or the pool needs slots, and the steps ``evict`` takes. No tree changes here."""
+"""The order of things (like SGLang's ``EvictionStrategy``): what to encode first, which blobs give way when
+the store needs room, and the steps ``evict`` takes. The policy keeps its own per-node indexes; it never
+changes the tree, and nothing in it walks or sorts the whole tree.
+
+Three LRU indexes (:class:`~kvtc_sglang.cache.lru.LruIndex`):
+
+- ``candidates``: device nodes that may have an encodable span. A node enters when it gains slots or when
+  something changes on its path (an insert below it, an unlock, a drop below it); it leaves when it is
+  taken, when it turns out to have no span (its window covers it), or when it leaves the tree. A lock or
+  unlock of one path touches only that path: nothing invalidates the whole index.
+- ``encoded``: device nodes holding a kept blob. ``evict`` frees their slots first (no encode, no wait).
+- ``compressed``: nodes whose only copy is a blob; with ``encoded``, the store's victims.
+"""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable
+import heapq
+from collections.abc import Callable
 
 from .config import KVTCCacheConfig
-from .tree_walk import TreeNode, compress_candidates
+from .lru import LruIndex
+from .tree_walk import TreeNode
+
+Span = tuple[TreeNode, int, int, int]  # (node, start, lo, hi): the node starts at depth ``start``, encodes [lo, hi)
+
+
+def node_start(node: TreeNode) -> int:
+    """Depth of ``node``'s first token (the sum of its ancestors' key lengths)."""
+    depth, up = 0, node.parent
+    while up is not None and up.parent is not None:
+        depth += len(up.key)
+        up = up.parent
+    return depth
+
+
+def shallowest_leaf_end(node: TreeNode, end: int) -> int:
+    """End depth of the shallowest leaf under ``node`` (``end`` when it is a leaf), best-first: only the
+    nodes that start above that leaf's end are visited."""
+    frontier = [(end + len(c.key), id(c), c) for c in node.children.values()]
+    if not frontier:
+        return end
+    heapq.heapify(frontier)
+    while True:
+        child_end, _, child = heapq.heappop(frontier)
+        if not child.children:
+            return child_end
+        for c in child.children.values():
+            heapq.heappush(frontier, (child_end + len(c.key), id(c), c))
 
 
 class CompressionPolicy:
-    """Least-recently-used everywhere; kept blobs of device nodes go before compressed nodes (dropping them
-    loses no cached KV), compressed leaves before compressed inner nodes.
+    """Least-recently-used everywhere; kept blobs of device nodes go before compressed nodes when the store
+    needs room (dropping them loses no cached KV), compressed leaves before compressed inner nodes.
 
     ``evict`` steps, in order, each only while slots are still short:
-    ``compress`` (cold device nodes; frees most slots per lost precision), ``device_leaves`` (SGLang's LRU
-    leaf eviction of leaves with nothing compressed below), ``store`` (drop blobs until the store gives
-    pages back), ``device_with_compressed`` (leaves whose compressed children go with them).
+    ``free_encoded`` (device nodes whose blob is already made: freeing their slots is instant and loses
+    nothing), ``device_leaves`` (SGLang's LRU leaf eviction of leaves with nothing compressed below),
+    ``store`` (drop blobs until the store gives pages back), ``device_with_compressed`` (leaves whose
+    compressed children go with them). ``evict`` never encodes: encoding runs ahead, in the background.
     """
 
-    evict_steps = ("compress", "device_leaves", "store", "device_with_compressed")
+    evict_steps = ("free_encoded", "device_leaves", "store", "device_with_compressed")
 
-    def __init__(self, config: KVTCCacheConfig, page_size: int, reuse_candidates: bool = True) -> None:
+    def __init__(self, config: KVTCCacheConfig, page_size: int) -> None:
         ps = page_size
         self.page_size = ps
         self.sink_end = -(-config.sink_tokens // ps) * ps
-        self._window = config.window_tokens
+        self.window = config.window_tokens  # most recent tokens of each leaf path that are never compressed
         self.min_tokens = max(ps, config.min_tokens // ps * ps)
         self.idle_seconds = config.idle_seconds
-        self.tree_version = 0  # bumped by the cache on every change that can add or move a candidate
-        self.drops = 0  # nodes leaving the tree (a leaf gone changes its ancestors' windows)
-        self._cands: list[tuple[TreeNode, int, int, int]] = []
-        self._cands_version = -1
-        self.reuse_candidates = reuse_candidates  # False: walk on every call (the old behaviour, for benchmarks)
-        self.candidate_walks = 0
-        self.candidate_seconds = 0.0
+        self.candidates = LruIndex()
+        self.encoded = LruIndex()
+        self.compressed = LruIndex()
 
-    @property
-    def window(self) -> int:
-        """Most recent tokens of each leaf path that are never compressed."""
-        return self._window
+    def clear(self) -> None:
+        for index in (self.candidates, self.encoded, self.compressed):
+            index.clear()
 
-    @window.setter
-    def window(self, tokens: int) -> None:
-        self._window = tokens
-        self.tree_version += 1  # the listed candidates were cut with the old window
+    # ----- candidates -----
 
-    def compress_order(self, root: TreeNode) -> list[tuple[TreeNode, int, int, int]]:
-        """``(node, start, lo, hi)``: device nodes with a compressible span ``[lo, hi)``, LRU first.
+    def touch_path(self, node: TreeNode | None) -> None:
+        """``node`` and its device ancestors may have (longer) encodable spans now."""
+        while node is not None and node.parent is not None:
+            if node.value is not None:
+                self.candidates.add(node)
+            node = node.parent
 
-        The tree is walked only when it changed since the last walk (SGLang calls ``evict`` every decode
-        step under pressure, mostly on an unchanged tree); entries that went stale since (compressed,
-        dropped, locked) are skipped by the caller, which re-checks each one."""
-        if self._cands_version != self.tree_version or not self.reuse_candidates:
-            t0 = time.perf_counter()
-            self._cands = compress_candidates(root, self.sink_end, self.window, self.page_size, self.min_tokens)
-            self._cands_version = self.tree_version
-            self.candidate_walks += 1
-            self.candidate_seconds += time.perf_counter() - t0
-        return self._cands
+    def span(self, node: TreeNode) -> Span | None:
+        """``(node, start, lo, hi)``: the part of device ``node`` that may be encoded, ``None`` if too short.
 
-    def keep_candidates(self, version: int, remaining: list[tuple[TreeNode, int, int, int]]) -> None:
-        """The caller used listed nodes only (split, compressed) since ``version``; ``remaining`` (the entries
-        it did not use, in order) stays valid for the next call. A used node's entry never does: a split
-        leaves the node object as the tail, at another depth."""
-        if self._cands_version == version:
-            self._cands = remaining
-            self._cands_version = self.tree_version
+        ``lo = max(start, sink_end)``, ``hi = min(end, floor_page(shallowest leaf end below - window))``: the
+        sinks and each cached sequence's last ``window`` tokens stay exact."""
+        start = node_start(node)
+        end = start + len(node.key)
+        lo = max(start, self.sink_end)
+        hi = min(end, (shallowest_leaf_end(node, end) - self.window) // self.page_size * self.page_size)
+        return (node, start, lo, hi) if hi - lo >= self.min_tokens else None
 
-    def is_idle(self, node: TreeNode, now: float) -> bool:
-        return now - node.last_access_time >= self.idle_seconds
+    def take(self, budget: int | None, busy: Callable[[TreeNode], bool], now: float | None = None) -> list[Span]:
+        """Spans to encode, LRU first, until ``budget`` tokens (all for ``None``).
 
-    @staticmethod
-    def store_victims(
-        retained: Iterable[TreeNode], compressed: Iterable[TreeNode], spared: set[TreeNode]
-    ) -> list[tuple[TreeNode, bool]]:
-        """Blobs to drop for room, in order: ``(node, is_kept_blob_of_a_device_node)``."""
-        kept = sorted((n for n in retained if n not in spared), key=lambda n: n.last_access_time)
-        comp = sorted(
-            (n for n in compressed if n not in spared), key=lambda n: (len(n.children) > 0, n.last_access_time)
-        )
-        return [(n, True) for n in kept] + [(n, False) for n in comp]
+        ``busy`` nodes (locked, being encoded or restored) stay queued; nodes used within ``idle_seconds``
+        of ``now`` (when given) stop the scan and stay queued (every later one is younger still); nodes
+        without a span leave the index until their path changes."""
+        out: list[Span] = []
+        skipped: list[TreeNode] = []
+        planned = 0
+        while budget is None or planned < budget:
+            node = self.candidates.pop()
+            if node is None:
+                break
+            if node.parent is None or node.value is None or node in self.encoded:
+                continue  # left the tree, compressed, or its blob is made already
+            if now is not None and now - node.last_access_time < self.idle_seconds:
+                skipped.append(node)
+                break
+            if busy(node):
+                skipped.append(node)
+                continue
+            span = self.span(node)
+            if span is not None:
+                out.append(span)
+                planned += span[3] - span[2]
+        for node in skipped:
+            self.candidates.add(node)
+        return out
+
+    # ----- blobs -----
+
+    def index_blob(self, node: TreeNode, kept: bool) -> None:
+        """``node`` holds a blob now: a kept one (device node, ``kept``) or its only copy (compressed)."""
+        (self.compressed if kept else self.encoded).discard(node)
+        (self.encoded if kept else self.compressed).add(node)
+
+    def unindex_blob(self, node: TreeNode) -> None:
+        self.encoded.discard(node)
+        self.compressed.discard(node)
+
+    def offer_blobs(
+        self,
+        spared: set[TreeNode],
+        holds: Callable[[TreeNode, bool], bool],
+        drop: Callable[[TreeNode, bool], bool],
+    ) -> None:
+        """Offer blobs to ``drop(node, kept)`` in victim order until it returns ``True`` (enough room).
+
+        Kept blobs first (LRU), then compressed leaves (LRU), then compressed inner nodes (an inner node
+        takes its subtree along). ``holds(node, kept)`` tells whether a node still holds that kind of blob
+        (entries go stale when a node is restored or dropped); nodes passed over or not dropped are
+        indexed again."""
+        back: list[tuple[TreeNode, bool]] = []
+        inner: list[TreeNode] = []
+        try:
+            for index, kept in ((self.encoded, True), (self.compressed, False)):
+                while (node := index.pop()) is not None:
+                    if not holds(node, kept):
+                        continue
+                    if node in spared:
+                        back.append((node, kept))
+                    elif not kept and node.children:
+                        inner.append(node)
+                    else:
+                        back.append((node, kept))
+                        if drop(node, kept):
+                            return
+            for node in inner:
+                if holds(node, False) and drop(node, False):
+                    return
+        finally:
+            for node, kept in [*back, *((n, False) for n in inner)]:
+                if node.parent is not None and holds(node, kept):
+                    (self.encoded if kept else self.compressed).add(node)

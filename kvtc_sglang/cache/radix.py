@@ -1,21 +1,25 @@
 """``KVTCRadixCache``: SGLang's ``RadixCache`` whose cold nodes are transform-coded in place.
 
-A node is *device* (``node.value`` holds KV-pool slots, as in SGLang) or *compressed* (``node.value is
-None``; its blob is in :class:`~kvtc_sglang.cache.store.BlobStore`). This class does the tree surgery; the
-:class:`~kvtc_sglang.cache.transcode.Transcoder` encodes, stores and restores, and the
-:class:`~kvtc_sglang.cache.policy.CompressionPolicy` orders the work. How it meets SGLang's scheduler:
+A node is *device* (``node.value`` holds KV-pool slots, as in SGLang), *encoded* (slots and a kept blob) or
+*compressed* (``node.value is None``; its blob is in :class:`~kvtc_sglang.cache.store.BlobStore`). The tree
+classes do the surgery; the :class:`~kvtc_sglang.cache.controller.KVTCController` runs every codec call (the
+background encoder, restores, streams and fences), the :class:`~kvtc_sglang.cache.transcode.Transcoder`
+keeps the books, and the :class:`~kvtc_sglang.cache.policy.CompressionPolicy` orders the work. How it
+meets SGLang's scheduler:
 
 - ``match_prefix`` changes nothing but recency (and splits device nodes, as SGLang's does): compressed
   tokens on the matched path are reported as ``host_hit_length`` with ``best_match_node``; SGLang budgets
-  them and, only for a request it admits, calls ``init_load_back``, which restores all of them or none.
-- ``insert`` (it runs inside the allocator's deferred-free groups) neither allocates nor compresses: a
+  them and, only for a request it admits, calls ``init_load_back``, which restores all of them or none, with
+  one codec call for every compressed node of the request.
+- ``insert`` (it runs inside the allocator's deferred-free groups) neither allocates nor encodes: a
   compressed node on the inserted path takes the inserting request's own exact KV slots.
-- Idle compression runs in ``scheduler_tick`` (once per scheduler loop, outside free groups), only while
-  the pool is fuller than ``idle_watermark``; ``evict`` compresses under pressure.
+- ``scheduler_tick`` (once per scheduler loop, outside free groups) commits finished background encodes and
+  queues the next one while less than ``1 - idle_watermark`` of the pool could be freed at once;
+  ``evict`` frees encoded nodes first and never encodes.
 - ``evictable_size`` = unlocked device tokens + the store's borrowed slots; ``protected_size`` = locked
   device tokens; with the allocator's free slots they add up to the pool.
 - Invariants: a compressed node and its subtree are unlocked; sinks and each leaf path's last
-  ``window_tokens`` are never compressed.
+  ``window_tokens`` are never compressed; rows the encoder reads are not freed before it is done.
 """
 
 from __future__ import annotations
@@ -40,28 +44,37 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
 
 from ..codec import KVTCCodec
+from .compression import TreeCompression
 from .config import KVTCCacheConfig
+from .controller import CudaStreamOps, KVTCController
 from .kv_io import PoolKV
 from .policy import CompressionPolicy
 from .report import KVTCReporter
 from .stats import KVTCStats
 from .store import BlobStore
-from .surgery import TreeSurgery
 from .transcode import Transcoder
 
 logger = logging.getLogger(__name__)
 
 
-class KVTCRadixCache(TreeSurgery):
+class KVTCRadixCache(TreeCompression):
     """Radix cache with KVTC-compressed cold nodes.
 
     Args:
         params: SGLang's cache parameters (allocator over an ``MHATokenToKVPool``).
         codec: the codec for the served model's calibration.
         config: sink/window/idle/store options.
+        stream_ops: the controller's stream API (tests pass a recording stand-in; default: CUDA streams for a
+            pool on a GPU, none on the CPU).
     """
 
-    def __init__(self, params: CacheInitParams, codec: KVTCCodec, config: KVTCCacheConfig) -> None:
+    def __init__(
+        self,
+        params: CacheInitParams,
+        codec: KVTCCodec,
+        config: KVTCCacheConfig,
+        stream_ops: CudaStreamOps | None = None,
+    ) -> None:
         if params.is_eagle:
             raise ValueError("kvtc does not support EAGLE speculative decoding (bigram radix keys)")
         allocator = params.token_to_kv_pool_allocator
@@ -75,16 +88,25 @@ class KVTCRadixCache(TreeSurgery):
         self.stats = KVTCStats()
         self.store_max_tokens = max(ps, int(allocator.size * config.store_fraction) // ps * ps)
         self.store = BlobStore(kv.buffers, allocator, ps, self.store_max_tokens)
-        self.io = Transcoder(codec, kv, self.store, self.stats)
         self.policy = CompressionPolicy(config, ps)
+        self.io = Transcoder(kv, self.store, self.stats, self.policy)
+        self.ctl = KVTCController(
+            codec, kv, self.stats, background=config.encode == "background", verify=config.verify_restores,
+            stream_ops=stream_ops,
+        )
         self._protect: set[TreeNode] = set()
-        self._last_idle_check = float("-inf")
+        self._pending = {}
+        self._ticks = 0  # scheduler iterations seen (the policy's clock for "recently under pressure")
+        self._last_evict_tick = -(1 << 30)
+        self.stream_bound = False  # the plugin binds SGLang's forward stream at the first scheduler tick
         self.reporter = KVTCReporter()
         super().__init__(params)  # calls reset()
 
     # ----- accounting -----
 
     def reset(self) -> None:
+        self.ctl.drain()  # the encoder's rows are about to be reused: wait, and forget its results
+        self._pending.clear()
         self.io.clear()  # gives the store's pages back (SGLang clears the allocator right after)
         super().reset()
 
@@ -169,10 +191,9 @@ class KVTCRadixCache(TreeSurgery):
             return 0, fallback
         self._protect.update(path)
         try:
-            for node in region:
-                if node in self.io.entries and not self._restore(node):
-                    self.stats.load_back_failures += 1
-                    return 0, fallback
+            if not self._restore_many([n for n in region if n in self.io.entries]):
+                self.stats.load_back_failures += 1
+                return 0, fallback
         finally:
             self._protect.clear()
         last = region[-1]
@@ -193,53 +214,64 @@ class KVTCRadixCache(TreeSurgery):
             return super().insert(params)
         if params.value is None:
             raise ValueError("KVTCRadixCache.insert needs the KV slot indices (params.value), got None")
-        self.policy.tree_version += 1  # new nodes, new leaves
         first = None
         if self.io.entries:
             key = params.key.page_aligned(self.page_size)
             first = self._adopt_insert_path(key, params.value[: len(key)])
         result = super().insert(params)
+        self.policy.touch_path(result.last_device_node)  # new nodes, and longer spans above them
         if first is not None and result.prefix_len > first:
             result = replace(result, prefix_len=first)
         return result
 
     def dec_lock_ref(self, node: TreeNode, params: DecLockRefParams | None = None) -> DecLockRefResult:
-        self.policy.tree_version += 1  # nodes it unlocks may be compressed now
-        return super().dec_lock_ref(node, params)
+        result = super().dec_lock_ref(node, params)
+        self.policy.touch_path(node)  # nodes it unlocked may be encoded now (this path only)
+        return result
 
     def evict(self, params: EvictParams) -> EvictResult:
-        """Free ``params.num_tokens`` slots in the policy's order (compress first, drop blobs last)."""
+        """Free ``params.num_tokens`` slots in the policy's order (encoded nodes first, drop blobs last).
+
+        Never encodes; only when every step together falls short and the background encoder holds nodes
+        does it wait for that encoder (counted in ``encoder_waits``) and go through the steps once more."""
         if self.disable:
             return EvictResult()
         start = time.perf_counter()
         need, freed = params.num_tokens, 0
+        if need > 0:
+            self._last_evict_tick = self._ticks  # memory is the limit: the background encoder wakes up
         steps = {
-            "compress": lambda n: self._compress_cold(n, now=None),
+            "free_encoded": self._free_encoded,
             "device_leaves": lambda n: self._evict_device_pass(n, keep_compressed=True),
             "store": self._shrink_store,
             "device_with_compressed": lambda n: self._evict_device_pass(n, keep_compressed=False),
         }
-        for step in self.policy.evict_steps:
-            if freed >= need:
+        for _ in range(2):
+            for step in self.policy.evict_steps:
+                if freed >= need:
+                    break
+                freed += steps[step](need - freed)
+            if freed >= need or not self.ctl.pending:
                 break
-            freed += steps[step](need - freed)
+            self.stats.encoder_waits += 1
+            self._commit(self.ctl.drain())
         self.update_eviction_metrics(freed, start)
         return EvictResult(num_tokens_evicted=freed)
 
     def scheduler_tick(self) -> None:
-        """Once per scheduler loop iteration, outside free groups: idle compression above the watermark."""
+        """Once per scheduler loop iteration, outside free groups: commit finished background encodes, queue
+        the next one, report the counters."""
         if self.disable:
             return
-        now = time.monotonic()
-        if now - self._last_idle_check >= max(0.05, self.config.idle_seconds / 4):
-            self._last_idle_check = now
-            allocator = self.token_to_kv_pool_allocator
-            over = allocator.size - allocator.available_size() - int(self.config.idle_watermark * allocator.size)
-            if over > 0:
-                self._compress_cold(over, now=now)
+        self._ticks += 1
+        self._commit(self.ctl.take_ready())
+        self._plan_background()
+        if not self.ctl.background:
+            self._commit(self.ctl.take_ready())
         self.reporter.tick(self.stats.as_dict(), self.store.capacity_bytes)
 
-    def compress_idle(self, now: float | None = None) -> int:
-        """Compress every eligible node idle for ``idle_seconds`` at ``now``, whatever the pool usage (tools,
-        tests); returns the slots freed net of store growth."""
-        return self._compress_cold(None, now=time.monotonic() if now is None else now)
+    def bind_forward_stream(self, stream: object) -> None:
+        """SGLang's forward stream (overlap scheduler), or ``None`` for the scheduler's own stream: every
+        pool-row access of the codec waits on it (see :mod:`~kvtc_sglang.cache.controller`)."""
+        self.ctl.bind_forward_stream(stream)
+        self.stream_bound = True

@@ -28,7 +28,17 @@ _COUNTERS = (
     ("restores", "restores", "Compressed radix nodes restored into the KV pool."),
     ("restored_tokens", "restored_tokens", "Tokens restored into the KV pool."),
     ("restore_seconds", "restore_seconds", "Seconds spent restoring compressed nodes."),
-    ("compress_seconds", "compress_seconds", "Seconds spent compressing nodes."),
+    ("compress_seconds", "compress_seconds", "Seconds spent encoding nodes (background worker and inline)."),
+    ("encoded_tokens", "encoded_tokens", "Tokens encoded into blobs by kvtc."),
+    ("scheduler_codec_seconds", "scheduler_codec_seconds",
+     "Seconds of kvtc codec work on the scheduler thread (restores, inline encodes)."),
+    ("worker_seconds", "worker_seconds", "Seconds of kvtc encoding on its background worker."),
+    ("encoder_waits", "encoder_waits", "Times the scheduler waited for kvtc's background encoder."),
+    ("dropped_unused_tokens", "dropped_unused_tokens", "Compressed tokens dropped before any reuse."),
+    ("discarded_encoded_tokens", "discarded_encoded_tokens", "Encoded tokens whose kept blob was dropped unused."),
+    ("restore_failures", "restore_failures", "Restores that failed for a reason other than a damaged blob."),
+    ("verified_restores", "verified_restores", "Restored nodes checked against their reference (debugging)."),
+    ("verify_failures", "verify_failures", "Restored rows that differ from their blob's reference (debugging)."),
     ("checksum_failures", "checksum_failures", "Compressed blobs that failed their checks (recomputed instead)."),
     ("dropped_tokens", "dropped_tokens", "Compressed tokens dropped for store space."),
     ("restore_no_memory", "restore_no_memory", "Restores given up for lack of free KV slots."),
@@ -55,6 +65,8 @@ def format_line(c: Mapping[str, float]) -> str:
         f"#restore: {int(c.get('restores', 0))}, #restored-token: {int(c.get('restored_tokens', 0))}, "
         f"restore-ms: {1e3 * c.get('restore_seconds', 0.0):.1f}, "
         f"compress-ms: {1e3 * c.get('compress_seconds', 0.0):.1f}, "
+        f"#encoded-token: {int(c.get('encoded_tokens', 0))}, "
+        f"scheduler-codec-ms: {1e3 * c.get('scheduler_codec_seconds', 0.0):.1f}, "
         f"#checksum-failure: {int(c.get('checksum_failures', 0))}, "
         f"#dropped-token: {int(c.get('dropped_tokens', 0))}"
     )

@@ -13,9 +13,16 @@ class KVTCStats:
     resident_tokens: int = 0
     resident_raw_bytes: int = 0
     resident_blob_bytes: int = 0
-    compressions: int = 0
+    compressions: int = 0  # nodes whose slots were freed, their blob kept (device -> compressed)
     compressed_tokens: int = 0
-    compress_seconds: float = 0.0
+    encodes: int = 0  # blobs made (by the background worker or inline)
+    encoded_tokens: int = 0
+    compress_seconds: float = 0.0  # encode time, wherever it ran
+    worker_seconds: float = 0.0  # encode time on the background worker (off the scheduler thread)
+    scheduler_codec_seconds: float = 0.0  # codec time on the scheduler thread (restores, inline encodes)
+    discarded_encodes: int = 0  # background encodes whose node changed before the commit
+    discarded_encoded_tokens: int = 0  # kept blobs dropped before any restore (encode work lost, no KV)
+    encoder_waits: int = 0  # times the scheduler waited for the background encoder (a rare fallback)
     restores: int = 0
     restored_tokens: int = 0
     restore_seconds: float = 0.0
@@ -26,9 +33,13 @@ class KVTCStats:
     reused_tokens: int = 0  # tokens of those (not encoded again)
     load_backs: int = 0  # init_load_back calls that loaded all promised tokens
     load_back_failures: int = 0  # init_load_back calls that loaded nothing (the request recomputes)
+    restore_failures: int = 0  # restores that raised something other than a damaged blob (slots freed)
     checksum_failures: int = 0
+    verified_restores: int = 0  # restored nodes checked against their reference (``verify_restores``)
+    verify_failures: int = 0  # restored rows that differ from what their blob decoded to when it was made
     dropped_nodes: int = 0
     dropped_tokens: int = 0
+    dropped_unused_tokens: int = 0  # compressed tokens dropped before any restore (compressed for nothing)
     store_full: int = 0
 
     @property

@@ -53,7 +53,9 @@ class BlobStore:
         self.max_pages = max_slots // page_size
         self.blocks_per_page = len(buffers) * page_size
         self._page_slots: list[torch.Tensor | None] = [None] * self.max_pages  # page -> [P] slots, as allocated
-        self._page_table = torch.full((self.max_pages, page_size), -1, dtype=torch.int64)  # [max_pages, P], CPU
+        # [max_pages, P] slot of each block position, on the pool's device (filled from the allocator's own
+        # tensor: no copy to the host); rows of pages not held are stale and never read (``_locate`` checks).
+        self._page_table = torch.full((self.max_pages, page_size), -1, dtype=torch.int64, device=self.device)
         self._page_used = [0] * self.max_pages  # used blocks per page
         self._free: list[int] = []  # min-heap of free block ids on held pages
         self._free_set: set[int] = set()
@@ -84,8 +86,9 @@ class BlobStore:
         if slots is None:
             return False
         page = self._page_slots.index(None)  # lowest unused page number
-        self._page_slots[page] = slots.to(torch.int64)
-        self._page_table[page] = slots.to(device="cpu", dtype=torch.int64)  # -1 rows: pages not held
+        held = slots.to(torch.int64)
+        self._page_slots[page] = held
+        self._page_table[page] = held
         self.num_pages += 1
         first = page * self.blocks_per_page
         for block in range(first, first + self.blocks_per_page):
@@ -98,9 +101,8 @@ class BlobStore:
         first = page * self.blocks_per_page
         self._free_set.difference_update(range(first, first + self.blocks_per_page))  # heap entries go lazily
         self._page_slots[page] = None
-        self._page_table[page] = -1
         self.num_pages -= 1
-        self.allocator.free(slots)
+        self.allocator.free_segment(slots, start_pos=0)  # one whole page: sync-free
 
     def _pop_block(self) -> int:
         while True:
@@ -112,20 +114,21 @@ class BlobStore:
     def _locate(self, blocks: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """``(buffer, positions in the blob [k_b], slot rows [k_b])`` per buffer the blob uses, both on device.
 
-        One lookup in the ``[max_pages, P]`` page table finds every block's slot; the blocks are then
-        grouped by buffer with one sort, and the index tensors go to the device once.
+        One lookup in the device-side ``[max_pages, P]`` page table finds every block's slot; the blocks are
+        grouped by buffer with one sort on the host (block ids are host tensors), and the index tensors go to
+        the device once. Nothing comes back to the host.
         """
         nbuf = len(self._rows)
         per_slot = blocks // nbuf  # slot position = page * P + offset
-        slots = self._page_table[per_slot // self.page_size, per_slot % self.page_size]  # [k] int64
-        if bool((slots < 0).any()):
-            bad = int(per_slot[slots < 0][0]) // self.page_size
-            raise RuntimeError(f"blob store page {bad} is not held (a block points into a returned page)")
+        pages = per_slot // self.page_size
+        for page in torch.unique(pages).tolist():  # host tensor: no device sync
+            if self._page_slots[page] is None:
+                raise RuntimeError(f"blob store page {page} is not held (a block points into a returned page)")
         buf_ids = blocks % nbuf
         order = torch.argsort(buf_ids, stable=True)  # positions in the blob, grouped by buffer, ascending
         counts = torch.bincount(buf_ids, minlength=nbuf).tolist()
         where = order.to(self.device)
-        rows = slots[order].to(self.device)
+        rows = self._page_table.view(-1)[per_slot[order].to(self.device)]  # [k] slots, grouped by buffer
         out, at = [], 0
         for b, n in enumerate(counts):
             if n:
@@ -184,7 +187,6 @@ class BlobStore:
     def clear(self) -> None:
         """Forget every page without freeing it (SGLang clears the allocator itself after ``reset``)."""
         self._page_slots = [None] * self.max_pages
-        self._page_table.fill_(-1)
         self._page_used = [0] * self.max_pages
         self._free, self._free_set = [], set()
         self.num_pages = 0

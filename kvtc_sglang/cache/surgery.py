@@ -1,11 +1,13 @@
 """Tree surgery of :class:`~kvtc_sglang.cache.radix.KVTCRadixCache` (its base class; the public protocol
-methods are in ``radix.py``). Every change of a node between device and compressed happens here, with
-SGLang's ``evictable_size_``, ``evictable_leaves`` and KV events kept as ``RadixCache`` keeps them."""
+methods are in ``radix.py``). Every change of a node between device and compressed happens here or in
+``compression.py``, with SGLang's ``evictable_size_``, ``evictable_leaves`` and KV events kept as
+``RadixCache`` keeps them."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
@@ -61,22 +63,27 @@ class TreeSurgery(TreeEviction):
 
     # ----- device <-> compressed -----
 
+    def _free_slots(self, slots: torch.Tensor) -> None:
+        """Give tree-owned slots back: page-aligned runs of a KV row, so SGLang's sync-free segment free."""
+        self.token_to_kv_pool_allocator.free_segment(slots, start_pos=0)
+
     def _release_slots(self, node: TreeNode) -> int:
         n = len(node.value)
-        self.token_to_kv_pool_allocator.free(node.value)
+        self._free_slots(node.value)
         node.value = None
         self.evictable_size_ -= n
+        self.policy.candidates.discard(node)
         self._update_leaf_status(node)
         self._update_leaf_status(node.parent)
         return n
 
     def _give_slots(self, node: TreeNode, slots: torch.Tensor) -> None:
         """A slot-less node (compressed, or just split off one) becomes a device node on ``slots``."""
-        self.policy.tree_version += 1  # a new compression candidate
         node.value = slots.clone()
         self.evictable_size_ += len(slots)
         self._update_leaf_status(node)
         self._update_leaf_status(node.parent)
+        self.policy.candidates.add(node)
 
     def _alloc_slots(self, num_tokens: int) -> torch.Tensor | None:
         allocator = self.token_to_kv_pool_allocator
@@ -87,28 +94,46 @@ class TreeSurgery(TreeEviction):
             self.evict(EvictParams(num_tokens=short))
         return allocator.alloc(num_tokens) if allocator.available_size() >= num_tokens else None
 
-    def _restore(self, node: TreeNode) -> bool:
-        """Decode compressed ``node`` into fresh slots (it keeps its blob); ``False`` if it cannot."""
-        entry = self.io.entries[node]
-        slots = self._alloc_slots(entry.num_tokens)  # may compress or evict others, never ``_protect``
+    def _restore_many(self, nodes: list[TreeNode]) -> bool:
+        """Decode compressed ``nodes`` (one path, top down) into fresh slots with one codec call; each keeps its
+        blob. ``False`` if it cannot: no memory, a damaged blob (that node is dropped, the rest stay
+        compressed), or any other failure of the decode (logged); the slots are given back either way."""
+        entries = [self.io.entries[n] for n in nodes]
+        total = sum(e.num_tokens for e in entries)
+        slots = self._alloc_slots(total)  # may evict others, never ``_protect``
         if slots is None:
             self.stats.restore_no_memory += 1
             return False
+        parts = list(torch.split(slots, [e.num_tokens for e in entries]))  # page multiples: pages stay whole
+        targets = [(p, torch.arange(e.start, e.start + e.num_tokens)) for p, e in zip(parts, entries, strict=True)]
+        t0 = time.perf_counter()
         try:  # every check runs before the first row is written: a bad blob leaves the slots untouched
-            self.io.decode_into(entry, slots)
+            self.ctl.restore(
+                lambda: [self.store.get(e.handle) for e in entries], [e.header for e in entries], targets,
+                [e.reference for e in entries] if self.ctl.verify else None,
+            )
         except BlobError as e:
-            logger.warning("kvtc: dropping a compressed node of %d tokens: %s", entry.node_tokens, e)
-            self.token_to_kv_pool_allocator.free(slots)
+            bad = nodes[e.blob_index or 0]
+            logger.warning("kvtc: dropping a compressed node of %d tokens: %s", self.io.entries[bad].node_tokens, e)
+            self._free_slots(slots)
             self.stats.checksum_failures += 1
-            self._drop_subtree(node)
+            self._drop_subtree(bad)
             return False
-        self.io.pop(node)
-        if entry.skip:
-            self.token_to_kv_pool_allocator.free(slots[: entry.skip])  # rows of the part an insert took
-        self._give_slots(node, slots[entry.skip :])
-        self.io.retain(node, entry)
-        self.stats.restores += 1
-        self.stats.restored_tokens += entry.node_tokens
+        except (RuntimeError, ValueError, MemoryError):  # CUDA OOM, nvCOMP, a bug: recompute, never wrong KV
+            logger.exception("kvtc: a restore of %d tokens failed; the request recomputes them", total)
+            self._free_slots(slots)
+            self.stats.restore_failures += 1
+            return False
+        finally:
+            self.stats.restore_seconds += time.perf_counter() - t0
+        for node, entry, part in zip(nodes, entries, parts, strict=True):
+            self.io.pop(node)
+            if entry.skip:
+                self._free_slots(part[: entry.skip])  # rows of the part an insert took
+            self._give_slots(node, part[entry.skip :])
+            self.io.retain(node, replace(entry, restored=True))
+            self.stats.restores += 1
+            self.stats.restored_tokens += entry.node_tokens
         return True
 
     # ----- insert -----
@@ -162,8 +187,10 @@ class TreeSurgery(TreeEviction):
         if node.lock_ref > 0:
             raise RuntimeError("kvtc invariant broken: a node below a compressed node is locked")
         if node.value is not None:  # device node below a compressed one: same tokens, same positions
-            self.token_to_kv_pool_allocator.free(node.value)
-            node.value = slots.clone()
+            if node in self._pending:
+                self._wait_pending()  # the encoder reads these rows
+            self._free_slots(node.value)
+            node.value = slots.clone()  # a job still listing the old slots is discarded at its commit
             return
         entry = self.io.pop(node) if node in self.io.entries else None
         self._give_slots(node, slots)
@@ -175,95 +202,11 @@ class TreeSurgery(TreeEviction):
         if child in self.io.entries:
             raise RuntimeError("kvtc invariant broken: SGLang's split reached a compressed node")
         self.io.drop_retained(child)  # its blob covers the whole node
-        self.policy.tree_version += 1  # the child's span moved
-        return super()._split_node(key, child, split_len)
+        head = super()._split_node(key, child, split_len)
+        job = self._pending.get(child)
+        if job is not None:
+            self._pending[head] = job  # the encoder still reads these rows; the job is discarded at commit
+        self.policy.candidates.add(head)
+        self.policy.candidates.add(child)
+        return head
 
-    # ----- compression -----
-
-    def _compress_cold(self, need: int | None, now: float | None) -> int:
-        """Compress eligible nodes, LRU first (idle ones only when ``now`` is given) until ``need`` slots
-        are free (all of them for ``None``); returns slots freed net of what the store borrowed."""
-        cands = self.policy.compress_order(self.root_node)
-        version, drops = self.policy.tree_version, self.policy.drops
-        store_before, freed, i, passed = self.store.num_slots, 0, 0, []
-
-        def net() -> int:  # slots freed so far, less what the store borrowed to hold the blobs
-            return freed - (self.store.num_slots - store_before)
-
-        while i < len(cands) and (need is None or net() < need):
-            targets, planned = [], 0
-            # the same measure as the outer loop: with a smaller one (gross ``freed``) this loop could take no
-            # candidate while the outer one still wants more, and spin for ever
-            while i < len(cands) and (need is None or net() + planned < need):
-                cand, start, lo, hi = cands[i]
-                i += 1
-                if cand.parent is None or cand.value is None:
-                    continue  # compressed or dropped since the candidates were listed
-                busy = cand.lock_ref > 0 or cand in self._protect
-                if busy or (now is not None and not self.policy.is_idle(cand, now)):
-                    passed.append(cands[i - 1])  # still a candidate for a later call
-                    continue
-                if lo > start:
-                    self._split_node(cand.key, cand, lo - start)  # cand keeps [lo, end)
-                target = cand
-                if hi < lo + len(cand.key):
-                    target = self._split_node(cand.key, cand, hi - lo)  # the new parent covers [lo, hi)
-                targets.append((target, lo))
-                planned += len(target.value)
-            if targets:
-                freed += self._compress_many(targets)
-        if self.policy.drops == drops:  # only listed nodes were split or compressed: the rest is still valid
-            self.policy.keep_candidates(version, passed + cands[i:])
-        return net()
-
-    def _compress_many(self, targets: list[tuple[TreeNode, int]]) -> int:
-        """Compress device nodes ``(node, start position)``; returns the slots freed. Nodes with a kept blob
-        only free their slots; the others are encoded in one codec call, then stored one by one."""
-        fresh = [(n, lo) for n, lo in targets if n not in self.io.retained]
-        blobs = dict(zip([id(n) for n, _ in fresh], self.io.encode([(n.value, lo) for n, lo in fresh]), strict=True))
-        freed = 0
-        for node, start in targets:
-            if node.parent is None or node.value is None:
-                continue  # dropped while making room for an earlier target
-            if node in self.io.retained:
-                entry = self.io.take_retained(node)
-                self.stats.reused_blobs += 1
-                self.stats.reused_tokens += entry.num_tokens
-            else:
-                num_t = len(node.value)
-                handle = self._store_blob(node, blobs[id(node)])
-                if handle is None:
-                    continue
-                entry = self.io.make_entry(handle, start, num_t)
-            num_t = entry.num_tokens
-            if node.value is not None:
-                self._release_slots(node)
-            self.io.add(node, entry)
-            self.stats.compressions += 1
-            self.stats.compressed_tokens += num_t
-            freed += num_t
-        return freed
-
-    def _store_blob(self, node: TreeNode, blob: torch.Tensor):
-        """Put ``blob`` in the store, dropping other blobs for room if the store is at its cap. When the pool
-        has no free page for the store to borrow, the node's own slots are released first (the blob is
-        smaller than its raw KV); its ``value`` is then ``None`` on return."""
-        store, ps = self.store, self.page_size
-        pages = store.pages_needed(blob.numel())
-        if store.num_pages + pages > store.max_pages:
-            self._make_store_room(pages, keep=node)
-            pages = store.pages_needed(blob.numel())
-        if store.num_pages + pages > store.max_pages:
-            self.stats.store_full += 1
-            return None
-        allocator = self.token_to_kv_pool_allocator
-        if allocator.available_size() < pages * ps:
-            if len(node.value) < pages * ps or allocator.free_group is not None:
-                self.stats.store_full += 1
-                return None
-            num_t = self._release_slots(node)
-            handle = store.put(blob)
-            if handle is None:
-                raise RuntimeError(f"kvtc: {num_t} freed slots did not make room for a {blob.numel()}-byte blob")
-            return handle
-        return store.put(blob)

@@ -1,5 +1,5 @@
-"""Encoding, storing and restoring radix nodes' KV: one object owns the codec, the pool I/O, the blob store,
-the counters and the book of which nodes have blobs. It never changes the tree (``KVTCRadixCache`` does).
+"""The books of which radix nodes have blobs, with the blob store and the counters. It never changes the
+tree (``KVTCRadixCache`` does) and runs no codec (:class:`~kvtc_sglang.cache.controller.KVTCController` does).
 
 A node's blob is in one of two books:
 
@@ -10,13 +10,11 @@ A node's blob is in one of two books:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 
-import torch
-
-from ..codec import KVTCCodec
+from ..codec.blob import BlobHeader
 from .kv_io import PoolKV
+from .policy import CompressionPolicy
 from .stats import KVTCStats
 from .store import BlobHandle, BlobStore
 from .tree_walk import TreeNode
@@ -31,7 +29,10 @@ class CompressedNode:
     start: int  # RoPE position of the blob's first token
     num_tokens: int
     raw_bytes: int
+    header: BlobHeader  # parsed when the blob was made (kept on the host: a restore copies no header)
     skip: int = 0
+    restored: bool = False  # decoded at least once (a blob dropped before that was encoded for nothing)
+    reference: tuple | None = None  # (K, V) [L, T, H, D] on the host, what the blob decoded to (verify_restores)
 
     @property
     def node_tokens(self) -> int:
@@ -39,48 +40,29 @@ class CompressedNode:
 
 
 class Transcoder:
-    """Args: codec of the served model; ``kv``: the pool's buffers; ``store``: where blobs live; ``stats``."""
+    """Args: ``kv``: the pool's buffers (for the raw size of a token); ``store``: where blobs live; ``stats``;
+    ``policy``: its blob indexes (victim order) follow these books."""
 
-    def __init__(self, codec: KVTCCodec, kv: PoolKV, store: BlobStore, stats: KVTCStats) -> None:
-        self.codec = codec
-        self.kv = kv
+    def __init__(self, kv: PoolKV, store: BlobStore, stats: KVTCStats, policy: CompressionPolicy) -> None:
         self.store = store
         self.stats = stats
+        self.policy = policy
         self.entries: dict[TreeNode, CompressedNode] = {}
         self.retained: dict[TreeNode, CompressedNode] = {}
         kb = kv.k_buffers[0]
         self.token_bytes = 2 * len(kv.k_buffers) * kb[0].numel() * kb.element_size()  # raw KV bytes per token
 
-    # ----- encode / decode -----
-
-    def encode(self, targets: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
-        """Blobs (``[nbytes]`` uint8) of pool rows ``(slots [T_i] int64, first position)``, one codec call."""
-        if not targets:
-            return []
-        t0 = time.perf_counter()
-        segments = [(slots, torch.arange(lo, lo + len(slots))) for slots, lo in targets]
-        # Reads the rows in place (fused Triton kernels on CUDA, gather + torch on CPU).
-        blobs = self.codec.encode_rows_many(self.kv.k_buffers, self.kv.v_buffers, segments)
-        self.stats.compress_seconds += time.perf_counter() - t0
-        return blobs
-
-    def decode_into(self, entry: CompressedNode, slots: torch.Tensor) -> None:
-        """Write the blob's ``num_tokens`` rows into pool ``slots`` (``[num_tokens]`` int64).
-
-        Raises ``BlobError`` before writing anything when the blob is damaged."""
-        t0 = time.perf_counter()
-        positions = torch.arange(entry.start, entry.start + entry.num_tokens)
-        self.codec.decode_rows(self.store.get(entry.handle), self.kv.k_buffers, self.kv.v_buffers, slots, positions)
-        self.stats.restore_seconds += time.perf_counter() - t0
-
-    def make_entry(self, handle: BlobHandle, start: int, num_tokens: int) -> CompressedNode:
-        return CompressedNode(handle, start, num_tokens, num_tokens * self.token_bytes)
+    def make_entry(
+        self, handle: BlobHandle, start: int, num_tokens: int, header: BlobHeader, reference: tuple | None = None
+    ) -> CompressedNode:
+        return CompressedNode(handle, start, num_tokens, num_tokens * self.token_bytes, header, reference=reference)
 
     # ----- books -----
 
     def add(self, node: TreeNode, entry: CompressedNode) -> None:
         """``node`` is compressed now; ``entry`` is its blob."""
         self.entries[node] = entry
+        self.policy.index_blob(node, kept=False)
         s = self.stats
         s.resident_nodes += 1
         s.resident_tokens += entry.node_tokens
@@ -90,6 +72,7 @@ class Transcoder:
     def pop(self, node: TreeNode) -> CompressedNode:
         """Take ``node`` out of the compressed book (its blob stays stored)."""
         entry = self.entries.pop(node)
+        self.policy.unindex_blob(node)
         s = self.stats
         s.resident_nodes -= 1
         s.resident_tokens -= entry.node_tokens
@@ -108,22 +91,39 @@ class Transcoder:
             self.store.free(entry.handle)
             return
         self.retained[node] = entry
+        self.policy.index_blob(node, kept=True)
         self.stats.retained_tokens += entry.num_tokens
 
     def take_retained(self, node: TreeNode) -> CompressedNode:
         entry = self.retained.pop(node)
+        self.policy.unindex_blob(node)
         self.stats.retained_tokens -= entry.num_tokens
         return entry
 
     def drop_retained(self, node: TreeNode) -> None:
         if node in self.retained:
-            self.store.free(self.take_retained(node).handle)
+            entry = self.take_retained(node)
+            self.store.free(entry.handle)
+            if not entry.restored:
+                self.stats.discarded_encoded_tokens += entry.num_tokens
+
+    def free_dropped(self, node: TreeNode) -> CompressedNode:
+        """Compressed ``node`` leaves the tree: its blob is freed and counted as dropped."""
+        entry = self.pop(node)
+        self.store.free(entry.handle)
+        s = self.stats
+        s.dropped_nodes += 1
+        s.dropped_tokens += entry.node_tokens
+        if not entry.restored:
+            s.dropped_unused_tokens += entry.node_tokens
+        return entry
 
     def clear(self) -> None:
         """Forget every blob and give the store's pages back."""
         for entry in [*self.entries.values(), *self.retained.values()]:
             self.store.free(entry.handle)
         self.entries, self.retained = {}, {}
+        self.policy.clear()
         s = self.stats
         s.resident_nodes = s.resident_tokens = s.resident_raw_bytes = s.resident_blob_bytes = 0
         s.retained_tokens = 0

@@ -16,7 +16,7 @@ Scenarios (real held-out text):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache
@@ -100,7 +100,7 @@ def serving_eval(lm: LoadedModel, codec: KVTCCodec, cache_cfg: KVTCCacheConfig, 
     """Run one scenario; returns top-1 agreement and mean KL of the new tokens vs uncompressed, and the
     cache's counters (compressed/restored tokens, achieved ratio)."""
     _, allocator = build_pool(codec.spec, cfg.pool_tokens, cfg.page_size)
-    cache = build_cache(allocator, cfg.page_size, codec, cache_cfg)
+    cache = build_cache(allocator, cfg.page_size, codec, replace(cache_cfg, encode="inline"))  # deterministic
     drv = Driver(cache, source=None)
     tally = {"tokens": 0, "top1": 0, "kl": 0.0, "reused": 0, "recompute_seconds": 0.0}
     ratios = []

@@ -20,10 +20,20 @@ import os
 import sys
 from pathlib import Path
 
-from ..cache.config import ENV_VAR, KVTCCacheConfig, refused_server_option
+from ..cache.config import ENV_VAR, KVTCCacheConfig, refused_server_option, refused_window
 from ..codec import ArtifactError, read_header
 
 BACKEND = "kvtc"
+
+
+def _flag(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0 or 1, got {value!r}")
+
+
 TARGET_STEP = "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run"
 _OPTIONS = (  # (flag, dest, type, config field, help)
     ("--kvtc-calibration", "kvtc_calibration", str, "calibration", "Calibration artifact (*.kvtc.safetensors)."),
@@ -31,13 +41,21 @@ _OPTIONS = (  # (flag, dest, type, config field, help)
     ("--kvtc-window-tokens", "kvtc_window_tokens", int, "window_tokens",
      "Most recent tokens of each cached sequence never compressed (default 128)."),
     ("--kvtc-idle-seconds", "kvtc_idle_seconds", float, "idle_seconds",
-     "Compress an unused radix node after this many seconds (default 30)."),
+     "The background encoder takes only radix nodes unused this long (default 0)."),
     ("--kvtc-idle-watermark", "kvtc_idle_watermark", float, "idle_watermark",
-     "Idle compression only while the KV pool is more than this share used (default 0.75)."),
+     "Start encoding cold nodes in the background once more than this share of the KV pool is used, or "
+     "once SGLang had to evict (default 0.75)."),
+    ("--kvtc-ready-fraction", "kvtc_ready_fraction", float, "ready_fraction",
+     "The background encoder keeps this share of the KV pool free or instantly freeable (default 0.5)."),
     ("--kvtc-store-fraction", "kvtc_store_fraction", float, "store_fraction",
      "Most of the KV pool the compressed store may borrow; it grows into free slots and gives them back "
      "on demand (default 0.5)."),
+    ("--kvtc-encode", "kvtc_encode", str, "encode",
+     "Where encodes run: background (a worker thread, default) or inline (on the scheduler thread)."),
+    ("--kvtc-verify-restores", "kvtc_verify_restores", _flag, "verify_restores",
+     "Debugging (0/1): check every restored row against a host copy of its blob's decode (default 0)."),
 )
+
 
 
 def add_cli_args(_result: object, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
@@ -74,7 +92,9 @@ def config_from_namespace(ns: argparse.Namespace) -> KVTCCacheConfig | None:
         header = read_header(config.calibration)
     except ArtifactError as e:
         raise ValueError(f"--kvtc-calibration: {e}") from e
-    refused = refused_server_option(lambda name: getattr(ns, name, None))
+    refused = refused_server_option(lambda name: getattr(ns, name, None)) or refused_window(
+        config.window_tokens, getattr(ns, "page_size", None), not getattr(ns, "disable_overlap_schedule", False)
+    )
     if refused:
         raise ValueError(refused)
     _check_model(ns, header, config.calibration)
@@ -114,13 +134,28 @@ def before_from_cli_args(*args: object, **kwargs: object) -> None:
 
 
 def before_get_next_batch_to_run(*args: object, **kwargs: object) -> None:
-    """BEFORE hook on ``Scheduler.get_next_batch_to_run(self, ...)``: the kvtc cache's per-step work."""
+    """BEFORE hook on ``Scheduler.get_next_batch_to_run(self, ...)``: the kvtc cache's per-step work.
+
+    On its first call it hands the cache SGLang's forward stream, as the scheduler hands it to HiCache's
+    controller (``load_fence_stream``/``write_fence_stream``): the model runner's ``forward_stream`` under the
+    overlap scheduler, else ``None`` (the forward then runs on the scheduler's own stream)."""
     from ..cache.radix import KVTCRadixCache
 
     scheduler = args[0] if args else None
     cache = getattr(scheduler, "tree_cache", None)
     if isinstance(cache, KVTCRadixCache):
+        if not cache.stream_bound:
+            cache.bind_forward_stream(forward_stream_of(scheduler))
         cache.scheduler_tick()
+
+
+def forward_stream_of(scheduler: object) -> object | None:
+    """The stream SGLang's forward runs on when it is not the scheduler's current one (overlap), else ``None``."""
+    if not getattr(scheduler, "enable_overlap", False):
+        return None
+    worker = getattr(scheduler, "tp_worker", None)
+    runner = getattr(worker, "model_runner", None)
+    return getattr(runner, "forward_stream", None) or getattr(scheduler, "forward_stream", None)
 
 
 def register() -> None:

@@ -117,8 +117,9 @@ class Driver:
         self.failed = 0
 
     def match(self, tokens: list[int]) -> tuple[int, object]:
-        """Match, then (as SGLang's ``PrefillAdder`` does for an admitted request) load back what the match
-        reported as not resident (``host_hit_length``): all of it or nothing."""
+        """A scheduler tick, then match, then (as SGLang's ``PrefillAdder`` does for an admitted request) load
+        back what the match reported as not resident (``host_hit_length``): all of it or nothing."""
+        self.tick()
         m = self.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens))))
         if m.host_hit_length == 0:
             return m.device_prefix_len, m.last_device_node
@@ -170,6 +171,12 @@ class Driver:
         new_lock = self.cache.lock(res.last_device_node) if aligned else None
         self.cache.unlock(adm.lock)
         return Running(tokens, matched, new_lock)
+
+    def tick(self) -> None:
+        """What SGLang's scheduler loop does before it picks a batch: the cache's per-step work."""
+        tick = getattr(self.cache, "scheduler_tick", None)
+        if tick is not None:
+            tick()
 
     def start(self, tokens: list[int]) -> Running | None:
         """Admit a request, take the rest of its K/V from the source, commit it; ``None`` if no memory."""

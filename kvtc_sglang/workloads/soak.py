@@ -48,7 +48,8 @@ def soak(codec: KVTCCodec, bank: BankKV, run: SoakConfig) -> dict:
     )
     rng = random.Random(run.seed)
     _, allocator = build_pool(codec.spec, pool_tokens, page_size)
-    cfg = KVTCCacheConfig(calibration="soak", window_tokens=16, idle_seconds=0.0, store_fraction=0.3)
+    cfg = KVTCCacheConfig(calibration="soak", window_tokens=16, idle_seconds=0.0, store_fraction=0.3,
+                          encode="inline")
     cache = build_cache(allocator, page_size, codec, cfg)
     drv = Driver(cache, bank)
     running, checks, worst = [], 0, 0.0

@@ -1,0 +1,206 @@
+"""Compression of :class:`~kvtc_sglang.cache.radix.KVTCRadixCache` (a base of it): what the scheduler tick
+encodes in the background, how a finished encode is committed, and how ``evict`` frees encoded nodes.
+
+A device node goes through three states: *device* (slots only), *encoded* (slots and a kept blob: freeing
+its slots is instant and loses nothing) and *compressed* (the blob only). The tick moves cold nodes from
+device to encoded ahead of need, through the :class:`~kvtc_sglang.cache.controller.KVTCController`'s
+worker; ``evict`` moves encoded nodes to compressed. Nothing here encodes on the scheduler's critical path
+except :meth:`TreeCompression.compress_idle`, the synchronous tool and test API.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from sglang.srt.mem_cache.radix_cache import TreeNode
+
+from .controller import EncodeJob
+from .policy import Span
+from .store import BlobHandle
+from .surgery import TreeSurgery
+from .tree_walk import subtree_postorder
+
+MAX_JOB_TOKENS = 4096  # one background job encodes at most this many tokens (about 1 s of CPU work here)
+PRESSURE_TICKS = 500  # scheduler iterations after an evict during which the encoder stays awake
+
+
+class TreeCompression(TreeSurgery):
+    _pending: dict[TreeNode, EncodeJob]  # nodes whose rows the encoder reads, and the job reading them
+
+    def _busy(self, node: TreeNode) -> bool:
+        return node.lock_ref > 0 or node in self._protect or node in self._pending
+
+    def _wait_pending(self) -> None:
+        """Block until the encoder has read every row it was given; results are committed at the next tick."""
+        self.ctl.wait()
+        self.stats.encoder_waits += 1
+
+    # ----- the background: plan at a tick, commit at a later one -----
+
+    def _encoded_unlocked(self) -> int:
+        return sum(len(n.value) for n in self.io.retained if n.lock_ref == 0 and n.value is not None)
+
+    def _plan_background(self) -> None:
+        """Queue one encode of the coldest nodes while the encoder is awake (the pool more than
+        ``idle_watermark`` used, or an evict within ``PRESSURE_TICKS`` ticks) and less than ``ready_fraction``
+        of the pool could be had at once (free slots plus encoded, unlocked nodes); nothing while a job is
+        queued. Tick counts, not clocks: every rank of a tensor-parallel group would decide alike."""
+        if self.ctl.pending:
+            return
+        allocator = self.token_to_kv_pool_allocator
+        free = allocator.available_size()
+        awake = self._ticks - self._last_evict_tick <= PRESSURE_TICKS
+        if not awake and allocator.size - free <= self.config.idle_watermark * allocator.size:
+            return
+        short = int(self.config.ready_fraction * allocator.size) - free
+        if short <= 0 or (short := short - self._encoded_unlocked()) <= 0:
+            return
+        spans = self.policy.take(min(short, MAX_JOB_TOKENS), self._busy, now=time.monotonic())
+        targets = self._cut(self._worth_storing(spans))
+        if targets:
+            job = self.ctl.submit([(node, node.value, lo) for node, lo in targets])
+            for node, _ in targets:
+                self._pending[node] = job
+
+    def _worth_storing(self, spans: list[Span]) -> list[Span]:
+        """Spans whose blobs the store can take without dropping a more recently used blob."""
+        est = sum(hi - lo for _, _, lo, hi in spans) * self.io.token_bytes / max(self.stats.ratio, 8.0)
+        if est <= self.store.room_bytes:
+            return spans
+        stamps = [s for s in (self.policy.encoded.oldest_stamp(), self.policy.compressed.oldest_stamp()) if s]
+        oldest = min(stamps, default=float("inf"))
+        return [s for s in spans if s[0].last_access_time > oldest]
+
+    def _cut(self, spans: list[Span]) -> list[tuple[TreeNode, int]]:
+        """Split each span's node so that one node covers exactly ``[lo, hi)``: ``(node, lo)``. The parts keep
+        the node's stamp (a cut is no access: the LRU order stays as it was)."""
+        out = []
+        for cand, start, lo, hi in spans:
+            if cand.parent is None or cand.value is None:
+                continue  # compressed or dropped while making room for an earlier span
+            stamp = cand.last_access_time
+            if lo > start:
+                self._split_node(cand.key, cand, lo - start).last_access_time = stamp  # cand keeps [lo, end)
+            target = cand
+            if hi < lo + len(cand.key):
+                target = self._split_node(cand.key, cand, hi - lo)  # the new parent covers [lo, hi)
+                target.last_access_time = stamp
+            out.append((target, lo))
+        return out
+
+    def _commit(self, jobs: list[EncodeJob]) -> None:
+        """Store the blobs of finished jobs: their nodes become encoded (or compressed, when the store could
+        only borrow a page by freeing the node's own slots). A node that changed since (split, dropped, given
+        other slots) discards its blob."""
+        for job in jobs:
+            for node in [n for n, j in self._pending.items() if j is job]:
+                del self._pending[node]
+            if not job.results:
+                self.stats.discarded_encodes += len(job.targets)
+            self.stats.compress_seconds += job.seconds
+            refs = job.references or [None] * len(job.results)
+            for (node, slots, lo), (blob, header), ref in zip(job.targets, job.results, refs, strict=False):
+                if node.parent is None or node.value is not slots or node in self.io.retained:
+                    self.stats.discarded_encodes += 1
+                    self.policy.touch_path(node if node.parent is not None else None)
+                    continue
+                handle = self._store_blob(node, blob)
+                if handle is None:
+                    continue  # the store is full of more recently used blobs
+                entry = self.io.make_entry(handle, lo, len(slots), header, ref)
+                self.stats.encodes += 1
+                self.stats.encoded_tokens += len(slots)
+                if node.value is None:  # its slots made room for the store: compressed already
+                    self._count_compression(node, entry)
+                else:
+                    self.io.retain(node, entry)
+
+    def _count_compression(self, node: TreeNode, entry) -> None:
+        self.io.add(node, entry)
+        self.stats.compressions += 1
+        self.stats.compressed_tokens += entry.num_tokens
+
+    def _store_blob(self, node: TreeNode, blob: torch.Tensor) -> BlobHandle | None:
+        """Put ``blob`` in the store, dropping other blobs for room if the store is at its cap. When the pool
+        has no free page for the store to borrow, the node's own slots are released first (the blob is
+        smaller than its raw KV); its ``value`` is then ``None`` on return."""
+        store, ps = self.store, self.page_size
+        pages = store.pages_needed(blob.numel())
+        if store.num_pages + pages > store.max_pages:
+            self._make_store_room(pages, keep=node)
+            pages = store.pages_needed(blob.numel())
+        if store.num_pages + pages > store.max_pages:
+            self.stats.store_full += 1
+            return None
+        allocator = self.token_to_kv_pool_allocator
+        release = allocator.available_size() < pages * ps
+        if release and (len(node.value) < pages * ps or allocator.free_group is not None or node.lock_ref > 0):
+            self.stats.store_full += 1
+            return None
+        if release:
+            self._release_slots(node)
+        handle = self.ctl.put(store, blob)
+        if handle is None and release:
+            raise RuntimeError(f"kvtc: freed slots did not make room for a {blob.numel()}-byte blob")
+        return handle
+
+    # ----- evict: encoded -> compressed -----
+
+    def _free_encoded(self, need: int | None, now: float | None = None) -> int:
+        """Free the slots of encoded, unlocked nodes (LRU first) whose whole node may be compressed (sinks and
+        windows stay exact) until ``need`` slots are free (all for ``None``); idle ones only when ``now``
+        is given. Instant: nothing is encoded."""
+        freed, passed = 0, []
+        while need is None or freed < need:
+            node = self.policy.encoded.pop()
+            if node is None:
+                break
+            if node not in self.io.retained or node.value is None:
+                continue
+            if now is not None and now - node.last_access_time < self.policy.idle_seconds:
+                passed.append(node)
+                break
+            n = self._compress_encoded(node)
+            if not n:
+                passed.append(node)  # locked, or its window covers it now
+            freed += n
+        for node in passed:
+            self.policy.encoded.add(node)
+        return freed
+
+    def _compress_encoded(self, node: TreeNode) -> int:
+        """Free encoded ``node``'s slots (it keeps its blob, now its only copy); 0 if it may not be compressed
+        now (locked, being restored or encoded, or not wholly outside the sinks and windows)."""
+        span = None if self._busy(node) else self.policy.span(node)
+        if span is None or span[2] != span[1] or span[3] != span[1] + len(node.key):
+            return 0
+        entry = self.io.take_retained(node)
+        freed = self._release_slots(node)
+        if entry.restored:
+            self.stats.reused_blobs += 1
+            self.stats.reused_tokens += entry.num_tokens
+        self._count_compression(node, entry)
+        return freed
+
+    # ----- tools and tests -----
+
+    def compress_idle(self, now: float | None = None) -> int:
+        """Compress every eligible node idle for ``idle_seconds`` at ``now``, whatever the pool usage,
+        encoding on the calling thread; returns the slots freed net of store growth (tools, tests)."""
+        now = time.monotonic() if now is None else now
+        for job in self.ctl.drain():
+            self._commit([job])
+        allocator = self.token_to_kv_pool_allocator
+        before = allocator.available_size()
+        for node, _ in subtree_postorder(self.root_node):  # a tool may walk: every device node is a candidate
+            if node.parent is not None and node.value is not None:
+                self.policy.candidates.add(node)
+        self._free_encoded(None, now)
+        targets = self._cut(self.policy.take(None, self._busy, now))
+        if targets:
+            self._commit([self.ctl.encode_now([(node, node.value, lo) for node, lo in targets])])
+            for node, _ in targets:  # idle when taken (a split gave the head a new stamp)
+                if node in self.io.retained:
+                    self._compress_encoded(node)
+        return allocator.available_size() - before
