@@ -115,6 +115,66 @@ def test_evict_falls_back_to_eviction_and_waits_only_when_nothing_else_is_left(c
     cache.ctl.shutdown()
 
 
+def test_a_running_request_is_encoded_ahead_and_freeable_the_moment_it_ends(codec, bank):
+    """SGLang admits a waiting request at the tick after a running one ends: its KV must already be encoded
+    then, or evict drops it. Locked (running) nodes are encoded, never freed while locked."""
+    cache = make(codec, 2048, 16, encode="inline")
+    drv = Driver(cache, bank)
+    seq = list(range(600))
+    run = drv.start(seq)  # locked for the whole test below
+    cache.scheduler_tick()
+    assert cache.stats.encodes >= 1 and cache.io.retained
+    assert all(n.lock_ref > 0 for n in cache.io.retained)
+    assert cache._free_encoded(None) == 0 and cache.stats.compressions == 0  # evict's first step: locked stays
+    drv.finish(run)
+    encoded = sum(e.num_tokens for e in cache.io.retained.values())
+    freed = cache.evict(EvictParams(num_tokens=encoded)).num_tokens_evicted
+    assert freed >= encoded and cache.stats.compressions >= 1 and cache.stats.dropped_tokens == 0
+    assert cache.stats.encodes == 1  # freeing encoded nodes encodes nothing more
+    assert drv.read_prefix([*seq, 7])[0] == 600 // 16 * 16
+    check_invariants(cache)
+
+
+def test_a_dropped_kept_blob_of_a_running_request_is_not_encoded_again_while_it_runs(codec, bank):
+    """evict drops the kept blob of a locked node (no KV lost) for the store's pages; the tick must not
+    encode that node again until its request ends (no encode-and-drop churn)."""
+    cache = make(codec, 2048, encode="inline")
+    drv = Driver(cache, bank)
+    run = drv.start(list(range(500)))
+    cache.scheduler_tick()
+    assert cache.io.retained
+    store_slots = cache.store.num_slots
+    cache._shrink_store(store_slots, kept_only=True)  # what evict's ``kept_blobs`` step does
+    assert not cache.io.retained and cache.store.num_slots < store_slots
+    encodes = cache.stats.encodes
+    for _ in range(3):
+        cache.scheduler_tick()
+    assert cache.stats.encodes == encodes
+    drv.finish(run)
+    cache.scheduler_tick()  # unlocked: encodable again
+    assert cache.stats.encodes > encodes
+    check_invariants(cache)
+
+
+def test_an_encoded_node_whose_window_leaf_was_evicted_is_still_compressed(codec, bank):
+    """The sequence's uncompressed tail (its window) is evicted as a device leaf; the encoded node above it
+    is now the tail, yet its blob is there: evict frees its slots (no KV lost), it does not drop them."""
+    cache = make(codec, 2048, window_tokens=64, encode="inline")
+    drv = Driver(cache, bank)
+    seq = list(range(400))
+    drv.finish(drv.start(seq))
+    cache.scheduler_tick()
+    [(node, entry)] = cache.io.retained.items()
+    tail = next(iter(node.children.values()))
+    assert not tail.children and len(tail.key) == 64
+    cache._evict_device_pass(len(tail.key), keep_compressed=True)  # SGLang's LRU drops the window leaf
+    assert tail.parent is None and not node.children and node in cache.io.retained
+    freed = cache.evict(EvictParams(num_tokens=entry.num_tokens)).num_tokens_evicted
+    assert freed == entry.num_tokens and cache.stats.compressions == 1 and cache.stats.dropped_tokens == 0
+    assert drv.read_prefix(seq)[0] == 400 - 64
+    check_invariants(cache)
+
+
 def test_a_node_changed_while_encoded_discards_its_blob(codec, bank, monkeypatch):
     """A split (a match ending inside the node) while the encoder reads it: the blob no longer fits the node,
     so the commit drops it; the rows were not freed under the encoder."""

@@ -29,7 +29,14 @@ class TreeCompression(TreeSurgery):
     _pending: dict[TreeNode, EncodeJob]  # nodes whose rows the encoder reads, and the job reading them
 
     def _busy(self, node: TreeNode) -> bool:
+        """Its slots may not be freed now: locked, being restored, or read by the encoder."""
         return node.lock_ref > 0 or node in self._protect or node in self._pending
+
+    def _unreadable(self, node: TreeNode) -> bool:
+        """The encoder may not take it now: being restored or already read by the encoder. A locked node may
+        be encoded (a running request only reads its prefix rows), so that it is instantly freeable the
+        moment its request ends; but not again once evict dropped its kept blob for room (until unlocked)."""
+        return node in self._protect or node in self._pending or (node.lock_ref > 0 and node in self._spilled)
 
     def _wait_pending(self) -> None:
         """Block until the encoder has read every row it was given; results are committed at the next tick."""
@@ -38,14 +45,16 @@ class TreeCompression(TreeSurgery):
 
     # ----- the background: plan at a tick, commit at a later one -----
 
-    def _encoded_unlocked(self) -> int:
-        return sum(len(n.value) for n in self.io.retained if n.lock_ref == 0 and n.value is not None)
+    def _encoded_tokens(self) -> int:
+        """Tokens of encoded nodes, locked ones included (freeable as soon as their request ends)."""
+        return self.stats.retained_tokens
 
     def _plan_background(self) -> None:
         """Queue one encode of the coldest nodes while the encoder is awake (the pool more than
-        ``idle_watermark`` used, or an evict within ``PRESSURE_TICKS`` ticks) and less than ``ready_fraction``
-        of the pool could be had at once (free slots plus encoded, unlocked nodes); nothing while a job is
-        queued. Tick counts, not clocks: every rank of a tensor-parallel group would decide alike."""
+        ``idle_watermark`` used, or an evict within ``PRESSURE_TICKS`` ticks) and free slots plus encoded
+        nodes (locked ones too: freeable when their request ends) cover less than ``ready_fraction`` of the
+        pool; nothing while a job is queued. Tick counts, not clocks: every rank of a tensor-parallel group
+        would decide alike."""
         if self.ctl.pending:
             return
         allocator = self.token_to_kv_pool_allocator
@@ -54,9 +63,9 @@ class TreeCompression(TreeSurgery):
         if not awake and allocator.size - free <= self.config.idle_watermark * allocator.size:
             return
         short = int(self.config.ready_fraction * allocator.size) - free
-        if short <= 0 or (short := short - self._encoded_unlocked()) <= 0:
+        if short <= 0 or (short := short - self._encoded_tokens()) <= 0:
             return
-        spans = self.policy.take(min(short, MAX_JOB_TOKENS), self._busy, now=time.monotonic())
+        spans = self.policy.take(min(short, MAX_JOB_TOKENS), self._unreadable, now=time.monotonic())
         targets = self._cut(self._worth_storing(spans))
         if targets:
             job = self.ctl.submit([(node, node.value, lo) for node, lo in targets])
@@ -171,9 +180,10 @@ class TreeCompression(TreeSurgery):
 
     def _compress_encoded(self, node: TreeNode) -> int:
         """Free encoded ``node``'s slots (it keeps its blob, now its only copy); 0 if it may not be compressed
-        now (locked, being restored or encoded, or not wholly outside the sinks and windows)."""
-        span = None if self._busy(node) else self.policy.span(node)
-        if span is None or span[2] != span[1] or span[3] != span[1] + len(node.key):
+        now (locked, being restored or encoded). The blob covers exactly the node and never a sink; a
+        window that covers it now (the leaf below was evicted since the encode) does not keep it: its
+        slots would otherwise go next with the KV, where the blob keeps it."""
+        if self._busy(node):
             return 0
         entry = self.io.take_retained(node)
         freed = self._release_slots(node)

@@ -69,7 +69,8 @@ class KVTCCacheConfig:
             when SGLang had to evict within the last ``PRESSURE_TICKS`` scheduler iterations; a workload that
             fits leaves it idle. ``evict`` frees encoded nodes first and never encodes.
         ready_fraction: once awake, the encoder keeps at least this share of the pool free or instantly
-            freeable (free slots plus encoded, unlocked nodes), coldest nodes first.
+            freeable (free slots plus encoded nodes, locked ones included: they are freeable when their request
+            ends), coldest nodes first.
         encode: ``background`` (a worker thread; the scheduler commits finished encodes at a later tick) or
             ``inline`` (each encode runs when the tick queues it, on the scheduler thread: the old cost, for
             comparisons and deterministic tools).

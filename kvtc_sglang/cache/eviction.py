@@ -22,6 +22,8 @@ class TreeEviction(RadixCache):
         """Drop a kept blob (no KV lost) or a compressed node with its subtree; returns device slots freed."""
         if kept:
             self.io.drop_retained(node)
+            if node.lock_ref > 0:
+                self._spilled.add(node)  # not encoded again until its request ends (no encode/drop churn)
             return 0
         return self._drop_subtree(node)
 
@@ -43,8 +45,9 @@ class TreeEviction(RadixCache):
         if store.num_pages > target:
             self.policy.offer_blobs(spared, self._holds, drop)
 
-    def _shrink_store(self, need: int) -> int:
-        """Drop blobs until the store has given ``need`` slots back to the pool (or none are left)."""
+    def _shrink_store(self, need: int, kept_only: bool = False) -> int:
+        """Drop blobs until the store has given ``need`` slots back to the pool (or none are left); with
+        ``kept_only`` only the kept blobs of device nodes (no KV is lost)."""
         store = self.store
         before, freed = store.num_slots, 0
 
@@ -53,7 +56,7 @@ class TreeEviction(RadixCache):
             freed += self._drop_blob(node, kept)
             return before - store.num_slots + freed >= need
 
-        self.policy.offer_blobs(set(self._protect), self._holds, drop)
+        self.policy.offer_blobs(set(self._protect), self._holds, drop, kept_only=kept_only)
         return before - store.num_slots + freed
 
     # ----- device nodes -----

@@ -54,12 +54,14 @@ class CompressionPolicy:
 
     ``evict`` steps, in order, each only while slots are still short:
     ``free_encoded`` (device nodes whose blob is already made: freeing their slots is instant and loses
-    nothing), ``device_leaves`` (SGLang's LRU leaf eviction of leaves with nothing compressed below),
+    nothing), ``kept_blobs`` (drop the kept blobs of nodes that cannot be freed now, locked ones: the store
+    gives their pages back and no KV is lost), ``device_leaves`` (SGLang's LRU leaf eviction of leaves with
+    nothing compressed below),
     ``store`` (drop blobs until the store gives pages back), ``device_with_compressed`` (leaves whose
     compressed children go with them). ``evict`` never encodes: encoding runs ahead, in the background.
     """
 
-    evict_steps = ("free_encoded", "device_leaves", "store", "device_with_compressed")
+    evict_steps = ("free_encoded", "kept_blobs", "device_leaves", "store", "device_with_compressed")
 
     def __init__(self, config: KVTCCacheConfig, page_size: int) -> None:
         ps = page_size
@@ -141,17 +143,19 @@ class CompressionPolicy:
         spared: set[TreeNode],
         holds: Callable[[TreeNode, bool], bool],
         drop: Callable[[TreeNode, bool], bool],
+        kept_only: bool = False,
     ) -> None:
         """Offer blobs to ``drop(node, kept)`` in victim order until it returns ``True`` (enough room).
 
         Kept blobs first (LRU), then compressed leaves (LRU), then compressed inner nodes (an inner node
         takes its subtree along). ``holds(node, kept)`` tells whether a node still holds that kind of blob
         (entries go stale when a node is restored or dropped); nodes passed over or not dropped are
-        indexed again."""
+        indexed again. ``kept_only``: kept blobs only (dropping them loses no KV)."""
         back: list[tuple[TreeNode, bool]] = []
         inner: list[TreeNode] = []
         try:
-            for index, kept in ((self.encoded, True), (self.compressed, False)):
+            kinds = ((self.encoded, True),) if kept_only else ((self.encoded, True), (self.compressed, False))
+            for index, kept in kinds:
                 while (node := index.pop()) is not None:
                     if not holds(node, kept):
                         continue

@@ -96,6 +96,7 @@ class KVTCRadixCache(TreeCompression):
         )
         self._protect: set[TreeNode] = set()
         self._pending = {}
+        self._spilled: set[TreeNode] = set()  # locked nodes whose kept blob evict dropped: not again while locked
         self._ticks = 0  # scheduler iterations seen (the policy's clock for "recently under pressure")
         self._last_evict_tick = -(1 << 30)
         self.stream_bound = False  # the plugin binds SGLang's forward stream at the first scheduler tick
@@ -107,6 +108,7 @@ class KVTCRadixCache(TreeCompression):
     def reset(self) -> None:
         self.ctl.drain()  # the encoder's rows are about to be reused: wait, and forget its results
         self._pending.clear()
+        self._spilled.clear()
         self.io.clear()  # gives the store's pages back (SGLang clears the allocator right after)
         super().reset()
 
@@ -226,6 +228,12 @@ class KVTCRadixCache(TreeCompression):
 
     def dec_lock_ref(self, node: TreeNode, params: DecLockRefParams | None = None) -> DecLockRefResult:
         result = super().dec_lock_ref(node, params)
+        if self._spilled:
+            up = node
+            while up is not None and up.parent is not None:
+                if up.lock_ref == 0:
+                    self._spilled.discard(up)
+                up = up.parent
         self.policy.touch_path(node)  # nodes it unlocked may be encoded now (this path only)
         return result
 
@@ -242,6 +250,7 @@ class KVTCRadixCache(TreeCompression):
             self._last_evict_tick = self._ticks  # memory is the limit: the background encoder wakes up
         steps = {
             "free_encoded": self._free_encoded,
+            "kept_blobs": lambda n: self._shrink_store(n, kept_only=True),
             "device_leaves": lambda n: self._evict_device_pass(n, keep_compressed=True),
             "store": self._shrink_store,
             "device_with_compressed": lambda n: self._evict_device_pass(n, keep_compressed=False),
