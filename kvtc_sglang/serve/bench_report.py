@@ -60,6 +60,7 @@ def summarize(results: list[TurnResult], wall: float, counters: ServerCounters |
         "prefill_forward_s": None if c is None else c.prefill_forward_seconds,
         "run_batch_s": None if c is None else c.run_batch_seconds,
         "codec_s": None if c is None else c.codec_seconds, "codec_label": "" if c is None else c.codec_label,
+        "kvtc": {} if c is None else dict(c.kvtc),
         "wall_s": wall, "ttft_per_turn": ttft_per_turn(results),
     }
 
@@ -88,6 +89,11 @@ def _f(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _kv(s: dict[str, Any], a: str, b: str, fmt: str) -> str:
+    kv = s.get("kvtc") or {}
+    return "-" if not kv else f"{_f(kv.get(a), fmt)} / {_f(kv.get(b), '.0f')}"
+
+
 ROWS = (
     ("requests (errors)", lambda s: f"{s['requests']} ({s['errors']})"),
     ("TTFT mean / p90 (s)", lambda s: f"{s['ttft_mean']:.2f} / {s['ttft_p90']:.2f}"),
@@ -98,6 +104,9 @@ ROWS = (
     ("prefill forward s (sum per request)", lambda s: _f(s["prefill_forward_s"], ".1f")),
     ("all forward passes s (run_batch)", lambda s: _f(s["run_batch_s"], ".1f")),
     ("kvtc codec s", lambda s: _f(s["codec_s"], ".2f")),
+    ("kvtc compressions / restores", lambda s: _kv(s, "compressions_total", "restores_total", ".0f")),
+    ("kvtc tokens compressed / restored", lambda s: _kv(s, "compressed_tokens_total", "restored_tokens_total", ".0f")),
+    ("kvtc ratio (resident) / dropped tokens", lambda s: _kv(s, "compression_ratio", "dropped_tokens_total", ".1f")),
     ("workload wall time (s)", lambda s: f"{s['wall_s']:.1f}"),
 )
 

@@ -24,13 +24,14 @@ The server log's ``Prefill batch`` lines carry ``#new-token`` and ``#cached-toke
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{(.*)\})?\s+(\S+)(\s+\S+)?$")
 _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
 _PREFILL_LINE = re.compile(r"Prefill batch.*?#new-token: (\d+), #cached-token: (\d+)")
 CODEC_COUNTER = "sglang:kvtc_scheduler_codec_seconds_total"
 CODEC_FALLBACK = ("sglang:kvtc_restore_seconds_total", "sglang:kvtc_compress_seconds_total")
+KVTC_PREFIX = "sglang:kvtc_"
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class ServerCounters:
     run_batch_seconds: float | None
     codec_seconds: float | None
     codec_label: str
+    kvtc: dict[str, float] = field(default_factory=dict)  # every sglang:kvtc_* sample, prefix dropped
 
     def minus(self, before: ServerCounters) -> ServerCounters:
         """The change since ``before`` (what one workload did on a server that ran others first)."""
@@ -87,7 +89,9 @@ class ServerCounters:
                               d(self.prefill_forward_seconds, before.prefill_forward_seconds),
                               d(self.prefill_forward_requests, before.prefill_forward_requests),
                               d(self.run_batch_seconds, before.run_batch_seconds),
-                              d(self.codec_seconds, before.codec_seconds), self.codec_label)
+                              d(self.codec_seconds, before.codec_seconds), self.codec_label,
+                              {k: v - before.kvtc.get(k, 0.0) if k.endswith("_total") else v  # gauges: as now
+                               for k, v in self.kvtc.items()})
 
 
 def server_counters(text: str) -> ServerCounters:
@@ -105,7 +109,17 @@ def server_counters(text: str) -> ServerCounters:
         prefill_forward_seconds=metric_sum(s, stage + "_sum", stage="prefill_forward"),
         prefill_forward_requests=metric_sum(s, stage + "_count", stage="prefill_forward"),
         run_batch_seconds=metric_sum(s, "sglang:scheduler_stage_seconds_total", category="run_batch"),
-        codec_seconds=codec, codec_label=label)
+        codec_seconds=codec, codec_label=label, kvtc=kvtc_values(s))
+
+
+def kvtc_values(samples: list[Sample]) -> dict[str, float]:
+    """``{name without "sglang:kvtc_": value}`` (labelled samples of one name summed)."""
+    out: dict[str, float] = {}
+    for x in samples:
+        if x.name.startswith(KVTC_PREFIX):
+            key = x.name.removeprefix(KVTC_PREFIX)
+            out[key] = out.get(key, 0.0) + x.value
+    return out
 
 
 def prefill_log_tokens(log_text: str) -> tuple[int, int, int]:
