@@ -12,6 +12,7 @@ Writes ``trace.json``, ``report.md``, ``report.json`` and the server/benchmark l
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--out", type=Path, default=Path("out/agentic"))
     p.add_argument("--plot", type=Path, default=None, help="write the TTFT-per-turn plot here (PNG)")
     p.add_argument("--trace-only", action="store_true", help="write the trace and stop")
+    p.add_argument("--reuse", type=Path, default=None,
+                   help="an earlier report.json: servers it measured on the same trace and pool are not run again")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if a.startswith("-") and not a.startswith("--kvtc-")]
     if bad:
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                     system_prompt_tokens=args.gsp_system_tokens, question_tokens=args.gsp_question_tokens,
                     output_tokens=args.gsp_output_tokens, turns=args.gsp_turns, concurrency=args.concurrency,
                     seed=args.seed)
-    report = run_bench(model, str(calibration), trace_path, trace, cfg=cfg, gsp=gsp)
+    reuse = json.loads(args.reuse.read_text()) if args.reuse is not None else None
+    report = run_bench(model, str(calibration), trace_path, trace, cfg=cfg, gsp=gsp, reuse=reuse)
     print(format_report(report))
     if args.plot is not None:
         title = f"TTFT per turn, N = {report['pools']['vanilla']} (CPU, contended)"

@@ -150,3 +150,19 @@ def test_prefill_lines_of_a_real_log():
     # The `Prefill batch` lines of the same server's log.
     batches, new, cached = prefill_log_tokens((DATA / "server_log_prefill_vanilla_cpu.txt").read_text())
     assert (batches, new, cached) == (5, 3273, 4888)
+
+
+def test_reuse_only_matching_servers():
+    from kvtc_sglang.serve.session_bench import reusable, trace_sha256
+
+    trace = {"conversations": [[{"messages": [{"role": "user", "content": "a"}]}]]}
+    sha = trace_sha256(trace)
+    per = _summaries()
+    old = {"trace_sha256": sha, "pools": POOLS, "gsp": None, "out": "out/x",
+           "summaries": {"own": per}, "servers": {n: {"startup_s": 1.0, "total_s": 2.0} for n in per}}
+    got = reusable(old, "big", 40960, sha, gsp=None, workloads=["own"])
+    assert got is not None and got["workloads"]["own"] == per["big"] and got["reused_from"] == "out/x"
+    assert reusable(old, "big", 20480, sha, gsp=None, workloads=["own"]) is None  # another pool
+    assert reusable(old, "big", 40960, "0" * 64, gsp=None, workloads=["own"]) is None  # another trace
+    assert reusable(old, "big", 40960, sha, gsp=None, workloads=["own", "serving"]) is None  # a workload missing
+    assert reusable(None, "big", 40960, sha, gsp=None, workloads=["own"]) is None

@@ -14,6 +14,7 @@ Servers are started only through :class:`.server.SGLangServer` (the process grou
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from .server import SGLangServer
 from .server_metrics import server_counters
 from .session_replay import ReplayConfig, TurnResult, replay
 from .sessions import pool_for_everything, turn_counts
+from .workload import WorkloadConfig, run_shared_prompt
 
 WORKLOADS = ("serving", "gsp", "own")
 
@@ -130,6 +132,21 @@ def standard_workloads(cfg: SessionBenchConfig, model: str, trace_path: Path, tr
     return [Workload(w, table[w]) for w in cfg.workloads]
 
 
+def shared_prompt_workload(wl: WorkloadConfig) -> Workload:
+    """The main job's shared-system-prompt workload (:func:`.workload.run_shared_prompt`) as a :class:`Workload`."""
+
+    def run(srv: SGLangServer, name: str, logs: Path) -> Outcome:
+        import openai
+
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        r = run_shared_prompt(client, "default", wl, lambda: None)
+        results = [TurnResult(u, 0, prompt_tokens=x.prompt_tokens, cached_tokens=x.cached_tokens, ttft=x.ttft,
+                              latency=x.latency, text=x.text, error=x.error) for u, x in enumerate(r.results)]
+        return Outcome(results, r.seconds, extra={"keys": [x.key for x in r.results]})
+
+    return Workload("shared_prompt", run)
+
+
 def flush(srv: SGLangServer) -> None:
     status, body = srv.post("/flush_cache?timeout=60", timeout=90.0)
     if status != 200:
@@ -165,16 +182,45 @@ def run_server(name: str, pool: int, model: str, calibration: str, *, cfg: Sessi
     return out
 
 
+def trace_sha256(trace: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(trace["conversations"], sort_keys=True).encode()).hexdigest()
+
+
+def reusable(reuse: dict[str, Any] | None, name: str, pool: int, sha: str, *, gsp: dict | None,
+             workloads: list[str]) -> dict[str, Any] | None:
+    """``name``'s results from an earlier report with the same trace, pool, GSP sizes and workloads, or ``None``."""
+    if reuse is None or name not in reuse.get("servers", {}) or reuse.get("trace_sha256") != sha:
+        return None
+    if reuse["pools"].get(name) != pool or ("gsp" in workloads and reuse.get("gsp") != gsp):
+        return None
+    if not all(name in reuse["summaries"].get(w, {}) for w in workloads):
+        return None
+    return {**reuse["servers"][name], "workloads": {w: reuse["summaries"][w][name] for w in workloads},
+            "reused_from": reuse.get("out", "?")}
+
+
 def run_bench(model: str, calibration: str, trace_path: Path, trace: dict[str, Any], *, cfg: SessionBenchConfig,
-              gsp: sglang_bench.GSPConfig | None = None, extra: list[Workload] | None = None) -> dict[str, Any]:
-    """Every server of ``cfg.servers`` over the standard workloads plus ``extra``; writes report.{md,json}."""
+              gsp: sglang_bench.GSPConfig | None = None, extra: list[Workload] | None = None,
+              reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every server of ``cfg.servers`` over the standard workloads plus ``extra``; writes report.{md,json}.
+
+    ``reuse``: an earlier ``report.json``; a server it measured with the same trace, pool, GSP sizes and
+    workloads is taken from it instead of being run again (e.g. only kvtc is re-run when its flags change).
+    """
     pool = pools(cfg, trace, gsp)
     workloads = standard_workloads(cfg, model, trace_path, trace, gsp) + list(extra or [])
-    servers = {name: run_server(name, pool[name], model, calibration, cfg=cfg, workloads=workloads)
-               for name in cfg.servers}
+    sha = trace_sha256(trace)
+    names = [wl.name for wl in workloads]
+    servers = {}
+    for name in cfg.servers:
+        old = reusable(reuse, name, pool[name], sha, gsp=gsp and asdict(gsp), workloads=names)
+        if old is not None:
+            print(f"[{name} @ {pool[name]}] reused from {old['reused_from']}", flush=True)
+        servers[name] = old or run_server(name, pool[name], model, calibration, cfg=cfg, workloads=workloads)
     summaries = {wl.name: {n: servers[n]["workloads"][wl.name] for n in cfg.servers} for wl in workloads}
-    report = {"config": {k: str(v) for k, v in asdict(cfg).items()}, "pools": pool, "gsp": gsp and asdict(gsp),
-              "trace": str(trace_path), "trace_metadata": trace["metadata"], "summaries": summaries,
+    report = {"config": {k: str(v) for k, v in asdict(cfg).items()}, "out": str(cfg.out), "pools": pool,
+              "gsp": gsp and asdict(gsp), "trace": str(trace_path), "trace_sha256": sha,
+              "trace_metadata": trace["metadata"], "summaries": summaries,
               "shares": {w: shares(s) for w, s in summaries.items()},
               "servers": {n: {k: v for k, v in s.items() if k != "workloads"} for n, s in servers.items()}}
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -187,6 +233,7 @@ WORKLOAD_TITLES = {
     "serving": "agentic sessions, sglang.benchmark.serving (agentic-trace)",
     "gsp": "generated-shared-prefix, sglang.benchmark.serving (multi-turn)",
     "own": "agentic sessions, own openai-client replay",
+    "shared_prompt": "shared system prompts (workload.run_shared_prompt), own openai client",
 }
 
 
@@ -201,6 +248,8 @@ def format_report(report: dict[str, Any]) -> str:
     parts = [head]
     for w, per_server in report["summaries"].items():
         parts.append(format_table(WORKLOAD_TITLES.get(w, w), per_server, pools))
-    starts = ", ".join(f"{n} {s['startup_s']:.0f} s (total {s['total_s']:.0f} s)" for n, s in report["servers"].items())
+    starts = ", ".join(f"{n} {s['startup_s']:.0f} s (total {s['total_s']:.0f} s"
+                       f"{', reused from ' + s['reused_from'] if 'reused_from' in s else ''})"
+                       for n, s in report["servers"].items())
     parts.append(f"\nserver start-up: {starts}")
     return "\n".join(parts)
