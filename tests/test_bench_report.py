@@ -140,6 +140,9 @@ def test_metrics_kvtc_codec_counter_and_fallback():
     assert c.codec_seconds == pytest.approx(1.75) and "restore + compress" in c.codec_label
     c = server_counters(base + "sglang:kvtc_scheduler_codec_seconds_total 3.0\n")
     assert c.codec_seconds == 3.0 and c.codec_label == "kvtc scheduler codec s"
+    before = server_counters("sglang:kvtc_restores_total 2\nsglang:kvtc_compression_ratio 15.0\n")
+    after = server_counters("sglang:kvtc_restores_total 7\nsglang:kvtc_compression_ratio 17.5\n")
+    assert after.minus(before).kvtc == {"restores_total": 5.0, "compression_ratio": 17.5}  # gauges: as now
     s = parse_samples('m{path="/a,b",x="y\\"z"} 2e3 1700000000\n')
     assert s[0].value == 2000 and s[0].label("path") == "/a,b"
     with pytest.raises(ValueError, match="line 1: expected"):
