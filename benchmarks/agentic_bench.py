@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     report = run_bench(model, str(calibration), trace_path, trace, cfg=cfg, gsp=gsp, reuse=reuse)
     print(format_report(report))
     if args.plot is not None:
-        title = f"TTFT per turn, N = {report['pools']['vanilla']} (CPU, contended)"
+        title = (f"SmolLM2-135M on SGLang 0.5.23 (CPU): --max-total-tokens N = {report['pools']['vanilla']}, "
+                 f"big pool = {report['pools']['big']}")
         print(f"plot: {plot_ttft_per_turn(report['summaries'], report['pools'], args.plot, title)}")
     print(f"(report.md, report.json and logs in {args.out}/)")
     return 0
