@@ -101,7 +101,7 @@ ROWS = (
     ("prompt / cached tokens (usage)", lambda s: f"{s['prompt_tokens']} / {s['cached_tokens']}"),
     ("tokens prefilled (prompt - cached)", lambda s: f"{s['prefilled_tokens']}"),
     ("tokens prefilled (server counter)", lambda s: _f(s["server_prefill_tokens"], ".0f")),
-    ("prefill forward s (sum per request)", lambda s: _f(s["prefill_forward_s"], ".1f")),
+    ("prefill latency s, summed per request", lambda s: _f(s["prefill_forward_s"], ".1f")),
     ("all forward passes s (run_batch)", lambda s: _f(s["run_batch_s"], ".1f")),
     ("kvtc codec s", lambda s: _f(s["codec_s"], ".2f")),
     ("kvtc compressions / restores", lambda s: _kv(s, "compressions_total", "restores_total", ".0f")),
@@ -133,9 +133,20 @@ def format_table(workload: str, per_server: dict[str, dict[str, Any]], pools: di
     labels = {per_server[n]["codec_label"] for n in names if per_server[n]["codec_s"] is not None}
     lines += ["", *share_lines(per_server)]
     if labels:
-        lines.append(f"(kvtc codec s: {', '.join(sorted(labels))}; prefill forward s: SGLang's "
-                     "per_stage_req_latency_seconds{stage=prefill_forward} summed over requests)")
+        lines.append(f"(kvtc codec s: {', '.join(sorted(labels))})")
     return "\n".join(lines)
+
+
+FOOTNOTE = " ".join((
+    "Tokens prefilled: prompt minus cached tokens of each request's usage; the server counter is SGLang's",
+    "realtime_tokens_total{mode=prefill_compute}. Prefill latency: SGLang's",
+    "per_stage_req_latency_seconds{stage=prefill_forward}, each request's time from its first forward pass to",
+    "the end of its prefill, summed over requests (a batch of k requests counts k times, decode steps run",
+    "between a request's chunks count too): a latency, not compute time; SGLang 0.5.23 exposes no prefill",
+    "compute time on CPU (its forward timer records CUDA events). All forward passes:",
+    "scheduler_stage_seconds_total{category=run_batch}, prefill and decode together. Wall time of",
+    "sglang.benchmark.serving workloads: its own benchmark duration.",
+))
 
 
 def shares(per_server: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

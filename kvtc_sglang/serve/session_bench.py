@@ -24,7 +24,7 @@ from typing import Any
 
 from . import sglang_bench
 from .bench import BenchConfig, server_spec
-from .bench_report import SERVERS, format_table, shares, summarize
+from .bench_report import FOOTNOTE, SERVERS, format_table, shares, summarize
 from .server import SGLangServer
 from .server_metrics import server_counters
 from .session_replay import ReplayConfig, TurnResult, replay
@@ -252,4 +252,5 @@ def format_report(report: dict[str, Any]) -> str:
                        f"{', reused from ' + s['reused_from'] if 'reused_from' in s else ''})"
                        for n, s in report["servers"].items())
     parts.append(f"\nserver start-up: {starts}")
+    parts.append(f"\n{FOOTNOTE}")
     return "\n".join(parts)
