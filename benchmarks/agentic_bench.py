@@ -55,6 +55,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--out", type=Path, default=Path("out/agentic"))
     p.add_argument("--plot", type=Path, default=None, help="write the TTFT-per-turn plot here (PNG)")
     p.add_argument("--trace-only", action="store_true", help="write the trace and stop")
+    p.add_argument("--from-report", type=Path, default=None,
+                   help="only re-render report.md (next to it) and --plot from this report.json; no server runs")
     p.add_argument("--reuse", type=Path, default=None,
                    help="an earlier report.json: servers it measured on the same trace and pool are not run again")
     args, rest = p.parse_known_args(argv)
@@ -64,8 +66,21 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, rest
 
 
+def finish(report: dict, plot: Path | None) -> None:
+    print(format_report(report))
+    if plot is not None:
+        title = (f"SmolLM2-135M on SGLang 0.5.23 (CPU): --max-total-tokens N = {report['pools']['vanilla']}, "
+                 f"big pool = {report['pools']['big']}")
+        print(f"plot: {plot_ttft_per_turn(report['summaries'], report['pools'], plot, title)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args, kvtc_flags = parse(argv)
+    if args.from_report is not None:
+        report = json.loads(args.from_report.read_text())
+        (args.from_report.parent / "report.md").write_text(format_report(report) + "\n")
+        finish(report, args.plot)
+        return 0
     model = args.model
     if model is None:
         from kvtc_sglang.serve.export import export_default_model
@@ -94,11 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                     seed=args.seed)
     reuse = json.loads(args.reuse.read_text()) if args.reuse is not None else None
     report = run_bench(model, str(calibration), trace_path, trace, cfg=cfg, gsp=gsp, reuse=reuse)
-    print(format_report(report))
-    if args.plot is not None:
-        title = (f"SmolLM2-135M on SGLang 0.5.23 (CPU): --max-total-tokens N = {report['pools']['vanilla']}, "
-                 f"big pool = {report['pools']['big']}")
-        print(f"plot: {plot_ttft_per_turn(report['summaries'], report['pools'], args.plot, title)}")
+    finish(report, args.plot)
     print(f"(report.md, report.json and logs in {args.out}/)")
     return 0
 

@@ -19,6 +19,8 @@ from .server_metrics import ServerCounters
 from .session_replay import TurnResult
 
 SERVERS = ("vanilla", "kvtc", "big")
+PLOT_TITLES = {"serving": "agentic, sglang.benchmark.serving", "own": "agentic, own openai client",
+               "gsp": "generated-shared-prefix (sglang.benchmark.serving)"}
 
 
 def percentile(xs: Sequence[float], q: float) -> float:
@@ -162,18 +164,25 @@ def shares(per_server: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def plot_ttft_per_turn(summaries: dict[str, dict[str, dict[str, Any]]], pools: dict[str, int], path: Path,
                        title: str = "") -> Path:
-    """One panel per workload: mean TTFT over sessions per turn, one line per server."""
+    """One panel per multi-turn workload: mean TTFT over sessions per turn, one line per server."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(summaries), figsize=(5.5 * len(summaries), 4), squeeze=False)
-    for ax, (workload, per_server) in zip(axes[0], summaries.items(), strict=True):
+    panels = {w: s for w, s in summaries.items() if max(len(x["ttft_per_turn"]) for x in s.values()) > 1}
+    if not panels:
+        raise ValueError(f"expected a multi-turn workload to plot, got {list(summaries)}")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (workload, per_server) in zip(axes[0], panels.items(), strict=True):
+        turns = 0
         for name in (n for n in SERVERS if n in per_server):
             ys = per_server[name]["ttft_per_turn"]
+            turns = max(turns, len(ys))
             ax.plot(range(1, len(ys) + 1), ys, marker="o", label=server_label(name, pools))
-        ax.set(title=workload, xlabel="turn (1 = first read)", ylabel="mean TTFT over sessions (s)")
+        ax.set_xticks(range(1, turns + 1))
+        ax.set(title=PLOT_TITLES.get(workload, workload), xlabel="turn (1 = first read / first question)",
+               ylabel="mean TTFT over sessions (s)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend()
