@@ -13,11 +13,13 @@ import numpy as np
 import torch
 
 from ..codec.allocation import GROUP_SIZES, INT_KINDS, KIND_BITS, Allocation, Group, group_bits
-from ..codec.quant import dequantize_fp8, dequantize_int, quantize_fp8, quantize_int
+from ..codec.quant import dequantize_fp8, quantize_fp8
+from ..payload_format import FP16_MAX
 
 _UNIT_BITS = 2
 # Tokens used to measure a group's error: fewer for big groups, whose error averages over more values.
 _ELEMENTS_PER_START = 16384
+_CHUNK_ELEMENTS = 1 << 22  # values per chunk of windows in _int_group_errors (16 MiB float32)
 
 
 def measure_group_errors(coeffs: torch.Tensor, fp8_scale: torch.Tensor, kinds: tuple[str, ...]) -> dict:
@@ -46,25 +48,40 @@ def measure_group_errors(coeffs: torch.Tensor, fp8_scale: torch.Tensor, kinds: t
         if "fp8" in kinds:
             errs[(size, "fp8")] = (csum_fp8[size:] - csum_fp8[:starts]).numpy()
         toks = coeffs[: max(16, min(n, _ELEMENTS_PER_START // size))]  # [n_s, R]
-        for kind in kinds:
-            if kind in INT_KINDS:
-                errs[(size, kind)] = _int_group_errors(toks, size, KIND_BITS[kind])
+        ints = [kind for kind in kinds if kind in INT_KINDS]
+        per_bits = _int_group_errors(toks, size, tuple(KIND_BITS[kind] for kind in ints))
+        for kind in ints:
+            errs[(size, kind)] = per_bits[KIND_BITS[kind]]
     return errs
 
 
-def _int_group_errors(toks: torch.Tensor, size: int, bits: int) -> np.ndarray:
-    """Mean per-token squared error of int quantization for every window of ``size`` components."""
+def _int_group_errors(toks: torch.Tensor, size: int, bits: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """Mean per-token squared error of int quantization (each of ``bits``) for every window of ``size``
+    components: ``{bits: errors[R - size + 1]}``.
+
+    The same arithmetic as :func:`~kvtc_sglang.codec.quant.quantize_int` then ``dequantize_int``, with each
+    window's min and max found once for all ``bits``, on windows of a few MiB at a time (cache-sized).
+    """
     n, r = toks.shape
     starts = r - size + 1
-    out = np.empty(starts, dtype=np.float64)
-    block = max(1, (1 << 24) // (n * size))  # windows per batch, bounded memory
+    out = {b: np.empty(starts, dtype=np.float64) for b in bits}
+    block = max(1, _CHUNK_ELEMENTS // (n * size))  # windows per chunk
+    windows = toks.unfold(1, size, 1)  # [n, starts, size], a view
     for s0 in range(0, starts, block):
         s1 = min(starts, s0 + block)
-        win = toks.unfold(1, size, 1)[:, s0:s1]  # [n, W, size]
-        flat = win.reshape(-1, size)  # [n * W, size]
-        codes, lo, step = quantize_int(flat, bits)
-        err = (flat - dequantize_int(codes, lo, step)).double().pow(2).sum(1)  # [n * W]
-        out[s0:s1] = err.reshape(n, s1 - s0).mean(0).numpy()
+        win = windows[:, s0:s1]  # [n, W, size]
+        lo = win.amin(dim=2).clamp(-FP16_MAX, FP16_MAX).to(torch.float16).float()  # [n, W], fp16-rounded
+        hi = win.amax(dim=2)
+        shifted = win - lo[:, :, None]
+        for b in bits:
+            levels = (1 << b) - 1
+            step = ((hi - lo) / levels).clamp(0.0, FP16_MAX).to(torch.float16).float()  # [n, W]
+            coded = step > 0
+            safe = torch.where(coded, step, torch.ones_like(step))
+            q = torch.round(shifted / safe[:, :, None]).clamp_(0, levels)
+            q = torch.where(coded[:, :, None], q, torch.zeros_like(q))
+            err = (win - (lo[:, :, None] + q * step[:, :, None])).double().pow(2).sum(2)  # [n, W]
+            out[b][s0:s1] = err.mean(0).numpy()
     return out
 
 

@@ -8,7 +8,7 @@ group for the DP. One artifact is written per target ratio, all sharing the same
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -156,6 +156,7 @@ class Collected:
     names: dict  # {kind: document names}
     seconds: float
     fisher: FisherMoments | None = None  # with fisher_continuation > 0
+    phases: dict = field(default_factory=dict)  # seconds of the collect's parts: forward, fisher, covariance
 
 
 def calibrate(lm: LoadedModel, cfg: CalibrationConfig, out_dir: Path, show_progress: bool = True) -> list[Path]:
@@ -175,16 +176,24 @@ def collect(lm: LoadedModel, cfg: CalibrationConfig, show_progress: bool = True)
     acc = {"k": CovarianceAccumulator(spec.num_features), "v": CovarianceAccumulator(spec.num_features)}
     held: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
     keep = slice(cfg.edge_tokens, cfg.seq_len - cfg.edge_tokens)
-    positions = torch.arange(cfg.seq_len)
     queries = QueryMoments(spec)
     wants_fisher = cfg.fisher_continuation > 0 and "fisher" in (cfg.key_scale, cfg.value_scale)
     fisher = FisherMoments(spec) if wants_fisher else None
+    # One forward pass per sequence: what the PCA keeps (the last edge_tokens are skipped) and the Fisher's prefix
+    # (its continuation runs on this pass's cache), so the tokens past both are never prefilled.
+    prefix = cfg.seq_len - cfg.fisher_continuation
+    run_len = max(keep.stop, prefix) if fisher is not None else keep.stop
+    positions = torch.arange(run_len)
     gen = torch.Generator().manual_seed(0)
+    phases = dict.fromkeys(("forward", "fisher", "covariance"), 0.0)
     longest = max(len(s) for s in per_kind)
     order = [s[i] for i in range(longest) for s in per_kind if i < len(s)]  # interleave the domains
     for i, ids in enumerate(tqdm(order, desc="calibration: collect K/V", disable=not show_progress)):
+        t = time.perf_counter()
         with queries.hooks(lm.model, keep):
-            k, v, _ = prefill_kv(lm.model, ids, kv_dtype(spec))  # [L, T, H, D] in the KV dtype
+            k, v, cache = prefill_kv(lm.model, ids[:run_len], kv_dtype(spec))  # [L, T, H, D] in the KV dtype
+        phases["forward"] += time.perf_counter() - t
+        t = time.perf_counter()
         k_un = remove_rope(k, positions, spec.ropes)[:, keep]  # [L, T', H, D] float32
         xk = k_un.permute(1, 0, 2, 3).reshape(k_un.shape[1], -1)  # [T', F]
         xv = v[:, keep].float().permute(1, 0, 2, 3).reshape(k_un.shape[1], -1)  # [T', F]
@@ -194,9 +203,12 @@ def collect(lm: LoadedModel, cfg: CalibrationConfig, show_progress: bool = True)
         else:
             acc["k"].update(xk)
             acc["v"].update(xv)
-            if fisher is not None:  # fit sequences only, like the PCA
-                fisher.update(lm.model, ids, cfg.fisher_continuation, cfg.edge_tokens, gen)
-    return Collected(acc, held, queries, names, time.perf_counter() - t0, fisher)
+        phases["covariance"] += time.perf_counter() - t
+        if fisher is not None and i % cfg.holdout_every != cfg.holdout_every - 1:  # fit sequences, like the PCA
+            t = time.perf_counter()
+            fisher.update_from_cache(lm.model, cache, ids, prefix, keep_from=cfg.edge_tokens, generator=gen)
+            phases["fisher"] += time.perf_counter() - t
+    return Collected(acc, held, queries, names, time.perf_counter() - t0, fisher, phases)
 
 
 def write_artifacts(
@@ -212,18 +224,21 @@ def write_artifacts(
 
     ``pca_cache`` (a dict kept by the caller) reuses PCA fits across calls that share a stream's scale.
     """
-    t0 = time.perf_counter()
-    spec, acc, held, names, t_collect = lm.spec, col.acc, col.held, col.names, col.seconds
+    spec, acc, held, names = lm.spec, col.acc, col.held, col.names
     fits = {}
     scales = stream_scales(lm, cfg, col)
     block = spec.head_dim if cfg.normalize_heads else 1
+    seconds = {"collect": col.seconds, **col.phases, "pca": 0.0, "group_errors": 0.0}
     for s in tqdm(("k", "v"), desc="calibration: PCA + group errors", disable=not show_progress):
+        t = time.perf_counter()
         key = (s, cfg.key_scale if s == "k" else cfg.value_scale, block)
         cache = {} if pca_cache is None else pca_cache
         if key not in cache:
             cache[key] = acc[s].fit(block, scales[s])
+        seconds["pca"] += time.perf_counter() - t
+        t = time.perf_counter()
         fits[s] = _fit_stream(cache[key], torch.cat(held[s]), cfg.basis_bf16)
-    t_fit = time.perf_counter() - t0
+        seconds["group_errors"] += time.perf_counter() - t
     paths = []
     for ratio in tqdm(cfg.ratios, desc="calibration: DP bit allocation", disable=not show_progress):
         info = {
@@ -244,9 +259,10 @@ def write_artifacts(
             "basis_bf16": cfg.basis_bf16,
             "fisher_continuation": cfg.fisher_continuation,
             "edge_tokens_skipped": cfg.edge_tokens,
-            "seconds": {"collect": round(t_collect, 1), "pca_and_errors": round(t_fit, 1)},
         }
+        t = time.perf_counter()
         keys, values = allocate(fits, ratio, cfg.joint_budget)
+        info["seconds"] = {k: round(v, 1) for k, v in {**seconds, "dp": time.perf_counter() - t}.items()}
         art = CalibrationArtifact(spec=spec, keys=keys, values=values, target_ratio=float(ratio), info=info)
         paths.append(art.save(out_dir / artifact_name(spec.name, ratio)))
     return paths
