@@ -42,7 +42,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     g.add_argument("--big-pool", type=int, default=None, help="pool of the upper-bound server (default: all fits)")
     g.add_argument("--page-size", type=int, default=1)
     g.add_argument("--store-fraction", type=float, default=0.25)
-    g.add_argument("--idle-seconds", type=float, default=30.0)
+    g.add_argument("--idle-seconds", type=float, default=None, help="default: kvtc's own (0)")
     g.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     g.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=["serving", "own"])
     g = p.add_argument_group("generated-shared-prefix (workload gsp)")

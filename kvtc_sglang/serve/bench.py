@@ -34,7 +34,7 @@ class BenchConfig:
     max_total_tokens: int = 2048
     page_size: int = 1
     store_fraction: float = 0.25
-    idle_seconds: float = 30.0
+    idle_seconds: float | None = None  # None: kvtc's default (0: the background encoder takes any cold node)
     start_timeout: float = 400.0
     out: Path = Path("out/serve")
 
@@ -44,7 +44,9 @@ def server_spec(backend: str, model: str, calibration: str, cfg: BenchConfig, ex
     flags = ["--enable-cache-report", "--enable-metrics", "--page-size", str(cfg.page_size),
              "--disable-overlap-schedule"]
     if backend == "kvtc":
-        flags += ["--kvtc-store-fraction", str(cfg.store_fraction), "--kvtc-idle-seconds", str(cfg.idle_seconds)]
+        flags += ["--kvtc-store-fraction", str(cfg.store_fraction)]
+        if cfg.idle_seconds is not None:
+            flags += ["--kvtc-idle-seconds", str(cfg.idle_seconds)]
     return ServerSpec(backend, model, calibration, max_total_tokens=cfg.max_total_tokens,
                       extra=flags + list(extra or []))
 

@@ -49,7 +49,7 @@ class SessionBenchConfig:
     big_pool: int | None = None
     page_size: int = 1
     store_fraction: float = 0.25
-    idle_seconds: float = 30.0
+    idle_seconds: float | None = None
     kvtc_flags: tuple[str, ...] = ()
     servers: tuple[str, ...] = SERVERS
     workloads: tuple[str, ...] = ("serving", "own")
