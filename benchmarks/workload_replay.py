@@ -112,8 +112,7 @@ def replay(trace: list[list[int]], cache, bank: BankKV) -> dict:
         "dropped_tokens": stats.dropped_tokens if stats else 0,
         "compressions": stats.compressions if stats else 0,
         "reused_blobs": stats.reused_blobs if stats else 0,
-        "candidate_walks": cache.policy.candidate_walks if stats else 0,
-        "candidate_seconds": cache.policy.candidate_seconds if stats else 0.0,
+        "encodes": stats.encodes if stats else 0,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -134,8 +133,6 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=1)
     ap.add_argument("--store-fraction", type=float, default=KVTCCacheConfig.store_fraction,
                     help="KVTC: most of the pool the compressed store may borrow")
-    ap.add_argument("--walk-every-call", action="store_true",
-                    help="KVTC: list compression candidates by walking the tree on every evict (the old way)")
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--workloads", nargs="+", choices=("agentic", "shared_prompt", "code_edit"),
                     default=["agentic", "shared_prompt", "code_edit"])
@@ -157,10 +154,8 @@ def main() -> None:
         trace = [t[:bank_len] for t in make(lm.tokenizer, random.Random(args.seed), n)]
         for backend in ("radix", "kvtc"):
             _, allocator = build_pool(codec.spec, args.pool_tokens, args.page_size)
-            cfg = KVTCCacheConfig(calibration=str(args.artifact), store_fraction=args.store_fraction)
+            cfg = KVTCCacheConfig(calibration=str(args.artifact), store_fraction=args.store_fraction, encode="inline")
             cache = build_cache(allocator, args.page_size, codec if backend == "kvtc" else None, cfg)
-            if backend == "kvtc" and args.walk_every_call:
-                cache.policy.reuse_candidates = False
             r = replay(trace, cache, bank)
             r.update(workload=name, backend=backend, prefill_ms_per_token=ms_tok)
             rows.append(r)
@@ -175,7 +170,7 @@ def table(rows: list[dict], pool: int, store_fraction: float) -> str:
     by = {(r["workload"], r["backend"]): r for r in rows}
     out = [f"pool: {pool} token slots for both backends; kvtc store: up to {store_fraction:g} of them, on demand\n",
            "| workload | backend | hit rate | recomputed | resident prefix tokens | vs radix | "
-           "compress+restore s | compressions (kept-blob reuses) | candidate walks (s) | recompute s saved |",
+           "compress+restore s | compressions (kept-blob reuses) | encodes | recompute s saved |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for (w, b), r in by.items():
         base = by[(w, "radix")]
@@ -184,7 +179,7 @@ def table(rows: list[dict], pool: int, store_fraction: float) -> str:
             f"| {w} | {b} | {100 * r['hit_rate']:.1f}% | {r['recomputed_tokens']} | {r['resident_prefix_tokens']} | "
             f"{r['resident_prefix_tokens'] / max(1, base['resident_prefix_tokens']):.1f}x | "
             f"{r['compress_seconds'] + r['restore_seconds']:.1f} | {r['compressions']} ({r['reused_blobs']}) | "
-            f"{r['candidate_walks']} ({r['candidate_seconds']:.1f}) | {saved:.1f} |"
+            f"{r['encodes']} | {saved:.1f} |"
         )
     return "\n".join(out)
 
