@@ -16,7 +16,12 @@ Steps, each recorded (a failure is reported, the next step still runs):
    ``test_gpu`` (nvCOMP <-> zlib both ways, GPU decode = CPU decode), ``test_gpu_flashinfer`` (FlashInfer's
    paged decode reading restored pages), ``test_crc`` (the torch CRC-32 on CUDA = zlib),
    ``test_nvcomp_stream`` (nvCOMP and the codec inside a non-default ``torch.cuda.Stream`` = default
-   stream); passed / failed / skipped per file, with the skip reasons;
+   stream), ``test_stream_order`` (the controller's fence rules: every pool-row access of the codec ordered
+   after the forward stream), ``test_background`` (background encodes and one-call restores, real SGLang
+   classes),
+   ``test_server_race`` (a real kvtc server, overlap scheduler on, ``--page-size 16``, forced retraction
+   and priority preemption, every restored row checked against its reference: zero verify and checksum
+   failures); passed / failed / skipped per file, with the skip reasons;
 3. ``benchmarks/gpu_kernels.py`` once per dot precision at ``--tokens`` (1K/4K/8K/32K): encode/decode GB/s
    and roofline fraction, restore vs prefill recompute, nvCOMP share.
 
@@ -40,7 +45,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_TESTS = ("test_triton_kernels.py", "test_codec_triton.py", "test_gpu.py", "test_gpu_flashinfer.py",
-             "test_crc.py", "test_nvcomp_stream.py")  # fmt: skip
+             "test_crc.py", "test_nvcomp_stream.py", "test_stream_order.py", "test_background.py",
+             "test_server_race.py")  # fmt: skip
 SMOKE_TESTS = ("test_triton_kernels.py::test_bad_inputs_are_refused_with_the_expected_values",)
 
 
