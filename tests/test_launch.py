@@ -157,3 +157,22 @@ def test_start_up_refuses_a_local_model_the_calibration_does_not_fit(lm, artifac
     bad.kv_cache_dtype, bad.tp_size = "auto", 2
     with pytest.raises(ValueError, match="tp-size 1"):
         plugin.config_from_namespace(bad)
+
+
+def test_main_job_calibration_paths_never_mistake_a_small_calibration_for_the_full_one(tmp_path, monkeypatch):
+    from kvtc_sglang.serve import launcher
+
+    full = launcher.calibration_path(tmp_path)
+    small = launcher.calibration_path(tmp_path, 16_384)
+    assert full == tmp_path / "smollm2-135m-instruct.r16.kvtc.safetensors"
+    assert small == tmp_path / "t16384" / full.name
+    calls: list[list[str]] = []
+    monkeypatch.setattr("kvtc_sglang.serve.export.export_default_model", lambda path: path)
+    monkeypatch.setattr(launcher.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    _, cal = launcher.prepare_default_model(tmp_path, tokens=16_384)
+    assert cal == small and calls[0][calls[0].index("--tokens") + 1] == "16384"
+    assert calls[0][calls[0].index("--out") + 1] == str(small.parent)
+    full.write_bytes(b"")  # once the full calibration exists, it is the one used
+    assert launcher.prepare_default_model(tmp_path, tokens=16_384)[1] == full and len(calls) == 1
+    with pytest.raises(ValueError, match="calibration tokens must be >= 1, got 0"):
+        launcher.prepare_default_model(tmp_path, tokens=0)

@@ -109,6 +109,7 @@ class KVTCRadixCache(TreeCompression):
         self.ctl.drain()  # the encoder's rows are about to be reused: wait, and forget its results
         self._pending.clear()
         self._spilled.clear()
+        self._last_evict_tick = -(1 << 30)  # an empty cache is under no pressure: the encoder sleeps
         self.io.clear()  # gives the store's pages back (SGLang clears the allocator right after)
         super().reset()
 

@@ -121,18 +121,35 @@ def server_env(spec: ServerSpec, base: dict[str, str] | None = None) -> dict[str
     return env
 
 
-def prepare_default_model(artifacts: Path, *, calibrate: bool = True) -> tuple[Path, Path]:
-    """Export the default model to ``artifacts/hf/`` and calibrate it at 16x if no artifact exists yet.
+FULL_CALIBRATION_TOKENS = 100_000  # python -m kvtc_sglang.calibration's default
 
-    Returns ``(hf_dir, calibration_path)``; the calibration runs ``python -m kvtc_sglang.calibration`` (a few
-    minutes on a 2-core CPU) and is skipped when ``calibrate`` is false (the path may then not exist).
+
+def calibration_path(artifacts: Path, tokens: int = FULL_CALIBRATION_TOKENS) -> Path:
+    """Where the default model's r16 calibration on ``tokens`` tokens lives: ``artifacts/`` for the full
+    calibration, ``artifacts/t<tokens>/`` for a smaller one (never mistaken for the full one)."""
+    name = artifact_name(DEFAULT_MODEL, 16)
+    return artifacts / name if tokens == FULL_CALIBRATION_TOKENS else artifacts / f"t{tokens}" / name
+
+
+def prepare_default_model(artifacts: Path, *, calibrate: bool = True,
+                          tokens: int = FULL_CALIBRATION_TOKENS) -> tuple[Path, Path]:
+    """Export the default model to ``artifacts/hf/`` and calibrate it at 16x on ``tokens`` tokens of real text
+    if no such artifact exists yet (:func:`calibration_path`; the full calibration is used whenever it exists).
+
+    Returns ``(hf_dir, calibration_path)``; the calibration runs ``python -m kvtc_sglang.calibration`` (about
+    11 minutes for the full 100k tokens on a 2-core CPU) and is skipped when ``calibrate`` is false (the path
+    may then not exist).
     """
     from .export import export_default_model
 
+    if tokens < 1:
+        raise ValueError(f"calibration tokens must be >= 1, got {tokens}")
     hf = export_default_model(artifacts / "hf" / DEFAULT_MODEL)
-    cal = artifacts / artifact_name(DEFAULT_MODEL, 16)
+    full = calibration_path(artifacts)
+    cal = full if full.is_file() else calibration_path(artifacts, tokens)
     if calibrate and not cal.is_file():
-        print(f"calibrating {DEFAULT_MODEL} at 16x -> {cal} (once)", flush=True)
-        cmd = [sys.executable, "-m", "kvtc_sglang.calibration", "--ratios", "16", "--out", str(artifacts)]
+        print(f"calibrating {DEFAULT_MODEL} at 16x on {tokens} tokens -> {cal} (once)", flush=True)
+        cmd = [sys.executable, "-m", "kvtc_sglang.calibration", "--ratios", "16", "--tokens", str(tokens),
+               "--out", str(cal.parent)]
         subprocess.run(cmd, check=True)
     return hf, cal
