@@ -109,8 +109,13 @@ def test_evict_falls_back_to_eviction_and_waits_only_when_nothing_else_is_left(c
     assert freed >= 200 and cache.stats.encoder_waits == 0 and all(n.parent is not None for n in pending)
     gate.open_later(0.3)
     t0 = time.perf_counter()
-    freed = cache.evict(EvictParams(num_tokens=cache.evictable_size())).num_tokens_evicted  # only the held node
+    allocator = cache.token_to_kv_pool_allocator
+    before, need = allocator.available_size(), cache.evictable_size()
+    freed = cache.evict(EvictParams(num_tokens=need)).num_tokens_evicted  # only the held node
     assert time.perf_counter() - t0 >= 0.2 and cache.stats.encoder_waits == 1 and freed > 0
+    # SGLang allocates right after evict: the blobs committed while waiting took pool pages, evict must
+    # still have freed all it was asked for (else alloc fails although evictable_size() promised it).
+    assert allocator.available_size() >= before + need, (allocator.available_size(), before, need)
     check_invariants(cache)
     cache.ctl.shutdown()
 

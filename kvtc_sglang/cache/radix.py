@@ -264,7 +264,10 @@ class KVTCRadixCache(TreeCompression):
             if freed >= need or not self.ctl.pending:
                 break
             self.stats.encoder_waits += 1
+            allocator = self.token_to_kv_pool_allocator
+            before = allocator.available_size()
             self._commit(self.ctl.drain())
+            need += max(0, before - allocator.available_size())  # the committed blobs took pool pages
         self.update_eviction_metrics(freed, start)
         return EvictResult(num_tokens_evicted=freed)
 
