@@ -19,7 +19,7 @@ torch.manual_seed(0)
 # A folder made by benchmarks/gpu_bundle.py (artifact, K/V of >= 1024 real tokens): on a GPU machine without
 # the model package, the artifact and K/V fixtures read it instead of running the model.
 GPU_BUNDLE = os.environ.get("KVTC_GPU_BUNDLE")
-MODEL_FIXTURES = {"lm", "artifact_path", "artifact", "codec", "real_kv", "kv_bank"}
+MODEL_FIXTURES = {"lm", "artifact_path", "artifact", "codec", "real_kv", "kv_bank", "bank", "codec_err"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -144,3 +144,19 @@ def kv_bank(request):
     seqs, _ = token_sequences(lm.tokenizer, "evaluation", "prose", 1024, 1024)
     k, v, _ = prefill_kv(lm.model, seqs[0], torch.bfloat16)
     return k, v
+
+
+@pytest.fixture(scope="session")
+def bank(kv_bank):
+    """``kv_bank`` as the replay driver's K/V source (:class:`~kvtc_sglang.workloads.replay.BankKV`)."""
+    from kvtc_sglang.workloads.replay import BankKV
+
+    return BankKV(*kv_bank)
+
+
+@pytest.fixture(scope="session")
+def codec_err(codec, kv_bank) -> float:
+    """The codec's own relative round-trip error on 512 bank tokens (K and V, the larger): the reference."""
+    k, v = kv_bank[0][:, :512], kv_bank[1][:, :512]
+    k2, v2, _ = codec.decode(codec.encode(k, v, torch.arange(512)))
+    return max(rel_err(k2, k), rel_err(v2, v))

@@ -19,22 +19,11 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from kvtc_sglang.cache.config import KVTCCacheConfig
 from kvtc_sglang.launch import plugin
 from kvtc_sglang.workloads.invariants import check_invariants
-from kvtc_sglang.workloads.replay import BankKV, Driver, build_cache, build_pool
+from kvtc_sglang.workloads.replay import Driver, build_cache, build_pool
 
 pytestmark = pytest.mark.model
 
 
-@pytest.fixture(scope="module")
-def bank(kv_bank) -> BankKV:
-    return BankKV(*kv_bank)
-
-
-@pytest.fixture(scope="module")
-def codec_err(codec, kv_bank) -> float:
-    """The codec's own relative round-trip error on 512 bank tokens (K and V, the larger): the reference."""
-    k, v = kv_bank[0][:, :512], kv_bank[1][:, :512]
-    k2, v2, _ = codec.decode(codec.encode(k, v, torch.arange(512)))
-    return max(rel_err(k2, k), rel_err(v2, v))
 
 
 def make(codec, slots: int, ps: int = 1, **cfg):

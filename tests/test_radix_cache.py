@@ -16,22 +16,11 @@ from conftest import rel_err
 
 from kvtc_sglang.cache.config import KVTCCacheConfig
 from kvtc_sglang.workloads.invariants import check_invariants
-from kvtc_sglang.workloads.replay import BankKV, Driver, build_cache, build_pool, random_workload
+from kvtc_sglang.workloads.replay import Driver, build_cache, build_pool, random_workload
 
 FUTURE = 1e9  # a "now" after every idle threshold
 
 
-@pytest.fixture(scope="module")
-def bank(kv_bank) -> BankKV:
-    return BankKV(*kv_bank)
-
-
-@pytest.fixture(scope="module")
-def codec_err(codec, kv_bank) -> float:
-    """The codec's own relative round-trip error on 512 tokens of the bank (K and V, the larger)."""
-    k, v = kv_bank[0][:, :512], kv_bank[1][:, :512]
-    k2, v2, _ = codec.decode(codec.encode(k, v, torch.arange(512)))
-    return max(rel_err(k2, k), rel_err(v2, v))
 
 
 def make(codec, artifact, slots: int, ps: int, **cfg):

@@ -39,10 +39,6 @@ def runtime_context():
     reset_context()
 
 
-@pytest.fixture(scope="module")
-def bank(kv_bank) -> BankKV:
-    return BankKV(*kv_bank)
-
 
 class Sched:
     """The cache, pools and the scheduler's calls around them."""
