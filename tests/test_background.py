@@ -34,7 +34,7 @@ def make(codec, slots: int, ps: int = 1, **cfg):
 
 
 class Gate:
-    """Holds the background encoder inside its codec call until opened."""
+    """Holds the background encoder inside its codec call until opened (encodes on other threads pass)."""
 
     def __init__(self, monkeypatch, codec) -> None:
         self.opened = threading.Event()
@@ -42,6 +42,8 @@ class Gate:
         real = codec.encode_rows_many
 
         def gated(*args, **kwargs):
+            if not threading.current_thread().name.startswith("kvtc-encode"):
+                return real(*args, **kwargs)  # evict's inline encode, on the scheduler thread
             self.entered.set()
             if not self.opened.wait(60):
                 raise RuntimeError("test gate never opened")
@@ -84,7 +86,9 @@ def test_encodes_run_in_the_background_and_commit_at_a_later_tick(codec, bank, c
     cache.ctl.shutdown()
 
 
-def test_evict_falls_back_to_eviction_and_waits_only_when_nothing_else_is_left(codec, bank, monkeypatch):
+def test_evict_encodes_inline_when_the_encoder_lags_and_waits_only_when_nothing_else_is_left(
+    codec, bank, monkeypatch
+):
     cache = make(codec, 1024)
     drv = Driver(cache, bank)
     old, new = list(range(300)), list(range(5000, 5300))
@@ -94,8 +98,12 @@ def test_evict_falls_back_to_eviction_and_waits_only_when_nothing_else_is_left(c
     assert gate.entered.wait(30)
     drv.finish(drv.start(new))  # its tick finds a job pending: nothing more is queued
     pending = set(cache._pending)
-    freed = cache.evict(EvictParams(num_tokens=200)).num_tokens_evicted  # the new sequence's leaf goes
+    # Nothing is encoded but the held node: the new sequence is encoded on this thread and compressed, not
+    # dropped (its KV stays cached); the held job is not waited for.
+    freed = cache.evict(EvictParams(num_tokens=200)).num_tokens_evicted
     assert freed >= 200 and cache.stats.encoder_waits == 0 and all(n.parent is not None for n in pending)
+    assert cache.stats.inline_encodes == 1 and cache.stats.compressions == 1 and cache.stats.dropped_tokens == 0
+    assert cache.stats.scheduler_codec_seconds > 0
     gate.open_later(0.3)
     t0 = time.perf_counter()
     allocator = cache.token_to_kv_pool_allocator

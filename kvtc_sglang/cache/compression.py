@@ -4,8 +4,10 @@ encodes in the background, how a finished encode is committed, and how ``evict``
 A device node goes through three states: *device* (slots only), *encoded* (slots and a kept blob: freeing
 its slots is instant and loses nothing) and *compressed* (the blob only). The tick moves cold nodes from
 device to encoded ahead of need, through the :class:`~kvtc_sglang.cache.controller.KVTCController`'s
-worker; ``evict`` moves encoded nodes to compressed. Nothing here encodes on the scheduler's critical path
-except :meth:`TreeCompression.compress_idle`, the synchronous tool and test API.
+worker; ``evict`` moves encoded nodes to compressed. On the scheduler's critical path only two things
+encode: :meth:`TreeCompression._encode_for_evict`, when the encoder has fallen behind and ``evict`` would
+otherwise drop cold KV (bounded to ``MAX_INLINE_TOKENS`` per call), and
+:meth:`TreeCompression.compress_idle`, the synchronous tool and test API.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .tree_walk import subtree_postorder
 
 MAX_JOB_TOKENS = 4096  # one background job encodes at most this many tokens (about 1 s of CPU work here)
 PRESSURE_TICKS = 500  # scheduler iterations after an evict during which the encoder stays awake
+MAX_INLINE_TOKENS = 2048  # most tokens one evict encodes on the scheduler thread when the encoder fell behind
 
 
 class TreeCompression(TreeSurgery):
@@ -192,6 +195,27 @@ class TreeCompression(TreeSurgery):
             self.stats.reused_tokens += entry.num_tokens
         self._count_compression(node, entry)
         return freed
+
+    def _encode_for_evict(self, need: int) -> int:
+        """The encoder fell behind: nothing encoded is left and the next step would drop cold device KV. Encode
+        the coldest unlocked nodes on the scheduler thread (at most ``MAX_INLINE_TOKENS``, counted in
+        ``inline_encoded_tokens``) and free them, so that the KV stays cached compressed; returns the slots
+        freed net of the store pages the blobs took. A job the worker is running is not waited for (its
+        nodes are passed over)."""
+        budget = min(MAX_INLINE_TOKENS, need + need // 8 + self.page_size)  # blobs take a few pages back
+        targets = self._cut(self.policy.take(budget, self._busy))
+        if not targets:
+            return 0
+        allocator = self.token_to_kv_pool_allocator
+        before = allocator.available_size()
+        job = self.ctl.encode_now([(node, node.value, lo) for node, lo in targets])
+        self.stats.inline_encodes += 1
+        self.stats.inline_encoded_tokens += job.num_tokens
+        self._commit([job])
+        for node, _ in targets:
+            if node in self.io.retained:
+                self._compress_encoded(node)
+        return allocator.available_size() - before
 
     # ----- tools and tests -----
 

@@ -67,7 +67,8 @@ class KVTCCacheConfig:
             tool API, compresses nodes idle this long).
         idle_watermark: the background encoder wakes up when more than this share of the pool is in use, or
             when SGLang had to evict within the last ``PRESSURE_TICKS`` scheduler iterations; a workload that
-            fits leaves it idle. ``evict`` frees encoded nodes first and never encodes.
+            fits leaves it idle. ``evict`` frees encoded nodes first; it encodes (on the scheduler thread,
+            bounded) only when the encoder fell behind and cold KV would be dropped otherwise.
         ready_fraction: once awake, the encoder keeps at least this share of the pool free or instantly
             freeable (free slots plus encoded nodes, locked ones included: they are freeable when their request
             ends), coldest nodes first.

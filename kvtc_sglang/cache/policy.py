@@ -55,13 +55,16 @@ class CompressionPolicy:
     ``evict`` steps, in order, each only while slots are still short:
     ``free_encoded`` (device nodes whose blob is already made: freeing their slots is instant and loses
     nothing), ``kept_blobs`` (drop the kept blobs of nodes that cannot be freed now, locked ones: the store
-    gives their pages back and no KV is lost), ``device_leaves`` (SGLang's LRU leaf eviction of leaves with
-    nothing compressed below),
+    gives their pages back and no KV is lost), ``encode_inline`` (the encoder fell behind: encode the coldest
+    unlocked nodes now, bounded, and free them: cached KV is kept compressed rather than dropped),
+    ``device_leaves`` (SGLang's LRU leaf eviction of leaves with nothing compressed below),
     ``store`` (drop blobs until the store gives pages back), ``device_with_compressed`` (leaves whose
-    compressed children go with them). ``evict`` never encodes: encoding runs ahead, in the background.
+    compressed children go with them). Encoding normally runs ahead, in the background.
     """
 
-    evict_steps = ("free_encoded", "kept_blobs", "device_leaves", "store", "device_with_compressed")
+    evict_steps = (
+        "free_encoded", "kept_blobs", "encode_inline", "device_leaves", "store", "device_with_compressed",
+    )
 
     def __init__(self, config: KVTCCacheConfig, page_size: int) -> None:
         ps = page_size

@@ -15,9 +15,12 @@ meets SGLang's scheduler:
   compressed node on the inserted path takes the inserting request's own exact KV slots.
 - ``scheduler_tick`` (once per scheduler loop, outside free groups) commits finished background encodes and
   queues the next one while less than ``1 - idle_watermark`` of the pool could be freed at once;
-  ``evict`` frees encoded nodes first and never encodes.
-- ``evictable_size`` = unlocked device tokens + the store's borrowed slots; ``protected_size`` = locked
-  device tokens; with the allocator's free slots they add up to the pool.
+  ``evict`` frees encoded nodes first, and encodes (bounded, on the scheduler thread) only when the
+  encoder fell behind and cold KV would be dropped otherwise.
+- ``evictable_size`` = unlocked device tokens + the store's borrowed slots, less the slots of blobs a
+  request matched within ``WANTED_TICKS`` ticks while requests run (SGLang's admission must not drop the
+  compressed prefix a waiting request is about to restore to admit another one); ``protected_size`` =
+  locked device tokens + those wanted slots; with the allocator's free slots they add up to the pool.
 - Invariants: a compressed node and its subtree are unlocked; sinks and each leaf path's last
   ``window_tokens`` are never compressed; rows the encoder reads are not freed before it is done.
 """
@@ -55,6 +58,8 @@ from .store import BlobStore
 from .transcode import Transcoder
 
 logger = logging.getLogger(__name__)
+
+WANTED_TICKS = 500  # scheduler iterations a match keeps a compressed node's store slots out of admission
 
 
 class KVTCRadixCache(TreeCompression):
@@ -96,6 +101,7 @@ class KVTCRadixCache(TreeCompression):
         )
         self._protect: set[TreeNode] = set()
         self._pending = {}
+        self._wanted: dict[TreeNode, int] = {}  # compressed node -> tick a scheduler match last reached it
         self._spilled: set[TreeNode] = set()  # locked nodes whose kept blob evict dropped: not again while locked
         self._ticks = 0  # scheduler iterations seen (the policy's clock for "recently under pressure")
         self._last_evict_tick = -(1 << 30)
@@ -108,18 +114,29 @@ class KVTCRadixCache(TreeCompression):
     def reset(self) -> None:
         self.ctl.drain()  # the encoder's rows are about to be reused: wait, and forget its results
         self._pending.clear()
+        self._wanted.clear()
         self._spilled.clear()
         self._last_evict_tick = -(1 << 30)  # an empty cache is under no pressure: the encoder sleeps
         self.io.clear()  # gives the store's pages back (SGLang clears the allocator right after)
         super().reset()
 
+    def _wanted_slots(self) -> int:
+        """Store slots of the blobs waiting requests matched lately, while requests run (0 when none runs:
+        then admission may take every slot, or a request larger than the rest of the pool would wait forever)."""
+        if self.protected_size_ == 0 or not self._wanted:
+            return 0
+        nbuf = self.store.blocks_per_page // self.page_size  # blocks per slot (2L)
+        blocks = sum(e.handle.blocks.numel() for n in self._wanted if (e := self.io.entries.get(n)) is not None)
+        return min(self.store.num_slots, -(-blocks // nbuf))
+
     def evictable_size(self) -> int:
-        """Unlocked device tokens plus the store's borrowed slots (dropping blobs gives those back)."""
-        return self.evictable_size_ + self.store.num_slots
+        """Unlocked device tokens plus the store's borrowed slots (dropping blobs gives those back), less the
+        slots of blobs waiting requests want (:meth:`_wanted_slots`)."""
+        return self.evictable_size_ + self.store.num_slots - self._wanted_slots()
 
     def protected_size(self) -> int:
-        """Locked device tokens (compressed nodes are never locked)."""
-        return self.protected_size_
+        """Locked device tokens (compressed nodes are never locked) and the wanted blobs' store slots."""
+        return self.protected_size_ + self._wanted_slots()
 
     def compressed_size(self) -> int:
         """Tokens held only compressed."""
@@ -155,6 +172,8 @@ class KVTCRadixCache(TreeCompression):
         if len(key) == 0:
             return self._empty_match_result
         device_len, last_device, host_len, best = self._match(key)
+        if host_len:
+            self._want(best)
         return MatchResult(
             device_prefix_len=device_len,
             last_device_node=last_device,
@@ -162,6 +181,13 @@ class KVTCRadixCache(TreeCompression):
             best_match_node=best,
             host_hit_length=host_len,
         )
+
+    def _want(self, node: TreeNode) -> None:
+        """A scheduler match reached ``node``: its compressed ancestors (and itself) are wanted now."""
+        while node is not None and node.parent is not None:
+            if node in self.io.entries:
+                self._wanted[node] = self._ticks
+            node = node.parent
 
     def touch_prefix(self, key: RadixKey) -> None:
         if self.disable or len(key) == 0:
@@ -241,8 +267,9 @@ class KVTCRadixCache(TreeCompression):
     def evict(self, params: EvictParams) -> EvictResult:
         """Free ``params.num_tokens`` slots in the policy's order (encoded nodes first, drop blobs last).
 
-        Never encodes; only when every step together falls short and the background encoder holds nodes
-        does it wait for that encoder (counted in ``encoder_waits``) and go through the steps once more."""
+        Encodes only when nothing encoded is left and cold device KV would be dropped (``encode_inline``,
+        bounded); only when every step together falls short and the background encoder holds nodes does it
+        wait for that encoder (counted in ``encoder_waits``) and go through the steps once more."""
         if self.disable:
             return EvictResult()
         start = time.perf_counter()
@@ -252,6 +279,7 @@ class KVTCRadixCache(TreeCompression):
         steps = {
             "free_encoded": self._free_encoded,
             "kept_blobs": lambda n: self._shrink_store(n, kept_only=True),
+            "encode_inline": self._encode_for_evict,
             "device_leaves": lambda n: self._evict_device_pass(n, keep_compressed=True),
             "store": self._shrink_store,
             "device_with_compressed": lambda n: self._evict_device_pass(n, keep_compressed=False),
@@ -277,6 +305,9 @@ class KVTCRadixCache(TreeCompression):
         if self.disable:
             return
         self._ticks += 1
+        if self._wanted:
+            horizon = self._ticks - WANTED_TICKS
+            self._wanted = {n: t for n, t in self._wanted.items() if t >= horizon and n in self.io.entries}
         self._commit(self.ctl.take_ready())
         self._plan_background()
         if not self.ctl.background:

@@ -34,6 +34,8 @@ _COUNTERS = (
      "Seconds of kvtc codec work on the scheduler thread (restores, inline encodes)."),
     ("worker_seconds", "worker_seconds", "Seconds of kvtc encoding on its background worker."),
     ("encoder_waits", "encoder_waits", "Times the scheduler waited for kvtc's background encoder."),
+    ("inline_encoded_tokens", "inline_encoded_tokens",
+     "Tokens evict encoded on the scheduler thread because the background encoder had fallen behind."),
     ("dropped_unused_tokens", "dropped_unused_tokens", "Compressed tokens dropped before any reuse."),
     ("discarded_encoded_tokens", "discarded_encoded_tokens", "Encoded tokens whose kept blob was dropped unused."),
     ("restore_failures", "restore_failures", "Restores that failed for a reason other than a damaged blob."),

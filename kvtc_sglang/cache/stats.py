@@ -22,6 +22,8 @@ class KVTCStats:
     scheduler_codec_seconds: float = 0.0  # codec time on the scheduler thread (restores, inline encodes)
     discarded_encodes: int = 0  # background encodes whose node changed before the commit
     discarded_encoded_tokens: int = 0  # kept blobs dropped before any restore (encode work lost, no KV)
+    inline_encodes: int = 0  # evicts that encoded on the scheduler thread (the encoder had fallen behind)
+    inline_encoded_tokens: int = 0
     encoder_waits: int = 0  # times the scheduler waited for the background encoder (a rare fallback)
     restores: int = 0
     restored_tokens: int = 0

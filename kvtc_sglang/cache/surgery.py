@@ -89,7 +89,7 @@ class TreeSurgery(TreeEviction):
         allocator = self.token_to_kv_pool_allocator
         short = num_tokens - allocator.available_size()
         if short > 0:
-            if short > self.evictable_size():
+            if short > self.evictable_size_ + self.store.num_slots:  # wanted blobs count: this is their restore
                 return None  # even dropping every unlocked token would not do: touch nothing
             self.evict(EvictParams(num_tokens=short))
         return allocator.alloc(num_tokens) if allocator.available_size() >= num_tokens else None

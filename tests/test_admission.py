@@ -1,0 +1,76 @@
+"""What SGLang's admission may take from kvtc, on the real pool, allocator, radix cache and ``PrefillBudget``
+with real SmolLM2 K/V (issue 18: on SGLang's agentic trace every compressed blob was dropped to admit other
+requests while the request that wanted it waited, 0 restores).
+
+While requests run, the store slots of blobs a scheduler match wanted lately are protected, not evictable:
+admission cannot shed a waiting request's compressed prefix to admit another request. With nothing running
+they are evictable again (a request larger than the rest of the pool must not wait forever).
+"""
+
+from __future__ import annotations
+
+from array import array
+
+import pytest
+from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+from sglang.srt.mem_cache.prefill_budget import PrefillBudget
+from sglang.srt.mem_cache.radix_cache import RadixKey
+
+from kvtc_sglang.cache.config import KVTCCacheConfig
+from kvtc_sglang.cache.radix import WANTED_TICKS
+from kvtc_sglang.workloads.invariants import check_invariants
+from kvtc_sglang.workloads.replay import Driver, build_cache, build_pool
+
+pytestmark = pytest.mark.model
+
+
+def make(codec, slots: int, ps: int = 1):
+    _, allocator = build_pool(codec.spec, slots, ps)
+    config = KVTCCacheConfig(calibration="t", window_tokens=16, idle_watermark=0.9, encode="inline")
+    return build_cache(allocator, ps, codec, config)
+
+
+def _waiting_match(cache, tokens: list[int]):
+    return cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens))))
+
+
+@pytest.mark.parametrize("ps", [1, 16])
+def test_a_waiting_requests_compressed_prefix_is_not_admission_room_while_others_run(codec, bank, ps):
+    cache = make(codec, 4096, ps)
+    drv = Driver(cache, bank)
+    conv = list(range(700))
+    drv.finish(drv.start(conv))
+    cache.compress_idle(now=float("inf"))
+    assert cache.io.entries and cache.store.num_slots > 0
+    running = drv.start(list(range(9000, 9300)))  # another request runs (locked)
+    budget = PrefillBudget(cache.token_to_kv_pool_allocator, cache)
+    room = budget.remaining_total
+    assert cache._wanted_slots() == 0 and cache.evictable_size() == cache.evictable_size_ + cache.store.num_slots
+
+    m = _waiting_match(cache, [*conv, 1, 2, 3])  # the conversation's next turn waits in the queue
+    assert m.host_hit_length > 0
+    wanted = cache._wanted_slots()
+    assert 0 < wanted <= cache.store.num_slots
+    assert budget.remaining_total == room - wanted  # SGLang's admission no longer counts them
+    assert cache.protected_size() == cache.protected_size_ + wanted
+    check_invariants(cache)
+
+    drv.finish(running)  # nothing runs: every store slot is admission room again
+    alloc = cache.token_to_kv_pool_allocator
+    assert cache._wanted_slots() == 0
+    assert budget.remaining_total == alloc.available_size() + cache.evictable_size_ + cache.store.num_slots
+    running = drv.start(list(range(9000, 9300)))
+    assert cache._wanted_slots() == wanted  # still wanted (the mark holds WANTED_TICKS ticks)
+    for _ in range(WANTED_TICKS + 1):
+        cache.scheduler_tick()
+    assert cache._wanted_slots() == 0 and not cache._wanted  # no request asked again: the mark expired
+    _waiting_match(cache, [*conv, 1, 2, 3])
+    assert cache._wanted_slots() == wanted
+
+    n, _, _ = drv.read_prefix([*conv, 1, 2, 3])  # admitted: restored (the blob is kept, no longer compressed)
+    assert n == 700 // ps * ps and cache.stats.restores >= 1 and cache.stats.restore_no_memory == 0
+    cache.scheduler_tick()
+    assert cache._wanted_slots() == 0 and not cache._wanted
+    drv.finish(running)
+    check_invariants(cache)
+
