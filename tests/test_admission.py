@@ -2,9 +2,10 @@
 with real SmolLM2 K/V (issue 18: on SGLang's agentic trace every compressed blob was dropped to admit other
 requests while the request that wanted it waited, 0 restores).
 
-While requests run, the store slots of blobs a scheduler match wanted lately are protected, not evictable:
-admission cannot shed a waiting request's compressed prefix to admit another request. With nothing running
-they are evictable again (a request larger than the rest of the pool must not wait forever).
+The store slots of blobs a scheduler match (or SGLang's FCFS refresh, ``touch_prefix``) reached lately are
+protected, not evictable: admission cannot shed a waiting request's compressed prefix to admit another
+request. Once nothing has run for two scheduler passes they are evictable again (a request that fits the
+pool only with them must not wait forever).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def test_a_waiting_requests_compressed_prefix_is_not_admission_room_while_others
     cache.compress_idle(now=float("inf"))
     assert cache.io.entries and cache.store.num_slots > 0
     running = drv.start(list(range(9000, 9300)))  # another request runs (locked)
+    cache.scheduler_tick()  # the next scheduler pass sees it running
     budget = PrefillBudget(cache.token_to_kv_pool_allocator, cache)
     room = budget.remaining_total
     assert cache._wanted_slots() == 0 and cache.evictable_size() == cache.evictable_size_ + cache.store.num_slots
@@ -55,16 +57,20 @@ def test_a_waiting_requests_compressed_prefix_is_not_admission_room_while_others
     assert cache.protected_size() == cache.protected_size_ + wanted
     check_invariants(cache)
 
-    drv.finish(running)  # nothing runs: every store slot is admission room again
+    drv.finish(running)  # nothing runs: one pass later every store slot is admission room again
+    cache.scheduler_tick()
+    assert cache._wanted_slots() == wanted  # the pass right after: admission may still fit without them
+    cache.scheduler_tick()
     alloc = cache.token_to_kv_pool_allocator
     assert cache._wanted_slots() == 0
     assert budget.remaining_total == alloc.available_size() + cache.evictable_size_ + cache.store.num_slots
     running = drv.start(list(range(9000, 9300)))
+    cache.scheduler_tick()  # something runs again
     assert cache._wanted_slots() == wanted  # still wanted (the mark holds WANTED_TICKS ticks)
     for _ in range(WANTED_TICKS + 1):
         cache.scheduler_tick()
     assert cache._wanted_slots() == 0 and not cache._wanted  # no request asked again: the mark expired
-    _waiting_match(cache, [*conv, 1, 2, 3])
+    cache.touch_prefix(RadixKey(array("q", [*conv, 1, 2, 3])))  # SGLang's FCFS refresh of waiting prefixes
     assert cache._wanted_slots() == wanted
 
     n, _, _ = drv.read_prefix([*conv, 1, 2, 3])  # admitted: restored (the blob is kept, no longer compressed)

