@@ -30,6 +30,8 @@ MAX_INLINE_TOKENS = 2048  # most tokens one evict encodes on the scheduler threa
 
 class TreeCompression(TreeSurgery):
     _pending: dict[TreeNode, EncodeJob]  # nodes whose rows the encoder reads, and the job reading them
+    _wanted: dict[TreeNode, int]  # compressed nodes -> tick compressed or last matched (radix.py)
+    _ticks: int
 
     def _busy(self, node: TreeNode) -> bool:
         """Its slots may not be freed now: locked, being restored, or read by the encoder."""
@@ -130,6 +132,7 @@ class TreeCompression(TreeSurgery):
 
     def _count_compression(self, node: TreeNode, entry) -> None:
         self.io.add(node, entry)
+        self._wanted[node] = self._ticks  # fresh: its owner's next turn may be about to come back
         self.stats.compressions += 1
         self.stats.compressed_tokens += entry.num_tokens
 

@@ -17,11 +17,11 @@ meets SGLang's scheduler:
   queues the next one while less than ``1 - idle_watermark`` of the pool could be freed at once;
   ``evict`` frees encoded nodes first, and encodes (bounded, on the scheduler thread) only when the
   encoder fell behind and cold KV would be dropped otherwise.
-- ``evictable_size`` = unlocked device tokens + the store's borrowed slots, less the slots of blobs a
-  waiting request matched or touched within ``WANTED_TICKS`` ticks (SGLang's admission must not drop the
-  compressed prefix a waiting request is about to restore to admit another one), unless nothing has run for
-  ``IDLE_TICKS`` ticks; ``protected_size`` = locked device tokens + those wanted slots; with the allocator's
-  free slots they add up to the pool.
+- ``evictable_size`` = unlocked device tokens + the store's borrowed slots, less the slots of *wanted*
+  blobs: compressed, matched or touched within ``WANTED_TICKS`` ticks (SGLang's admission must not drop
+  ~17 cached tokens per slot it frees, before their owner's next turn, to admit another request), unless
+  nothing has run for ``IDLE_TICKS`` ticks; ``protected_size`` = locked device tokens + those wanted slots;
+  with the allocator's free slots they add up to the pool.
 - Invariants: a compressed node and its subtree are unlocked; sinks and each leaf path's last
   ``window_tokens`` are never compressed; rows the encoder reads are not freed before it is done.
 """
@@ -60,7 +60,7 @@ from .transcode import Transcoder
 
 logger = logging.getLogger(__name__)
 
-WANTED_TICKS = 500  # scheduler iterations a match keeps a compressed node's store slots out of admission
+WANTED_TICKS = 1000  # scheduler iterations a compression or a match keeps a blob's store slots out of admission
 IDLE_TICKS = 2  # ticks with nothing running after which wanted slots are admission room again
 
 
@@ -103,7 +103,7 @@ class KVTCRadixCache(TreeCompression):
         )
         self._protect: set[TreeNode] = set()
         self._pending = {}
-        self._wanted: dict[TreeNode, int] = {}  # compressed node -> tick a scheduler match last reached it
+        self._wanted: dict[TreeNode, int] = {}  # compressed node -> tick it was compressed or last matched
         self._idle_ticks = 0  # consecutive ticks with no locked node (nothing running)
         self._spilled: set[TreeNode] = set()  # locked nodes whose kept blob evict dropped: not again while locked
         self._ticks = 0  # scheduler iterations seen (the policy's clock for "recently under pressure")
@@ -124,7 +124,7 @@ class KVTCRadixCache(TreeCompression):
         super().reset()
 
     def _wanted_slots(self) -> int:
-        """Store slots of the blobs waiting requests matched or touched lately; 0 once nothing has run for
+        """Store slots of the blobs compressed, matched or touched lately; 0 once nothing has run for
         ``IDLE_TICKS`` ticks (admission may then take every slot: a request that fits the pool only with them
         must not wait forever)."""
         if self._idle_ticks >= IDLE_TICKS or not self._wanted:
@@ -135,7 +135,7 @@ class KVTCRadixCache(TreeCompression):
 
     def evictable_size(self) -> int:
         """Unlocked device tokens plus the store's borrowed slots (dropping blobs gives those back), less the
-        slots of blobs waiting requests want (:meth:`_wanted_slots`)."""
+        slots of wanted blobs (:meth:`_wanted_slots`)."""
         return self.evictable_size_ + self.store.num_slots - self._wanted_slots()
 
     def protected_size(self) -> int:
