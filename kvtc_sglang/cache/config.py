@@ -80,7 +80,9 @@ class KVTCCacheConfig:
             between encode and restore, such as a stream race). Costs the raw KV size in host memory.
         store_fraction: most of the KV pool's token slots the compressed store may borrow. The store takes
             free slots page by page when a blob needs room and gives them back when its blobs are dropped,
-            so nothing is reserved at start-up (its slots count as evictable for SGLang's admission).
+            so nothing is reserved at start-up. Its slots count as evictable for SGLang's admission, except
+            those of *wanted* blobs (compressed or matched lately): the cap also bounds what admission
+            cannot take.
         min_tokens: smallest span worth compressing (a blob has a header of about 60 bytes).
         chunk_bytes: raw bytes per DEFLATE chunk inside a blob.
     """
@@ -91,7 +93,7 @@ class KVTCCacheConfig:
     idle_seconds: float = 0.0
     idle_watermark: float = 0.75
     ready_fraction: float = 0.5
-    store_fraction: float = 0.5
+    store_fraction: float = 0.25
     min_tokens: int = 16
     chunk_bytes: int = 1 << 16
     encode: str = "background"

@@ -49,7 +49,7 @@ _OPTIONS = (  # (flag, dest, type, config field, help)
      "The background encoder keeps this share of the KV pool free or instantly freeable (default 0.5)."),
     ("--kvtc-store-fraction", "kvtc_store_fraction", float, "store_fraction",
      "Most of the KV pool the compressed store may borrow; it grows into free slots and gives them back "
-     "on demand (default 0.5)."),
+     "on demand (default 0.25)."),
     ("--kvtc-encode", "kvtc_encode", str, "encode",
      "Where encodes run: background (a worker thread, default) or inline (on the scheduler thread)."),
     ("--kvtc-verify-restores", "kvtc_verify_restores", _flag, "verify_restores",
