@@ -19,7 +19,7 @@ from sglang.srt.mem_cache.prefill_budget import PrefillBudget
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from kvtc_sglang.cache.config import KVTCCacheConfig
-from kvtc_sglang.cache.radix import WANTED_TICKS
+from kvtc_sglang.cache.wanted import WANTED_TICKS
 from kvtc_sglang.workloads.invariants import check_invariants
 from kvtc_sglang.workloads.replay import Driver, build_cache, build_pool
 
@@ -57,7 +57,7 @@ def test_fresh_and_matched_blobs_are_not_admission_room_while_others_run(codec, 
     check_invariants(cache)
     for _ in range(WANTED_TICKS + 1):
         cache.scheduler_tick()
-    assert cache._wanted_slots() == 0 and not cache._wanted  # nobody asked for it since: room again
+    assert cache._wanted_slots() == 0 and not cache.wanted  # nobody asked for it since: room again
     assert budget.remaining_total == everything
 
     m = _waiting_match(cache, [*conv, 1, 2, 3])  # the conversation's next turn waits in the queue
@@ -81,6 +81,6 @@ def test_fresh_and_matched_blobs_are_not_admission_room_while_others_run(codec, 
     n, _, _ = drv.read_prefix([*conv, 1, 2, 3])  # admitted: restored (the blob is kept, no longer compressed)
     assert n == 700 // ps * ps and cache.stats.restores >= 1 and cache.stats.restore_no_memory == 0
     cache.scheduler_tick()
-    assert cache._wanted_slots() == 0 and not cache._wanted
+    assert cache._wanted_slots() == 0 and not cache.wanted
     drv.finish(running)
     check_invariants(cache)

@@ -22,8 +22,9 @@ from sglang.srt.sampling.sampling_params import SamplingParams
 from sglang.srt.server_args import ServerArgs
 
 from kvtc_sglang.cache.config import KVTCCacheConfig
-from kvtc_sglang.cache.radix import IDLE_TICKS, KVTCRadixCache
+from kvtc_sglang.cache.radix import KVTCRadixCache
 from kvtc_sglang.cache.tree_walk import subtree_postorder
+from kvtc_sglang.cache.wanted import IDLE_TICKS
 from kvtc_sglang.workloads.invariants import check_invariants
 from kvtc_sglang.workloads.replay import BankKV, build_pool
 

@@ -22,6 +22,7 @@ from .policy import Span
 from .store import BlobHandle
 from .surgery import TreeSurgery
 from .tree_walk import subtree_postorder
+from .wanted import WantedBlobs
 
 MAX_JOB_TOKENS = 4096  # one background job encodes at most this many tokens (about 1 s of CPU work here)
 PRESSURE_TICKS = 500  # scheduler iterations after an evict during which the encoder stays awake
@@ -30,7 +31,7 @@ MAX_INLINE_TOKENS = 2048  # most tokens one evict encodes on the scheduler threa
 
 class TreeCompression(TreeSurgery):
     _pending: dict[TreeNode, EncodeJob]  # nodes whose rows the encoder reads, and the job reading them
-    _wanted: dict[TreeNode, int]  # compressed nodes -> tick compressed or last matched (radix.py)
+    wanted: WantedBlobs  # blobs admission may not take (radix.py)
     _ticks: int
 
     def _busy(self, node: TreeNode) -> bool:
@@ -132,7 +133,7 @@ class TreeCompression(TreeSurgery):
 
     def _count_compression(self, node: TreeNode, entry) -> None:
         self.io.add(node, entry)
-        self._wanted[node] = self._ticks  # fresh: its owner's next turn may be about to come back
+        self.wanted.mark(node, self._ticks)  # fresh: its owner's next turn may be about to come back
         self.stats.compressions += 1
         self.stats.compressed_tokens += entry.num_tokens
 

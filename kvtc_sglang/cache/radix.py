@@ -18,10 +18,9 @@ meets SGLang's scheduler:
   ``evict`` frees encoded nodes first, and encodes (bounded, on the scheduler thread) only when the
   encoder fell behind and cold KV would be dropped otherwise.
 - ``evictable_size`` = unlocked device tokens + the store's borrowed slots, less the slots of *wanted*
-  blobs: compressed, matched or touched within ``WANTED_TICKS`` ticks (SGLang's admission must not drop
-  ~17 cached tokens per slot it frees, before their owner's next turn, to admit another request), unless
-  nothing has run for ``IDLE_TICKS`` ticks; ``protected_size`` = locked device tokens + those wanted slots;
-  with the allocator's free slots they add up to the pool.
+  blobs (:mod:`~kvtc_sglang.cache.wanted`: compressed, matched or touched lately, unless nothing has run
+  for a few passes); ``protected_size`` = locked device tokens + those wanted slots; with the allocator's
+  free slots they add up to the pool.
 - Invariants: a compressed node and its subtree are unlocked; sinks and each leaf path's last
   ``window_tokens`` are never compressed; rows the encoder reads are not freed before it is done.
 """
@@ -57,11 +56,9 @@ from .report import KVTCReporter
 from .stats import KVTCStats
 from .store import BlobStore
 from .transcode import Transcoder
+from .wanted import WantedBlobs
 
 logger = logging.getLogger(__name__)
-
-WANTED_TICKS = 1000  # scheduler iterations a compression or a match keeps a blob's store slots out of admission
-IDLE_TICKS = 2  # ticks with nothing running after which wanted slots are admission room again
 
 
 class KVTCRadixCache(TreeCompression):
@@ -103,8 +100,7 @@ class KVTCRadixCache(TreeCompression):
         )
         self._protect: set[TreeNode] = set()
         self._pending = {}
-        self._wanted: dict[TreeNode, int] = {}  # compressed node -> tick it was compressed or last matched
-        self._idle_ticks = 0  # consecutive ticks with no locked node (nothing running)
+        self.wanted = WantedBlobs()  # blobs admission may not take (compressed or matched lately)
         self._spilled: set[TreeNode] = set()  # locked nodes whose kept blob evict dropped: not again while locked
         self._ticks = 0  # scheduler iterations seen (the policy's clock for "recently under pressure")
         self._last_evict_tick = -(1 << 30)
@@ -117,21 +113,15 @@ class KVTCRadixCache(TreeCompression):
     def reset(self) -> None:
         self.ctl.drain()  # the encoder's rows are about to be reused: wait, and forget its results
         self._pending.clear()
-        self._wanted.clear()
+        self.wanted.clear()
         self._spilled.clear()
         self._last_evict_tick = -(1 << 30)  # an empty cache is under no pressure: the encoder sleeps
         self.io.clear()  # gives the store's pages back (SGLang clears the allocator right after)
         super().reset()
 
     def _wanted_slots(self) -> int:
-        """Store slots of the blobs compressed, matched or touched lately; 0 once nothing has run for
-        ``IDLE_TICKS`` ticks (admission may then take every slot: a request that fits the pool only with them
-        must not wait forever)."""
-        if self._idle_ticks >= IDLE_TICKS or not self._wanted:
-            return 0
-        nbuf = self.store.blocks_per_page // self.page_size  # blocks per slot (2L)
-        blocks = sum(e.handle.blocks.numel() for n in self._wanted if (e := self.io.entries.get(n)) is not None)
-        return min(self.store.num_slots, -(-blocks // nbuf))
+        """Store slots of wanted blobs (:mod:`~kvtc_sglang.cache.wanted`): protected, not evictable."""
+        return self.wanted.slots(self.io.entries, self.store)
 
     def evictable_size(self) -> int:
         """Unlocked device tokens plus the store's borrowed slots (dropping blobs gives those back), less the
@@ -177,7 +167,7 @@ class KVTCRadixCache(TreeCompression):
             return self._empty_match_result
         device_len, last_device, host_len, best = self._match(key)
         if host_len:
-            self._want(best)
+            self.wanted.mark_path(best, self._ticks, self.io.entries)
         return MatchResult(
             device_prefix_len=device_len,
             last_device_node=last_device,
@@ -186,21 +176,14 @@ class KVTCRadixCache(TreeCompression):
             host_hit_length=host_len,
         )
 
-    def _want(self, node: TreeNode) -> None:
-        """A scheduler match reached ``node``: its compressed ancestors (and itself) are wanted now."""
-        while node is not None and node.parent is not None:
-            if node in self.io.entries:
-                self._wanted[node] = self._ticks
-            node = node.parent
-
     def touch_prefix(self, key: RadixKey) -> None:
         if self.disable or len(key) == 0:
             return
         key = key.page_aligned(self.page_size)
         if len(key):
             _, _, host_len, best = self._match(key, split=False)
-            if host_len:
-                self._want(best)  # SGLang refreshes waiting requests' prefixes here (FCFS, every 32 passes)
+            if host_len:  # SGLang refreshes waiting requests' prefixes here (FCFS, every 32 passes)
+                self.wanted.mark_path(best, self._ticks, self.io.entries)
 
     def init_load_back(self, params: InitLoadBackParams) -> tuple[int, TreeNode] | None:
         """Restore the compressed part of a matched path for an admitted request: all promised tokens or none.
@@ -311,10 +294,7 @@ class KVTCRadixCache(TreeCompression):
         if self.disable:
             return
         self._ticks += 1
-        self._idle_ticks = self._idle_ticks + 1 if self.protected_size_ == 0 else 0
-        if self._wanted:
-            horizon = self._ticks - WANTED_TICKS
-            self._wanted = {n: t for n, t in self._wanted.items() if t >= horizon and n in self.io.entries}
+        self.wanted.on_tick(self._ticks, self.protected_size_ > 0, self.io.entries)
         self._commit(self.ctl.take_ready())
         self._plan_background()
         if not self.ctl.background:
