@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 QWEN25_MODEL = "qwen2.5-coder-0.5b"
@@ -64,8 +65,7 @@ def qwen25_gguf_path(folder: Path | None = None) -> Path:
         with tmp.open("wb") as dst:
             for part in parts:
                 with part.open("rb") as src:
-                    while block := src.read(1 << 24):
-                        dst.write(block)
+                    shutil.copyfileobj(src, dst, 1 << 24)
         _check(tmp, full=True)  # the hash once, when assembled; later loads check size and magic
         tmp.replace(out)
     _check(out, full=False)
