@@ -28,7 +28,8 @@ pytestmark = pytest.mark.model
 
 def make(codec, slots: int, ps: int = 1):
     _, allocator = build_pool(codec.spec, slots, ps)
-    config = KVTCCacheConfig(calibration="t", window_tokens=16, idle_watermark=0.9, encode="inline")
+    config = KVTCCacheConfig(calibration="t", window_tokens=16, idle_watermark=0.9, encode="inline",
+                             protect_wanted=True)
     return build_cache(allocator, ps, codec, config)
 
 

@@ -84,7 +84,7 @@ def test_registered_factory_builds_the_cache(lm, artifact_path, monkeypatch):
     assert get_radix_cache_factory("kvtc") is build_kvtc_cache
     monkeypatch.setenv(ENV_VAR, KVTCCacheConfig(calibration=str(artifact_path)).to_json())
     cache = get_radix_cache_factory("kvtc")(_ctx(lm))
-    assert isinstance(cache, KVTCRadixCache) and cache.store_max_tokens == 256 and cache.store.num_slots == 0
+    assert isinstance(cache, KVTCRadixCache) and cache.store_max_tokens == 512 and cache.store.num_slots == 0
 
 
 @pytest.mark.parametrize(

@@ -80,9 +80,11 @@ class KVTCCacheConfig:
             between encode and restore, such as a stream race). Costs the raw KV size in host memory.
         store_fraction: most of the KV pool's token slots the compressed store may borrow. The store takes
             free slots page by page when a blob needs room and gives them back when its blobs are dropped,
-            so nothing is reserved at start-up. Its slots count as evictable for SGLang's admission, except
-            those of *wanted* blobs (compressed or matched lately): the cap also bounds what admission
-            cannot take.
+            so nothing is reserved at start-up; its slots count as evictable for SGLang's admission (with
+            ``protect_wanted``, all but those of wanted blobs).
+        protect_wanted: experimental (off by default): the store slots of *wanted* blobs (compressed or
+            matched lately, :mod:`~kvtc_sglang.cache.wanted`) are not admission room. Measured on this CPU it
+            did not help SGLang's agentic trace and cost the main job most of its TTFT gain (BENCHMARKS.md).
         min_tokens: smallest span worth compressing (a blob has a header of about 60 bytes).
         chunk_bytes: raw bytes per DEFLATE chunk inside a blob.
     """
@@ -93,13 +95,16 @@ class KVTCCacheConfig:
     idle_seconds: float = 0.0
     idle_watermark: float = 0.75
     ready_fraction: float = 0.5
-    store_fraction: float = 0.25
+    store_fraction: float = 0.5
     min_tokens: int = 16
     chunk_bytes: int = 1 << 16
     encode: str = "background"
     verify_restores: bool = False
+    protect_wanted: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.protect_wanted, bool):
+            raise ValueError(f"protect_wanted must be a bool, got {self.protect_wanted!r}")
         if not isinstance(self.verify_restores, bool):
             raise ValueError(f"verify_restores must be a bool, got {self.verify_restores!r}")
         if self.encode not in ENCODE_MODES:

@@ -17,10 +17,10 @@ meets SGLang's scheduler:
   queues the next one while less than ``1 - idle_watermark`` of the pool could be freed at once;
   ``evict`` frees encoded nodes first, and encodes (bounded, on the scheduler thread) only when the
   encoder fell behind and cold KV would be dropped otherwise.
-- ``evictable_size`` = unlocked device tokens + the store's borrowed slots, less the slots of *wanted*
-  blobs (:mod:`~kvtc_sglang.cache.wanted`: compressed, matched or touched lately, unless nothing has run
-  for a few passes); ``protected_size`` = locked device tokens + those wanted slots; with the allocator's
-  free slots they add up to the pool.
+- ``evictable_size`` = unlocked device tokens + the store's borrowed slots (with ``protect_wanted``, less
+  the slots of *wanted* blobs, :mod:`~kvtc_sglang.cache.wanted`: compressed, matched or touched lately,
+  unless nothing has run for a few passes); ``protected_size`` = locked device tokens + those wanted slots;
+  with the allocator's free slots they add up to the pool.
 - Invariants: a compressed node and its subtree are unlocked; sinks and each leaf path's last
   ``window_tokens`` are never compressed; rows the encoder reads are not freed before it is done.
 """
@@ -120,8 +120,9 @@ class KVTCRadixCache(TreeCompression):
         super().reset()
 
     def _wanted_slots(self) -> int:
-        """Store slots of wanted blobs (:mod:`~kvtc_sglang.cache.wanted`): protected, not evictable."""
-        return self.wanted.slots(self.io.entries, self.store)
+        """Store slots of wanted blobs (:mod:`~kvtc_sglang.cache.wanted`), protected rather than evictable
+        with ``protect_wanted`` (else 0)."""
+        return self.wanted.slots(self.io.entries, self.store) if self.config.protect_wanted else 0
 
     def evictable_size(self) -> int:
         """Unlocked device tokens plus the store's borrowed slots (dropping blobs gives those back), less the

@@ -49,9 +49,11 @@ _OPTIONS = (  # (flag, dest, type, config field, help)
      "The background encoder keeps this share of the KV pool free or instantly freeable (default 0.5)."),
     ("--kvtc-store-fraction", "kvtc_store_fraction", float, "store_fraction",
      "Most of the KV pool the compressed store may borrow; it grows into free slots and gives them back "
-     "on demand (default 0.25)."),
+     "on demand (default 0.5)."),
     ("--kvtc-encode", "kvtc_encode", str, "encode",
      "Where encodes run: background (a worker thread, default) or inline (on the scheduler thread)."),
+    ("--kvtc-protect-wanted", "kvtc_protect_wanted", _flag, "protect_wanted",
+     "Experimental (0/1): blobs compressed or matched lately are not admission room (default 0)."),
     ("--kvtc-verify-restores", "kvtc_verify_restores", _flag, "verify_restores",
      "Debugging (0/1): check every restored row against a host copy of its blob's decode (default 0)."),
 )
