@@ -100,7 +100,7 @@ class KVTCRadixCache(TreeCompression):
         )
         self._protect: set[TreeNode] = set()
         self._pending = {}
-        self.wanted = WantedBlobs()  # blobs admission may not take (compressed or matched lately)
+        self.wanted = WantedBlobs(config.protect_wanted)  # blobs admission may not take (opt-in)
         self._spilled: set[TreeNode] = set()  # locked nodes whose kept blob evict dropped: not again while locked
         self._ticks = 0  # scheduler iterations seen (the policy's clock for "recently under pressure")
         self._last_evict_tick = -(1 << 30)
@@ -122,7 +122,7 @@ class KVTCRadixCache(TreeCompression):
     def _wanted_slots(self) -> int:
         """Store slots of wanted blobs (:mod:`~kvtc_sglang.cache.wanted`), protected rather than evictable
         with ``protect_wanted`` (else 0)."""
-        return self.wanted.slots(self.io.entries, self.store) if self.config.protect_wanted else 0
+        return self.wanted.slots(self.io.entries, self.store)
 
     def evictable_size(self) -> int:
         """Unlocked device tokens plus the store's borrowed slots (dropping blobs gives those back), less the

@@ -22,9 +22,11 @@ IDLE_TICKS = 2  # passes with nothing running after which wanted slots are admis
 
 
 class WantedBlobs:
-    """``node -> tick`` of the last compression or match of each wanted compressed node."""
+    """``node -> tick`` of the last compression or match of each wanted compressed node. Disabled (the
+    default ``protect_wanted=False``), it records nothing and reports no slots: no work per pass or match."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
         self._tick_of: dict[TreeNode, int] = {}
         self.idle_ticks = 0  # consecutive passes with no locked node (nothing running)
 
@@ -35,11 +37,12 @@ class WantedBlobs:
         self._tick_of.clear()
 
     def mark(self, node: TreeNode, tick: int) -> None:
-        self._tick_of[node] = tick
+        if self.enabled:
+            self._tick_of[node] = tick
 
     def mark_path(self, node: TreeNode | None, tick: int, entries: Mapping[TreeNode, CompressedNode]) -> None:
         """A scheduler match reached ``node``: it and its compressed ancestors are wanted now."""
-        while node is not None and node.parent is not None:
+        while self.enabled and node is not None and node.parent is not None:
             if node in entries:
                 self._tick_of[node] = tick
             node = node.parent
@@ -47,6 +50,8 @@ class WantedBlobs:
     def on_tick(self, tick: int, running: bool, entries: Mapping[TreeNode, CompressedNode]) -> None:
         """Once per scheduler pass: count idle passes; forget marks older than ``WANTED_TICKS`` and nodes no
         longer compressed (restored or dropped)."""
+        if not self.enabled:
+            return
         self.idle_ticks = 0 if running else self.idle_ticks + 1
         if self._tick_of:
             horizon = tick - WANTED_TICKS
