@@ -18,6 +18,7 @@ import torch
 from sglang.srt.mem_cache.radix_cache import TreeNode
 
 from .controller import EncodeJob
+from .governor import EncodeGovernor
 from .policy import Span
 from .store import BlobHandle
 from .surgery import TreeSurgery
@@ -32,6 +33,7 @@ MAX_INLINE_TOKENS = 2048  # most tokens one evict encodes on the scheduler threa
 class TreeCompression(TreeSurgery):
     _pending: dict[TreeNode, EncodeJob]  # nodes whose rows the encoder reads, and the job reading them
     wanted: WantedBlobs  # blobs admission may not take (radix.py)
+    governor: EncodeGovernor  # pauses encoding while its blobs are dropped unused (radix.py)
     _ticks: int
 
     def _busy(self, node: TreeNode) -> bool:
@@ -61,7 +63,7 @@ class TreeCompression(TreeSurgery):
         nodes (locked ones too: freeable when their request ends) cover less than ``ready_fraction`` of the
         pool; nothing while a job is queued. Tick counts, not clocks: every rank of a tensor-parallel group
         would decide alike."""
-        if self.ctl.pending:
+        if self.ctl.pending or self.governor.paused:
             return
         allocator = self.token_to_kv_pool_allocator
         free = allocator.available_size()
@@ -206,6 +208,8 @@ class TreeCompression(TreeSurgery):
         ``inline_encoded_tokens``) and free them, so that the KV stays cached compressed; returns the slots
         freed net of the store pages the blobs took. A job the worker is running is not waited for (its
         nodes are passed over)."""
+        if self.governor.paused:
+            return 0  # its blobs are being dropped unused: drop the KV as SGLang would, without the encode
         budget = min(MAX_INLINE_TOKENS, need + need // 8 + self.page_size)  # blobs take a few pages back
         targets = self._cut(self.policy.take(budget, self._busy))
         if not targets:

@@ -85,6 +85,9 @@ class KVTCCacheConfig:
         protect_wanted: experimental (off by default): the store slots of *wanted* blobs (compressed or
             matched lately, :mod:`~kvtc_sglang.cache.wanted`) are not admission room. Measured on this CPU it
             did not help SGLang's agentic trace and cost the main job most of its TTFT gain (BENCHMARKS.md).
+        max_waste_share: encoding pauses (:mod:`~kvtc_sglang.cache.governor`) once a pool's worth of encoded
+            tokens was dropped unused and such drops are more than this share of all blob outcomes (restored
+            or dropped unused); 1.0 never pauses.
         min_tokens: smallest span worth compressing (a blob has a header of about 60 bytes).
         chunk_bytes: raw bytes per DEFLATE chunk inside a blob.
     """
@@ -101,6 +104,7 @@ class KVTCCacheConfig:
     encode: str = "background"
     verify_restores: bool = False
     protect_wanted: bool = False
+    max_waste_share: float = 0.75
 
     def __post_init__(self) -> None:
         if not isinstance(self.protect_wanted, bool):
@@ -127,6 +131,8 @@ class KVTCCacheConfig:
             raise ValueError(f"idle_watermark must be in [0, 1), got {self.idle_watermark!r}")
         if not isinstance(self.ready_fraction, (int, float)) or not 0.0 < self.ready_fraction <= 1.0:
             raise ValueError(f"ready_fraction must be in (0, 1], got {self.ready_fraction!r}")
+        if not isinstance(self.max_waste_share, (int, float)) or not 0.0 < self.max_waste_share <= 1.0:
+            raise ValueError(f"max_waste_share must be in (0, 1], got {self.max_waste_share!r}")
         if not isinstance(self.chunk_bytes, int) or self.chunk_bytes < 1024:
             raise ValueError(f"chunk_bytes must be an integer >= 1024, got {self.chunk_bytes!r}")
 

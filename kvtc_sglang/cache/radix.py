@@ -50,6 +50,7 @@ from ..codec import KVTCCodec
 from .compression import TreeCompression
 from .config import KVTCCacheConfig
 from .controller import CudaStreamOps, KVTCController
+from .governor import EncodeGovernor
 from .kv_io import PoolKV
 from .policy import CompressionPolicy
 from .report import KVTCReporter
@@ -101,6 +102,7 @@ class KVTCRadixCache(TreeCompression):
         self._protect: set[TreeNode] = set()
         self._pending = {}
         self.wanted = WantedBlobs(config.protect_wanted)  # blobs admission may not take (opt-in)
+        self.governor = EncodeGovernor(allocator.size, config.max_waste_share)  # pauses wasted encoding
         self._spilled: set[TreeNode] = set()  # locked nodes whose kept blob evict dropped: not again while locked
         self._ticks = 0  # scheduler iterations seen (the policy's clock for "recently under pressure")
         self._last_evict_tick = -(1 << 30)
@@ -114,6 +116,7 @@ class KVTCRadixCache(TreeCompression):
         self.ctl.drain()  # the encoder's rows are about to be reused: wait, and forget its results
         self._pending.clear()
         self.wanted.clear()
+        self.governor.clear()
         self._spilled.clear()
         self._last_evict_tick = -(1 << 30)  # an empty cache is under no pressure: the encoder sleeps
         self.io.clear()  # gives the store's pages back (SGLang clears the allocator right after)
@@ -296,6 +299,7 @@ class KVTCRadixCache(TreeCompression):
             return
         self._ticks += 1
         self.wanted.on_tick(self._ticks, self.protected_size_ > 0, self.io.entries)
+        self.governor.on_tick(self.stats, busy=self.protected_size_ > 0)
         self._commit(self.ctl.take_ready())
         self._plan_background()
         if not self.ctl.background:

@@ -43,6 +43,7 @@ _COUNTERS = (
     ("verify_failures", "verify_failures", "Restored rows that differ from their blob's reference (debugging)."),
     ("checksum_failures", "checksum_failures", "Compressed blobs that failed their checks (recomputed instead)."),
     ("dropped_tokens", "dropped_tokens", "Compressed tokens dropped for store space."),
+    ("encode_pauses", "encode_pauses", "Times kvtc paused encoding because its blobs were dropped unused."),
     ("restore_no_memory", "restore_no_memory", "Restores given up for lack of free KV slots."),
 )
 # Current values become Gauges.

@@ -43,6 +43,7 @@ class KVTCStats:
     dropped_tokens: int = 0
     dropped_unused_tokens: int = 0  # compressed tokens dropped before any restore (compressed for nothing)
     store_full: int = 0
+    encode_pauses: int = 0  # times encoding paused because blobs were being dropped unused (governor.py)
 
     @property
     def ratio(self) -> float:

@@ -54,6 +54,9 @@ _OPTIONS = (  # (flag, dest, type, config field, help)
      "Where encodes run: background (a worker thread, default) or inline (on the scheduler thread)."),
     ("--kvtc-protect-wanted", "kvtc_protect_wanted", _flag, "protect_wanted",
      "Experimental (0/1): blobs compressed or matched lately are not admission room (default 0)."),
+    ("--kvtc-max-waste-share", "kvtc_max_waste_share", float, "max_waste_share",
+     "Pause encoding while more than this share of blobs is dropped before any restore (default 0.75; "
+     "1 never pauses)."),
     ("--kvtc-verify-restores", "kvtc_verify_restores", _flag, "verify_restores",
      "Debugging (0/1): check every restored row against a host copy of its blob's decode (default 0)."),
 )
