@@ -73,3 +73,20 @@ def test_calibration_records_its_phases(artifact):
     assert set(seconds) == {"collect", "forward", "fisher", "covariance", "pca", "group_errors", "dp"}
     assert all(v >= 0 for v in seconds.values())
     assert seconds["forward"] + seconds["fisher"] + seconds["covariance"] <= seconds["collect"]
+
+
+def test_fisher_every_takes_every_nth_fit_sequence_only(lm):
+    """``fisher_every=n``: the Fisher's backward pass runs on fit sequences 0, n, 2n, ... (held-out ones never);
+    the PCA still sees every fit sequence."""
+    from kvtc_sglang.calibration.fit import CalibrationConfig, collect
+
+    base = {"tokens": 4096, "seq_len": 512, "holdout_every": 4, "fisher_continuation": 32}
+    per_seq = 512 - 32 - 128  # prefix tokens past the skipped edge
+    counts = {}
+    for every in (1, 2, 4):
+        col = collect(lm, CalibrationConfig(**base, fisher_every=every), show_progress=False)
+        counts[every] = col.fisher.count
+        assert col.acc["k"].num_tokens == 6 * (512 - 2 * 128)  # 8 sequences, 2 held out
+    assert counts == {1: 6 * per_seq, 2: 3 * per_seq, 4: 2 * per_seq}
+    with pytest.raises(ValueError, match="fisher_every must be an integer >= 1, got 0"):
+        CalibrationConfig(**base, fisher_every=0)

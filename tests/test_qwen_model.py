@@ -80,3 +80,37 @@ def test_real_gguf_geometry_and_tokenizer_round_trip(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     text = "def add(a, b):\n    return a + b  # sum of two numbers\n"
     assert tok.decode(tok(text)["input_ids"]) == text
+
+
+@pytest.mark.model
+@pytest.mark.skipif(not HAVE_PARTS, reason=f"optional Qwen2.5 parts not installed ({qwen.INSTALL})")
+def test_rope_removal_recovers_the_biased_pre_rope_keys_of_the_model_cache():
+    """Qwen2 adds a bias to K before RoPE (base 1e6): removing RoPE from the model's own cached keys must give
+    ``k_proj(x)`` bias included, read with hooks; a wrong base (Llama's 1e4) must not."""
+    from dataclasses import replace
+
+    import torch
+
+    from kvtc_sglang.calibration.model import load_model, prefill_kv
+    from kvtc_sglang.codec.rope import remove_rope
+
+    lm = load_model(qwen.QWEN25_MODEL, torch.bfloat16, compute_dtype=torch.float32)
+    spec, layers = lm.spec, lm.model.model.layers
+    assert all(layer.self_attn.k_proj.bias is not None and layer.self_attn.k_proj.bias.abs().max() > 0.1
+               for layer in layers)  # fmt: skip
+    ids = torch.tensor(lm.tokenizer("def add(a, b):\n    return a + b  # the sum\n" * 12)["input_ids"])
+    seen: list[torch.Tensor] = []
+    hooks = [layer.self_attn.k_proj.register_forward_hook(lambda _m, _i, out: seen.append(out[0].detach()))
+             for layer in layers]  # fmt: skip
+    try:
+        k, _v, _ = prefill_kv(lm.model, ids)  # [L, T, H, D] float32, RoPE applied
+    finally:
+        for h in hooks:
+            h.remove()
+    t, h, d = ids.numel(), spec.num_kv_heads, spec.head_dim
+    pre = torch.stack(seen).reshape(spec.num_layers, t, h, d)  # [L, T, H * D] -> [L, T, H, D]
+    positions = torch.arange(t)
+    err = float((remove_rope(k, positions, spec.ropes) - pre).abs().max() / pre.abs().max())
+    assert err < 1e-5, err
+    wrong = replace(spec.rope, theta=1e4)
+    assert float((remove_rope(k, positions, wrong) - pre).abs().max() / pre.abs().max()) > 100 * max(err, 1e-6)

@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
                    help="one bit budget shared by K and V")
     p.add_argument("--fisher-continuation", type=int, default=CalibrationConfig.fisher_continuation,
                    help="sampled tokens per sequence for the Fisher (KL-sensitivity) scales; needed by 'fisher'")
+    p.add_argument("--fisher-every", type=int, default=CalibrationConfig.fisher_every,
+                   help="the Fisher's backward pass on every n-th fit sequence only (1: all)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--compute-dtype", choices=sorted(COMPUTE_DTYPES), default=DEFAULT_COMPUTE,
                    help="model arithmetic (the KV cache is bfloat16 either way)")
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         basis_bf16=args.basis_bf16,
         joint_budget=args.joint_budget,
         fisher_continuation=args.fisher_continuation,
+        fisher_every=args.fisher_every,
         domains=tuple(args.domains),
     )
     t0 = time.perf_counter()

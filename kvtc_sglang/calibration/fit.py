@@ -49,6 +49,7 @@ class CalibrationConfig:
     value_scale: str = "fisher"  # see VALUE_SCALES
     basis_bf16: bool = False  # round the basis to bfloat16 (accuracy test of a half-size artifact)
     fisher_continuation: int = 128  # sampled tokens per sequence for the Fisher diagonal (used by "fisher")
+    fisher_every: int = 1  # the Fisher's backward pass on every n-th fit sequence only (its cost: ~30% of a pass)
     domains: tuple[str, ...] = ("prose", "code")  # calibration text kinds, equal shares (corpus.py)
 
     def __post_init__(self) -> None:
@@ -74,6 +75,8 @@ class CalibrationConfig:
             raise ValueError(f"domains must be distinct kinds from {allowed}, got {self.domains}")
         if "fisher" in (self.key_scale, self.value_scale) and self.fisher_continuation == 0:
             raise ValueError("key_scale/value_scale 'fisher' needs fisher_continuation > 0 (sampled tokens)")
+        if not isinstance(self.fisher_every, int) or self.fisher_every < 1:
+            raise ValueError(f"fisher_every must be an integer >= 1, got {self.fisher_every!r}")
         if not 0 <= self.fisher_continuation <= self.seq_len - 2 * self.edge_tokens:
             raise ValueError(
                 f"fisher_continuation must be in [0, seq_len - 2 * edge_tokens = "
@@ -186,6 +189,7 @@ def collect(lm: LoadedModel, cfg: CalibrationConfig, show_progress: bool = True)
     positions = torch.arange(run_len)
     gen = torch.Generator().manual_seed(0)
     phases = dict.fromkeys(("forward", "fisher", "covariance"), 0.0)
+    fit_index = 0  # fit sequences seen (the Fisher takes every fisher_every-th)
     longest = max(len(s) for s in per_kind)
     order = [s[i] for i in range(longest) for s in per_kind if i < len(s)]  # interleave the domains
     for i, ids in enumerate(tqdm(order, desc="calibration: collect K/V", disable=not show_progress)):
@@ -204,10 +208,13 @@ def collect(lm: LoadedModel, cfg: CalibrationConfig, show_progress: bool = True)
             acc["k"].update(xk)
             acc["v"].update(xv)
         phases["covariance"] += time.perf_counter() - t
-        if fisher is not None and i % cfg.holdout_every != cfg.holdout_every - 1:  # fit sequences, like the PCA
+        if i % cfg.holdout_every == cfg.holdout_every - 1:
+            continue
+        if fisher is not None and fit_index % cfg.fisher_every == 0:  # fit sequences, like the PCA
             t = time.perf_counter()
             fisher.update_from_cache(lm.model, cache, ids, prefix, keep_from=cfg.edge_tokens, generator=gen)
             phases["fisher"] += time.perf_counter() - t
+        fit_index += 1
     return Collected(acc, held, queries, names, time.perf_counter() - t0, fisher, phases)
 
 
@@ -258,6 +265,7 @@ def write_artifacts(
             "value_scale": cfg.value_scale,
             "basis_bf16": cfg.basis_bf16,
             "fisher_continuation": cfg.fisher_continuation,
+            "fisher_every": cfg.fisher_every,
             "edge_tokens_skipped": cfg.edge_tokens,
         }
         t = time.perf_counter()
