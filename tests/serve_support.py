@@ -72,9 +72,12 @@ def kvtc_metrics(server: SGLangServer) -> dict[str, float]:
     return parse_metrics(server.get("/metrics")[1])
 
 
-def _turn(client, convs, tools, turn, pool, *, wl: WorkloadConfig) -> list:
+def chat_turn(client, convs, tools, turn, pool, *, wl: WorkloadConfig,
+              question: str = "What does this code do?") -> list:  # fmt: skip
+    """One turn of every conversation at once: ``tools[c][turn]`` and ``question`` appended to conversation ``c``,
+    the requests sent concurrently through ``pool``, the answers appended; returns the results."""
     for c, msgs in enumerate(convs):
-        msgs.append({"role": "user", "content": f"Tool output:\n{tools[c][turn]}\n\nWhat does this code do?"})
+        msgs.append({"role": "user", "content": f"Tool output:\n{tools[c][turn]}\n\n{question}"})
     futs = [pool.submit(chat, client, "default", f"c{c}/t{turn}", list(m), wl) for c, m in enumerate(convs)]
     results = [f.result() for f in futs]
     for msgs, r in zip(convs, results, strict=True):
@@ -118,12 +121,12 @@ def pressure_run(model: str, calibration: str, *, page: int, overlap: bool, log_
         tools = [flat[c * wl.turns : (c + 1) * wl.turns] for c in range(wl.conversations)]
         convs = [[{"role": "system", "content": f"You are agent #{c}."}] for c in range(wl.conversations)]
         with ThreadPoolExecutor(wl.conversations) as workers:
-            before = [_turn(client, convs, tools, t, workers, wl=wl) for t in range(2)]
+            before = [chat_turn(client, convs, tools, t, workers, wl=wl) for t in range(2)]
             out["aborted_chunks"] = _aborted_stream(client)
             # The aborted stream may still be in the scheduler: SGLang refuses (400) a flush while any request
             # runs or waits, and its ?timeout= waits for the scheduler to go idle first.
             out["flush"] = srv.post("/flush_cache?timeout=120", timeout=180.0)[0]
-            after = [_turn(client, convs, tools, t, workers, wl=wl) for t in range(2, wl.turns)]
+            after = [chat_turn(client, convs, tools, t, workers, wl=wl) for t in range(2, wl.turns)]
         out["results"] = before + after
         out["health_after_abort"] = srv.get("/health")[0]
         time.sleep(3.0)  # idle: SGLang's strict memory check runs; the reporter logs the final counters

@@ -11,11 +11,11 @@ import time
 
 import openai
 import pytest
-from serve_support import hf_model, kvtc_metrics, scheduler_errors, start
+from serve_support import chat_turn, hf_model, kvtc_metrics, scheduler_errors, start
 
 from kvtc_sglang.serve.launcher import ServerSpec
 from kvtc_sglang.serve.server import TREE_CACHE_LINE
-from kvtc_sglang.serve.workload import WorkloadConfig, _excerpts, chat
+from kvtc_sglang.serve.workload import WorkloadConfig, _excerpts
 
 pytestmark = [pytest.mark.server, pytest.mark.model]
 
@@ -36,18 +36,11 @@ def run(artifact_path, tmp_path_factory):
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
         flat = _excerpts(WL.seed, WL.conversations * WL.turns, WL.tool_chars, "code")
+        tools = [flat[c * WL.turns : (c + 1) * WL.turns] for c in range(WL.conversations)]
         convs = [[{"role": "system", "content": f"You are agent #{c}."}] for c in range(WL.conversations)]
-        results = []
         with ThreadPoolExecutor(WL.conversations) as pool:
-            for t in range(WL.turns):
-                for c, msgs in enumerate(convs):
-                    msgs.append({"role": "user", "content": f"Tool output:\n{flat[c * WL.turns + t]}\n\nExplain."})
-                futs = [pool.submit(chat, client, "default", f"c{c}/t{t}", list(m), WL) for c, m in enumerate(convs)]
-                turn = [f.result() for f in futs]
-                for msgs, r in zip(convs, turn, strict=True):
-                    msgs.append({"role": "assistant", "content": r.text or "(no answer)"})
-                results.append(turn)
-        out["results"] = results
+            out["results"] = [chat_turn(client, convs, tools, t, pool, wl=WL, question="Explain.")
+                              for t in range(WL.turns)]  # fmt: skip
         t0 = time.perf_counter()
         status, body = srv.post(
             "/generate",
