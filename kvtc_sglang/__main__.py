@@ -6,7 +6,7 @@ calibration on 16k tokens of real text if none exists; the full 100k-token calib
 at the same ``--max-total-tokens N`` (too small to keep every session's prefix uncompressed), and vanilla with
 a pool that holds everything (the upper bound of any prefix cache). Each server replays, through the
 ``openai`` client over HTTP on 127.0.0.1, a short seeded coding-agent trace (:mod:`.serve.sessions`: each
-session opens with a 1.5-1.7k-token file read of real stdlib source, then two 150-200-token tool outputs, 8
+session opens with a 1.1-1.3k-token file read of real stdlib source, then two 150-200-token tool outputs, 8
 answer tokens per turn; the three sessions run concurrently)
 and then the shared-system-prompt workload (:func:`.serve.workload.run_shared_prompt`). It prints, per server:
 TTFT (mean, p90), request throughput, tokens prefilled, prefill and forward seconds from SGLang's
@@ -17,7 +17,7 @@ The full benchmark (SGLang's own ``sglang.benchmark.serving`` too, bigger sessio
 ``python benchmarks/agentic_bench.py``; the codec evaluation (ratios vs accuracy) is ``python -m kvtc_sglang.eval``.
 
 ``python -m kvtc_sglang [--artifacts artifacts] [--calibration P | --calibration-tokens 16384]
-[--max-total-tokens 4096] [--page-size 1]
+[--max-total-tokens 3072] [--page-size 1]
 [--conversations 3] [--turns 3] [--users 8]``
 """
 
@@ -32,7 +32,8 @@ from .serve.session_bench import SessionBenchConfig, format_report, run_bench, s
 from .serve.sessions import TraceConfig, write_trace
 from .serve.workload import WorkloadConfig
 
-MAIN_JOB_CALIBRATION_TOKENS = 16_384  # ~2.5 min here instead of ~11 for the full 100k (BENCHMARKS: accuracy)
+MAIN_JOB_CALIBRATION_TOKENS = 16_384  # ~2.2 min here instead of ~11 for the full 100k (BENCHMARKS: accuracy)
+MAIN_JOB_FISHER_EVERY = 4  # the Fisher's backward pass on every 4th sequence: 134 s instead of 147 s here
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,13 +44,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calibration-tokens", type=int, default=MAIN_JOB_CALIBRATION_TOKENS,
                    help="tokens of the calibration made when none exists (the full 100k-token one is used "
                         "whenever it exists: python -m kvtc_sglang.calibration)")
-    p.add_argument("--max-total-tokens", type=int, default=4096, help="N, the pool of vanilla and kvtc")
+    p.add_argument("--max-total-tokens", type=int, default=3072, help="N, the pool of vanilla and kvtc")
     p.add_argument("--big-pool", type=int, default=None, help="pool of the upper bound (default: everything fits)")
     p.add_argument("--page-size", type=int, default=1)
     p.add_argument("--store-fraction", type=float, default=0.25)
     p.add_argument("--conversations", type=int, default=3, help="agent sessions")
     p.add_argument("--turns", type=int, default=3, help="requests per session, the first file read included")
-    p.add_argument("--first-read-tokens", type=int, nargs=2, default=(1500, 1700), metavar=("MIN", "MAX"))
+    p.add_argument("--first-read-tokens", type=int, nargs=2, default=(1100, 1300), metavar=("MIN", "MAX"))
     p.add_argument("--tool-tokens", type=int, nargs=2, default=(150, 200), metavar=("MIN", "MAX"))
     p.add_argument("--output-tokens", type=int, default=8)
     p.add_argument("--users", type=int, default=8, help="users of the shared-system-prompt workload")
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("out/serve"))
     args = p.parse_args(argv)
     hf, cal = prepare_default_model(args.artifacts, calibrate=args.calibration is None,
-                                    tokens=args.calibration_tokens)
+                                    tokens=args.calibration_tokens, fisher_every=MAIN_JOB_FISHER_EVERY)
     calibration = args.calibration or cal
     if not calibration.is_file():
         raise SystemExit(f"kvtc: error: calibration {calibration} does not exist")
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = SessionBenchConfig(max_total_tokens=args.max_total_tokens, big_pool=args.big_pool, page_size=args.page_size,
                              store_fraction=args.store_fraction, servers=tuple(args.servers), workloads=("own",),
                              out=args.out)
-    wl = WorkloadConfig(users=args.users)
+    wl = WorkloadConfig(users=args.users, max_tokens=args.output_tokens)
     meta = trace["metadata"]
     print(f"## Real server on CPU: vanilla and kvtc ({calibration.name}) at --max-total-tokens "
           f"{cfg.max_total_tokens}, vanilla with a pool for everything; --page-size {cfg.page_size}\n"

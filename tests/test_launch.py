@@ -169,10 +169,13 @@ def test_main_job_calibration_paths_never_mistake_a_small_calibration_for_the_fu
     calls: list[list[str]] = []
     monkeypatch.setattr("kvtc_sglang.serve.export.export_default_model", lambda path: path)
     monkeypatch.setattr(launcher.subprocess, "run", lambda cmd, check: calls.append(cmd))
-    _, cal = launcher.prepare_default_model(tmp_path, tokens=16_384)
+    _, cal = launcher.prepare_default_model(tmp_path, tokens=16_384, fisher_every=4)
     assert cal == small and calls[0][calls[0].index("--tokens") + 1] == "16384"
+    assert calls[0][calls[0].index("--fisher-every") + 1] == "4"
     assert calls[0][calls[0].index("--out") + 1] == str(small.parent)
     full.write_bytes(b"")  # once the full calibration exists, it is the one used
     assert launcher.prepare_default_model(tmp_path, tokens=16_384)[1] == full and len(calls) == 1
     with pytest.raises(ValueError, match="calibration tokens must be >= 1, got 0"):
         launcher.prepare_default_model(tmp_path, tokens=0)
+    with pytest.raises(ValueError, match="fisher_every must be >= 1, got 0"):
+        launcher.prepare_default_model(tmp_path, tokens=16_384, fisher_every=0)

@@ -131,25 +131,27 @@ def calibration_path(artifacts: Path, tokens: int = FULL_CALIBRATION_TOKENS) -> 
     return artifacts / name if tokens == FULL_CALIBRATION_TOKENS else artifacts / f"t{tokens}" / name
 
 
-def prepare_default_model(artifacts: Path, *, calibrate: bool = True,
-                          tokens: int = FULL_CALIBRATION_TOKENS) -> tuple[Path, Path]:
+def prepare_default_model(artifacts: Path, *, calibrate: bool = True, tokens: int = FULL_CALIBRATION_TOKENS,
+                          fisher_every: int = 1) -> tuple[Path, Path]:
     """Export the default model to ``artifacts/hf/`` and calibrate it at 16x on ``tokens`` tokens of real text
     if no such artifact exists yet (:func:`calibration_path`; the full calibration is used whenever it exists).
 
     Returns ``(hf_dir, calibration_path)``; the calibration runs ``python -m kvtc_sglang.calibration`` (about
-    11 minutes for the full 100k tokens on a 2-core CPU) and is skipped when ``calibrate`` is false (the path
-    may then not exist).
+    11 minutes for the full 100k tokens on a 2-core CPU; ``fisher_every``: its ``--fisher-every``) and is
+    skipped when ``calibrate`` is false (the path may then not exist).
     """
     from .export import export_default_model
 
     if tokens < 1:
         raise ValueError(f"calibration tokens must be >= 1, got {tokens}")
+    if fisher_every < 1:
+        raise ValueError(f"fisher_every must be >= 1, got {fisher_every}")
     hf = export_default_model(artifacts / "hf" / DEFAULT_MODEL)
     full = calibration_path(artifacts)
     cal = full if full.is_file() else calibration_path(artifacts, tokens)
     if calibrate and not cal.is_file():
         print(f"calibrating {DEFAULT_MODEL} at 16x on {tokens} tokens -> {cal} (once)", flush=True)
         cmd = [sys.executable, "-m", "kvtc_sglang.calibration", "--ratios", "16", "--tokens", str(tokens),
-               "--out", str(cal.parent)]
+               "--fisher-every", str(fisher_every), "--out", str(cal.parent)]
         subprocess.run(cmd, check=True)
     return hf, cal
