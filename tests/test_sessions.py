@@ -118,3 +118,33 @@ def test_load_trace_refuses_other_json(tmp_path):
     path.write_text(json.dumps({"conversations": []}))
     with pytest.raises(ValueError, match="non-empty 'conversations'"):
         load_trace(path)
+
+
+def test_shared_prompt_sends_each_prompts_first_user_before_the_rest(monkeypatch):
+    """Cached tokens must not depend on batching: every prompt's first user completes before its other users
+    are sent (two users of an unsent prompt in one batch would both prefill it)."""
+    import threading
+
+    from kvtc_sglang.serve import workload
+
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def recording_chat(client, model, key, messages, cfg):
+        with lock:
+            events.append(("start", key))
+        with lock:
+            events.append(("end", key))
+        return workload.RequestResult(key, text="ok")
+
+    monkeypatch.setattr(workload, "chat", recording_chat)
+    cfg = workload.WorkloadConfig(users=8, system_prompts=3)
+    run = workload.run_shared_prompt(None, "default", cfg, lambda: None)
+    keys = [r.key for r in run.results]
+    assert keys == [f"shared/u{u}/{k.split('/')[-1]}" for u, k in enumerate(keys)]  # results in user order
+    prompts = {k.split("/")[-1] for k in keys}
+    firsts = {p: next(k for k in keys if k.endswith("/" + p)) for p in prompts}
+    last_first_end = max(i for i, (e, k) in enumerate(events) if e == "end" and k in firsts.values())
+    first_rest_start = min(i for i, (e, k) in enumerate(events) if e == "start" and k not in firsts.values())
+    assert len(prompts) > 1 and len(keys) > len(prompts)
+    assert last_first_end < first_rest_start

@@ -145,12 +145,23 @@ def run_shared_prompt(client: object, model: str, cfg: WorkloadConfig, progress:
                 {"role": "user", "content": f"User {u}: {rng.choice(questions)}"}]
         jobs.append((f"shared/u{u}/s{s}", msgs))
     run = WorkloadRun("shared_prompt")
+    # Each system prompt's first user goes first (those run concurrently, one per prompt), then the rest:
+    # which requests share a batch no longer decides how much is cached (two users of a prompt nobody has
+    # sent yet would both prefill it), so every backend that keeps the prompts prefills the same tokens.
+    first_of: dict[str, int] = {}
+    for i, (key, _) in enumerate(jobs):
+        first_of.setdefault(key.split("/")[-1], i)  # key: shared/u<user>/s<prompt>
+    first = sorted(first_of.values())
+    rest = [i for i in range(len(jobs)) if i not in first_of.values()]
+    results: dict[int, RequestResult] = {}
     t0 = time.perf_counter()
     with ThreadPoolExecutor(cfg.concurrency) as pool:
-        futures = [pool.submit(chat, client, model, key, msgs, cfg) for key, msgs in jobs]
-        for fut in futures:
-            run.results.append(fut.result())
-            progress()
+        for wave in (first, rest):
+            futures = {i: pool.submit(chat, client, model, jobs[i][0], jobs[i][1], cfg) for i in wave}
+            for i, fut in futures.items():
+                results[i] = fut.result()
+                progress()
+    run.results = [results[i] for i in range(len(jobs))]
     run.seconds = time.perf_counter() - t0
     return run
 
