@@ -9,8 +9,11 @@ from pathlib import Path
 import torch
 
 from ..codec.artifact import load_artifact
-from .fit import KEY_SCALES, VALUE_SCALES, CalibrationConfig, calibrate
+from ..codec.spec import ModelSpec
+from ..codec.tp import LAYOUTS, rank_spec
+from .fit import KEY_SCALES, VALUE_SCALES, CalibrationConfig, collect, write_artifacts
 from .model import COMPUTE_DTYPES, DEFAULT_COMPUTE, DEFAULT_MODEL, MODELS, load_model
+from .tp import write_rank_artifacts
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -31,10 +34,17 @@ def main(argv: list[str] | None = None) -> list[Path]:
                    help="sampled tokens per sequence for the Fisher (KL-sensitivity) scales; needed by 'fisher'")
     p.add_argument("--fisher-every", type=int, default=CalibrationConfig.fisher_every,
                    help="the Fisher's backward pass on every n-th fit sequence only (1: all)")
+    p.add_argument("--tp-sizes", type=int, nargs="+", default=[1],
+                   help="tensor parallelism: for each size N > 1, one artifact per rank (its own heads' PCA); "
+                        "1: the whole model's; several sizes share one pass of the model")
+    p.add_argument("--tp-layout", choices=LAYOUTS, default="cpu",
+                   help="how SGLang splits the KV heads: 'cpu' pads zero heads (the CPU engine), 'gpu' replicates")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--compute-dtype", choices=sorted(COMPUTE_DTYPES), default=DEFAULT_COMPUTE,
                    help="model arithmetic (the KV cache is bfloat16 either way)")
     args = p.parse_args(argv)
+    if min(args.tp_sizes) < 1 or len(set(args.tp_sizes)) != len(args.tp_sizes):
+        p.error(f"--tp-sizes must be distinct and >= 1, got {args.tp_sizes}")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = CalibrationConfig(
@@ -51,10 +61,19 @@ def main(argv: list[str] | None = None) -> list[Path]:
     )
     t0 = time.perf_counter()
     lm = load_model(args.model, compute_dtype=COMPUTE_DTYPES[args.compute_dtype])
-    paths = calibrate(lm, cfg, args.out)
+    col = collect(lm, cfg)
+    paths: list[Path] = []
+    specs: list[ModelSpec] = []
+    for tp in args.tp_sizes:
+        if tp == 1:
+            paths += write_artifacts(lm, cfg, col, args.out)
+            specs += [lm.spec] * len(cfg.ratios)
+        else:
+            paths += write_rank_artifacts(lm, cfg, col, args.out, tp_size=tp, layout=args.tp_layout)
+            specs += [rank_spec(lm.spec, tp, r, args.tp_layout) for r in range(tp) for _ in cfg.ratios]
     wall = time.perf_counter() - t0
-    for path in paths:
-        art = load_artifact(path, expect=lm.spec)
+    for path, spec in zip(paths, specs, strict=True):
+        art = load_artifact(path, expect=spec)
         print(
             f"{path}  ({path.stat().st_size / 2**20:.1f} MiB)  ratio {art.target_ratio:g}: "
             f"K {art.keys.allocation.summary()}; V {art.values.allocation.summary()}"

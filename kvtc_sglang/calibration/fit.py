@@ -272,10 +272,12 @@ def write_artifacts(
         keys, values = allocate(fits, ratio, cfg.joint_budget)
         info["seconds"] = {k: round(v, 1) for k, v in {**seconds, "dp": time.perf_counter() - t}.items()}
         art = CalibrationArtifact(spec=spec, keys=keys, values=values, target_ratio=float(ratio), info=info)
-        paths.append(art.save(out_dir / artifact_name(spec.name, ratio)))
+        paths.append(art.save(out_dir / artifact_name(spec.name, ratio, spec.tp_rank, spec.tp_size)))
     return paths
 
 
-def artifact_name(model_name: str, ratio: float) -> str:
-    """File name of the artifact of ``model_name`` at ``ratio``, e.g. ``smollm2-135m-instruct.r16.kvtc.safetensors``."""
-    return f"{model_name}.r{ratio:g}.kvtc.safetensors"
+def artifact_name(model_name: str, ratio: float, tp_rank: int = 0, tp_size: int = 1) -> str:
+    """File name of the artifact of ``model_name`` at ``ratio``, e.g. ``smollm2-135m-instruct.r16.kvtc.safetensors``;
+    under tensor parallelism one per rank: ``smollm2-135m-instruct.r16.tp2-rank1.kvtc.safetensors``."""
+    tp = f".tp{tp_size}-rank{tp_rank}" if tp_size > 1 else ""
+    return f"{model_name}.r{ratio:g}{tp}.kvtc.safetensors"

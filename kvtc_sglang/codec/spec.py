@@ -22,6 +22,10 @@ class ModelSpec:
 
     ``layer_ropes`` (empty for most models) gives each layer its own RoPE when layers differ (Gemma 3:
     base 1e4 on sliding-window layers, 1e6 on global ones); ``rope`` is then the first layer's.
+
+    Under tensor parallelism a spec describes one rank's pool: ``tp_rank`` of ``tp_size``, ``num_kv_heads``
+    the heads that rank holds and ``tp_heads`` the model's KV head in each of them (``-1``: a zero head SGLang's
+    CPU engine pads in; :mod:`kvtc_sglang.codec.tp`). At ``tp_size == 1`` ``tp_heads`` is empty.
     """
 
     name: str
@@ -32,10 +36,18 @@ class ModelSpec:
     dtype: str
     rope: RopeConfig
     layer_ropes: tuple[RopeConfig, ...] = ()
+    tp_rank: int = 0
+    tp_size: int = 1
+    tp_heads: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.layer_ropes and len(self.layer_ropes) != self.num_layers:
             raise ValueError(f"layer_ropes needs {self.num_layers} entries, got {len(self.layer_ropes)}")
+        if not (isinstance(self.tp_size, int) and self.tp_size >= 1 and 0 <= self.tp_rank < self.tp_size):
+            raise ValueError(f"need tp_size >= 1 and 0 <= tp_rank < tp_size, got {self.tp_rank} of {self.tp_size}")
+        if len(self.tp_heads) != (self.num_kv_heads if self.tp_size > 1 else 0):
+            raise ValueError(f"tp_heads needs one entry per KV head at tp_size > 1 ({self.num_kv_heads}), "
+                             f"none at tp_size 1; got {self.tp_heads!r} at tp_size {self.tp_size}")
         for field in ("num_layers", "num_kv_heads", "head_dim"):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
@@ -57,6 +69,11 @@ class ModelSpec:
         data = asdict(self)
         if not self.layer_ropes:
             del data["layer_ropes"]  # artifacts of single-RoPE models keep their original header
+        if self.tp_size == 1:
+            for key in ("tp_rank", "tp_size", "tp_heads"):  # so do tp-1 artifacts
+                del data[key]
+        else:
+            data["tp_heads"] = list(self.tp_heads)
         return data
 
     @classmethod
@@ -65,14 +82,17 @@ class ModelSpec:
             rope = RopeConfig(**data["rope"])
             layer_ropes = tuple(RopeConfig(**r) for r in data.get("layer_ropes", ()))
             fields = {k: data[k] for k in ("name", "architecture", "num_layers", "num_kv_heads", "head_dim", "dtype")}
+            tp_rank, tp_size = int(data.get("tp_rank", 0)), int(data.get("tp_size", 1))
+            tp_heads = tuple(int(h) for h in data.get("tp_heads", ()))
         except (KeyError, TypeError) as e:
             raise ValueError(f"model spec is missing or has a bad field: {e}") from e
-        return cls(rope=rope, layer_ropes=layer_ropes, **fields)
+        return cls(rope=rope, layer_ropes=layer_ropes, tp_rank=tp_rank, tp_size=tp_size, tp_heads=tp_heads, **fields)
 
     def mismatches(self, other: ModelSpec) -> list[str]:
         """Human-readable differences that make a calibration unusable for ``other``."""
         out = []
-        for field in ("architecture", "num_layers", "num_kv_heads", "head_dim", "dtype", "rope", "layer_ropes"):
+        for field in ("architecture", "num_layers", "num_kv_heads", "head_dim", "dtype", "rope", "layer_ropes",
+                      "tp_size", "tp_rank", "tp_heads"):
             mine, theirs = getattr(self, field), getattr(other, field)
             if mine != theirs:
                 out.append(f"{field}: calibration has {mine!r}, model has {theirs!r}")
