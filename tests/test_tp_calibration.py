@@ -94,8 +94,8 @@ def test_per_rank_artifacts_round_trip_each_ranks_rows_and_refuse_another_rank(l
     with pytest.raises(ArtifactError, match="tp_size: calibration has 2, model has 1"):
         load_artifact(paths[0], expect=lm.spec)
     k, v, pos = real_kv
-    for r, (path, spec) in enumerate(zip(paths, specs, strict=True)):
-        codec = KVTCCodec(load_artifact(path, expect=spec))
+    codecs = [KVTCCodec(load_artifact(p, expect=s)) for p, s in zip(paths, specs, strict=True)]
+    for r, (codec, spec) in enumerate(zip(codecs, specs, strict=True)):
         kr, vr = split_heads(k, spec.tp_heads), split_heads(v, spec.tp_heads)  # [L, T, H_r, D] bf16
         k2, v2, _ = codec.decode(codec.encode(kr[:, 4:500], vr[:, 4:500], pos[4:500]))
         for ref, got in ((kr[:, 4:500], k2), (vr[:, 4:500], v2)):
@@ -103,3 +103,14 @@ def test_per_rank_artifacts_round_trip_each_ranks_rows_and_refuse_another_rank(l
             assert err < 0.5, (r, err)  # the whole model's codec at 16x is at ~0.2-0.4 (test_codec)
         if r == 1:  # the zero head SGLang pads in stays zero
             assert float(k2[:, :, 1].float().abs().max()) < 1e-2 and float(v2[:, :, 1].float().abs().max()) < 1e-2
+    # the evaluation's per-rank method puts the model's 3 heads back from the two ranks
+    from kvtc_sglang.eval.methods import tp_kvtc_method
+
+    res = tp_kvtc_method(codecs)(k[:, 4:500], v[:, 4:500], pos[4:500])
+    for ref, got in ((k[:, 4:500], res.k), (v[:, 4:500], res.v)):
+        assert got.shape == ref.shape
+        assert float((got.float() - ref.float()).norm() / ref.float().norm()) < 0.5
+    # at least 8x the model's real K/V bits, though rank 1 spends its budget on a zero head too (16x of 4 heads)
+    assert res.bits_after_entropy < res.bits_before_entropy < 2 * 496 * lm.spec.num_features * 16 / 8
+    with pytest.raises(ValueError, match="one codec per rank in rank order"):
+        tp_kvtc_method(codecs[::-1])

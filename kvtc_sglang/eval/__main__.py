@@ -12,8 +12,17 @@ import torch
 from ..calibration.fit import artifact_name
 from ..calibration.model import COMPUTE_DTYPES, DEFAULT_COMPUTE, DEFAULT_MODEL, MODELS, load_model
 from ..codec import KVTCCodec, load_artifact
+from ..codec.tp import rank_spec
 from .harness import EvalConfig, evaluate
-from .methods import Method, deflate_method, fp8_method, kivi_method, kvtc_method, pca_truncation_method
+from .methods import (
+    Method,
+    deflate_method,
+    fp8_method,
+    kivi_method,
+    kvtc_method,
+    pca_truncation_method,
+    tp_kvtc_method,
+)
 
 
 def build_methods(
@@ -87,6 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--kvtc-only", action="store_true", help="skip the baselines (faster ablations)")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--continuation", type=int, default=256)
+    p.add_argument("--tp-sizes", type=int, nargs="+", default=[],
+                   help="also KVTC with each size's per-rank artifacts (python -m kvtc_sglang.calibration --tp-sizes)")
+    p.add_argument("--tp-layout", choices=("cpu", "gpu"), default="cpu", help="the layout they were calibrated for")
     p.add_argument("--json", type=Path, default=None, help="write the full report (per-layer errors) here")
     p.add_argument("--compute-dtype", choices=sorted(COMPUTE_DTYPES), default=DEFAULT_COMPUTE,
                    help="model arithmetic (the KV cache is bfloat16 either way)")
@@ -109,6 +121,12 @@ def main(argv: list[str] | None = None) -> dict:
     methods = build_methods(
         codecs, no_sink, [r for r in (4.0, 8.0, 16.0, 20.0) if r in codecs], args.kvtc_only, args.split_kv
     )
+    for tp in args.tp_sizes:
+        for ratio in args.ratios:
+            ranks = [rank_spec(lm.spec, tp, r, args.tp_layout) for r in range(tp)]
+            per_rank = [KVTCCodec(load_artifact(args.artifacts / artifact_name(lm.spec.name, ratio, s.tp_rank, tp),
+                                                expect=s)) for s in ranks]
+            methods[f"kvtc r{ratio:g}, tp {tp} (per-rank PCA)"] = (tp_kvtc_method(per_rank), True)
     with torch.inference_mode():
         results = evaluate(lm, cfg, methods)
     print(

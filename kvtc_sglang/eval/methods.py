@@ -51,6 +51,32 @@ def kvtc_method(codec: KVTCCodec, keep: str | None = None) -> Method:
     return run
 
 
+def tp_kvtc_method(codecs: list[KVTCCodec]) -> Method:
+    """KVTC under tensor parallelism: each rank's codec encodes and decodes its own pool heads (zero heads
+    padded in included, :mod:`kvtc_sglang.codec.tp`); the model's heads are put back from the ranks that hold
+    them. Sizes are the sum over ranks (a padded zero head costs what its rank's budget gives it)."""
+    from ..codec.tp import PAD, split_heads
+
+    specs = [c.artifact.spec for c in codecs]
+    if not codecs or [s.tp_rank for s in specs] != list(range(specs[0].tp_size)):
+        raise ValueError(f"need one codec per rank in rank order, got ranks {[s.tp_rank for s in specs]}")
+
+    def run(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> Result:
+        k2, v2 = torch.empty_like(k), torch.empty_like(v)  # [L, T, H, D]
+        before = after = 0.0
+        for codec, spec in zip(codecs, specs, strict=True):
+            blob = codec.encode(split_heads(k, spec.tp_heads), split_heads(v, spec.tp_heads), positions)
+            kr, vr, _ = codec.decode(blob)  # [L, T, H_r, D]
+            for j, h in enumerate(spec.tp_heads):
+                if h != PAD:  # a replicated head is put back from each rank holding it: the same codes
+                    k2[:, :, h], v2[:, :, h] = kr[:, :, j], vr[:, :, j]
+            before += 8.0 * codec.payload_nbytes(k.shape[1])
+            after += 8.0 * blob.numel()
+        return Result(k2, v2, before, after)
+
+    return run
+
+
 def fp8_method(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> Result:
     del positions
     cast = [t.to(torch.float8_e4m3fn).to(t.dtype) for t in (k, v)]
