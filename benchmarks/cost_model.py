@@ -6,15 +6,18 @@ re-apply RoPE, plus inflating ``4*F/ratio`` bytes of DEFLATE. Recomputing it (pr
 FLOPs per weight of the layers' projections and MLPs, plus attention over its context
 (``4 * L * n_heads * head_dim`` FLOPs per context token for ``QK^T`` and ``AV``).
 
-Three constants come from this machine, measured in one run on the real SmolLM2 and its calibration:
-``matmul``, the FLOP rate of an fp32 ``[T, R] @ [R, F]`` projection (the restore's main term);
-``overhead``, the rest of a real ``codec.decode`` per feature (dequantization, RoPE, DEFLATE, mean and
-scale); ``prefill``, SmolLM2's own prefill FLOP rate (dense fp32 weights, as the CPU server runs it).
+Three constants come from this machine, measured in one run on a real model (SmolLM2, or Qwen2.5-Coder-0.5B
+with ``--model qwen2.5-coder-0.5b``) and its calibration: ``matmul``, the FLOP rate of an fp32
+``[T, R] @ [R, F]`` projection (the restore's main term); ``overhead``, the rest of a real ``codec.decode``
+per feature (dequantization, RoPE, DEFLATE, mean and scale); ``prefill``, that model's own prefill FLOP rate
+(dense fp32 weights, as the CPU server runs it).
 Other models' ranks are not measured (no weights here): ``R = rho * F`` with ``rho`` from this
 calibration, and a second row with ``rho`` from the paper's 70B figure (the stored basis is about 2.4% of
 the parameters, so ``2*F*R = 0.024 * params``).
 
     python benchmarks/cost_model.py --artifact artifacts/smollm2-135m-instruct.r16.kvtc.safetensors
+    python benchmarks/cost_model.py --model qwen2.5-coder-0.5b \
+        --artifact artifacts/qwen2.5-coder-0.5b.r16.kvtc.safetensors
 
 Caveat printed with the table: a 576-wide model runs its prefill far below the CPU's matmul peak, so the
 measured SmolLM2 prefill rate understates how fast a large model prefills per FLOP; the FLOP ratio column
@@ -61,6 +64,7 @@ class Geometry:
 
 MODELS = (
     Geometry("SmolLM2-135M", 30, 576, 9, 3, 64, 1536, 134.5e6),
+    Geometry("Qwen2.5-0.5B", 24, 896, 14, 2, 64, 4864, 494e6),
     Geometry("Qwen2.5-7B", 28, 3584, 28, 4, 128, 18944, 7.62e9),
     Geometry("Llama-3.1-8B", 32, 4096, 32, 8, 128, 14336, 8.03e9),
     Geometry("Llama-3.1-70B", 80, 8192, 64, 8, 128, 28672, 70.6e9),
@@ -81,28 +85,31 @@ def _median_seconds(fn, repeat: int) -> float:
 class Constants:
     matmul_flops: float  # FLOP/s of the restore projection
     overhead_s_per_feature: float  # the rest of a decode, per token per feature (both streams)
-    prefill_flops: float  # FLOP/s of SmolLM2's prefill
+    prefill_flops: float  # FLOP/s of the measured model's prefill
     rho: float  # coded rank / F of the calibration
     measured_restore_s: float  # per token
     measured_prefill_s: float  # per token
 
 
-def measure(artifact_path: Path, tokens: int, repeat: int) -> Constants:
-    """Measure the constants on the real model, real held-out text and the given calibration."""
+GEOMETRY_OF = {"smollm2-135m-instruct": "SmolLM2-135M", "qwen2.5-coder-0.5b": "Qwen2.5-0.5B"}
+
+
+def measure(model_name: str, artifact_path: Path, tokens: int, repeat: int) -> Constants:
+    """Measure the constants on the real model ``model_name``, real held-out text and the given calibration."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvtc_sglang.calibration.corpus import token_sequences
-    from kvtc_sglang.calibration.model import DEFAULT_MODEL, prefill_kv
+    from kvtc_sglang.calibration.model import prefill_kv
     from kvtc_sglang.codec import KVTCCodec, load_artifact
     from kvtc_sglang.codec.spec import spec_from_config
-    from kvtc_sglang.serve.export import export_default_model
+    from kvtc_sglang.serve.export import export_model
 
     # The dense export, in fp32 as the CPU server runs it (bf16 matmuls are several times slower on this CPU;
     # the GGUF-loaded model keeps packed weights and prefills slower still). The KV cache stays bf16.
-    hf_dir = export_default_model()
+    hf_dir = export_model(model_name)
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    spec = spec_from_config(model.config, DEFAULT_MODEL, "bfloat16", serving=False)
+    spec = spec_from_config(model.config, model_name, "bfloat16", serving=False)
     art = load_artifact(artifact_path, expect=spec)
     codec = KVTCCodec(art)
     (ids,), _ = token_sequences(tokenizer, "evaluation", "prose", tokens, tokens)
@@ -120,8 +127,8 @@ def measure(artifact_path: Path, tokens: int, repeat: int) -> Constants:
         streams = (art.keys, art.values)
         t_proj = _median_seconds(lambda: [c @ s.basis.T for c, s in zip(coeffs, streams, strict=True)], repeat)
     proj_flops = sum(2 * tokens * f * r for r in ranks)
-    smol = MODELS[0]
-    prefill_flops = sum(smol.prefill_flops(c) for c in range(tokens))
+    geometry = next(g for g in MODELS if g.name == GEOMETRY_OF[model_name])
+    prefill_flops = sum(geometry.prefill_flops(c) for c in range(tokens))
     return Constants(
         matmul_flops=proj_flops / t_proj,
         overhead_s_per_feature=max(t_decode - t_proj, 0.0) / (tokens * 2 * f),
@@ -150,16 +157,19 @@ def rows(c: Constants, context: int) -> list[tuple[str, str, float, float, float
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(GEOMETRY_OF), default="smollm2-135m-instruct",
+                   help="the model whose prefill and codec are timed")
     p.add_argument("--artifact", type=Path, required=True)
     p.add_argument("--tokens", type=int, default=1024, help="held-out tokens timed (also the context)")
     p.add_argument("--context", type=int, default=4096, help="prefix length the table assumes")
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
-    c = measure(args.artifact, args.tokens, args.repeat)
+    c = measure(args.model, args.artifact, args.tokens, args.repeat)
+    measured = GEOMETRY_OF[args.model]
     print(
         f"measured here ({torch.get_num_threads()} threads): restore projection {c.matmul_flops / 1e9:.1f} GFLOP/s, "
-        f"other decode work {1e9 * c.overhead_s_per_feature:.2f} ns/feature, SmolLM2 prefill "
-        f"{c.prefill_flops / 1e9:.1f} GFLOP/s; SmolLM2 per token: restore {1e3 * c.measured_restore_s:.3f} ms, "
+        f"other decode work {1e9 * c.overhead_s_per_feature:.2f} ns/feature, {measured} prefill "
+        f"{c.prefill_flops / 1e9:.1f} GFLOP/s; {measured} per token: restore {1e3 * c.measured_restore_s:.3f} ms, "
         f"prefill {1e3 * c.measured_prefill_s:.3f} ms ({c.measured_prefill_s / c.measured_restore_s:.1f}x); "
         f"coded rank rho = R/F = {c.rho:.3f}\n"
     )
@@ -168,7 +178,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, label, f, restore, flop_ratio, time_ratio in rows(c, args.context):
         print(f"| {name} | {label} | {f} | {restore / 1e9:.2f} | {flop_ratio:.1f}x | {time_ratio:.1f}x |")
-    print("\nTime ratios use SmolLM2's measured prefill rate for every model; larger models prefill closer to the "
+    print(f"\nTime ratios use {measured}'s measured prefill rate for every model; larger models prefill closer to the "
           "matmul peak, so for them the time ratio is an upper bound on what a CPU restore saves.")
 
 

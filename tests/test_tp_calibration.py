@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from kvtc_sglang.calibration.pca import CovarianceAccumulator
-from kvtc_sglang.calibration.tp import _restrict_acc
 from kvtc_sglang.codec.rope import RopeConfig
 from kvtc_sglang.codec.spec import ModelSpec
 from kvtc_sglang.codec.tp import PAD, feature_index, rank_kv_heads, rank_spec, split_heads, take_features
@@ -55,7 +54,7 @@ def test_restricted_statistics_equal_the_ranks_own():
         x = torch.randn(40, spec.num_features, generator=g) * 3 + 1  # [T, F]
         full.update(x)
         own.update(take_features(x, index))
-    got = _restrict_acc(full, index)
+    got = full.take(index)
     assert got.num_tokens == own.num_tokens
     a, b = got.fit(block=spec.head_dim), own.fit(block=spec.head_dim)
     torch.testing.assert_close(a.mean, b.mean)

@@ -49,6 +49,21 @@ class CovarianceAccumulator:
         self._gram.addmm_(xc.t(), xc)  # fp32 GEMM, accumulated across batches
         self.num_tokens += x.shape[0]
 
+    def take(self, index: torch.Tensor) -> CovarianceAccumulator:
+        """The statistics of features ``index [F']`` (int64 into this accumulator's ``F``; ``-1``: a feature
+        that is always zero), exactly as if only they had been accumulated."""
+        out = CovarianceAccumulator(index.numel())
+        if self._shift is None:
+            return out
+        dst = (index >= 0).nonzero()[:, 0]  # [F_real]
+        src = index[dst]  # [F_real]
+        out._sum[dst] = self._sum[src]
+        out._gram[dst[:, None], dst[None, :]] = self._gram[src[:, None], src[None, :]]  # the rest stays 0
+        out._shift = torch.zeros(index.numel())
+        out._shift[dst] = self._shift[src]
+        out.num_tokens = self.num_tokens
+        return out
+
     def fit(self, block: int = 1, scale: torch.Tensor | None = None) -> PCAFit:
         """Eigen-decompose the covariance; raises if fewer than two tokens were seen.
 

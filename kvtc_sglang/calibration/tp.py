@@ -20,26 +20,12 @@ from .fisher import FisherMoments
 from .fit import CalibrationConfig, Collected, write_artifacts
 from .metric import QueryMoments
 from .model import LoadedModel
-from .pca import CovarianceAccumulator
-
-
-def _restrict_acc(acc: CovarianceAccumulator, index: torch.Tensor) -> CovarianceAccumulator:
-    out = CovarianceAccumulator(index.numel())
-    if acc._shift is None:
-        return out
-    dst = (index != PAD).nonzero()[:, 0]  # [F_real]: a rank's features that are a model feature
-    src = index[dst]  # [F_real]
-    out._sum[dst] = acc._sum[src]
-    out._gram[dst[:, None], dst[None, :]] = acc._gram[src[:, None], src[None, :]]  # [F_real, F_real]; pads stay 0
-    out._shift = take_features(acc._shift, index)
-    out.num_tokens = acc.num_tokens
-    return out
 
 
 def restrict(col: Collected, spec: ModelSpec, rank: ModelSpec) -> Collected:
     """Rank ``rank``'s share of ``col`` (collected with the whole model's ``spec``)."""
     index = feature_index(spec, rank.tp_heads)  # [F_r]
-    acc = {s: _restrict_acc(a, index) for s, a in col.acc.items()}
+    acc = {s: a.take(index) for s, a in col.acc.items()}
     held = {s: [take_features(x, index) for x in xs] for s, xs in col.held.items()}  # [T', F_r] each
     queries = QueryMoments(rank)
     heads = torch.tensor([max(h, 0) for h in rank.tp_heads])
