@@ -12,10 +12,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from ..codec.spec import ModelSpec
-from ..codec.tp import PAD, feature_index, rank_spec, take_features
+from ..codec.tp import feature_index, rank_spec, split_heads, take_features
 from .fisher import FisherMoments
 from .fit import CalibrationConfig, Collected, write_artifacts
 from .metric import QueryMoments
@@ -28,9 +26,7 @@ def restrict(col: Collected, spec: ModelSpec, rank: ModelSpec) -> Collected:
     acc = {s: a.take(index) for s, a in col.acc.items()}
     held = {s: [take_features(x, index) for x in xs] for s, xs in col.held.items()}  # [T', F_r] each
     queries = QueryMoments(rank)
-    heads = torch.tensor([max(h, 0) for h in rank.tp_heads])
-    pad = torch.tensor([h == PAD for h in rank.tp_heads])
-    queries.sum = col.queries.sum[:, heads].masked_fill(pad[None, :, None, None], 0)  # [L, H_r, D, D]
+    queries.sum = split_heads(col.queries.sum, rank.tp_heads, dim=1)  # [L, H, D, D] -> [L, H_r, D, D]
     queries.count = col.queries.count
     fisher = None
     if col.fisher is not None:

@@ -72,9 +72,12 @@ def take_features(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(index == PAD, 0)
 
 
-def split_heads(x: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
-    """``x [L, T, H, D]`` (the whole model's heads) -> ``[L, T, H_r, D]`` as a rank's pool holds them."""
+def split_heads(x: torch.Tensor, heads: tuple[int, ...], dim: int = 2) -> torch.Tensor:
+    """``x [L, T, H, D]`` (the whole model's heads on ``dim``) -> ``[L, T, H_r, D]`` as a rank's pool holds
+    them: the heads ``heads`` names, zeros for ``PAD``."""
     idx = torch.tensor([max(h, 0) for h in heads], device=x.device)
-    out = x.index_select(2, idx)  # [L, T, H_r, D]
-    pad = torch.tensor([h == PAD for h in heads], device=x.device)
-    return out.masked_fill(pad[None, None, :, None], 0)
+    out = x.index_select(dim, idx)  # [L, T, H_r, D]
+    shape = [1] * x.dim()
+    shape[dim] = len(heads)
+    pad = torch.tensor([h == PAD for h in heads], device=x.device).reshape(shape)
+    return out.masked_fill(pad, 0)
