@@ -69,8 +69,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 def finish(report: dict, plot: Path | None) -> None:
     print(format_report(report))
     if plot is not None:
-        title = (f"SmolLM2-135M on SGLang 0.5.23 (CPU): --max-total-tokens N = {report['pools']['vanilla']}, "
-                 f"big pool = {report['pools']['big']}")
+        model = Path(report["trace_metadata"].get("tokenizer", "SmolLM2-135M")).name  # the served model's folder
+        title = f"{model}, SGLang 0.5.23 (CPU): N = {report['pools']['vanilla']}, big pool {report['pools']['big']}"
         print(f"plot: {plot_ttft_per_turn(report['summaries'], report['pools'], plot, title)}")
 
 

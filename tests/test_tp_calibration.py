@@ -60,6 +60,8 @@ def test_restricted_statistics_equal_the_ranks_own():
     torch.testing.assert_close(a.mean, b.mean)
     torch.testing.assert_close(a.variance, b.variance, atol=1e-4, rtol=1e-4)
     assert float(a.variance[index.numel() // 2 :].abs().max()) < 1e-5  # half the features are the zero head
+    zero_head = index == PAD  # [F_r]
+    assert float(a.basis[zero_head][:, : index.numel() // 2].abs().max()) == 0.0  # leading components skip it
 
 
 def test_rank_spec_round_trips_and_names_a_mismatch():

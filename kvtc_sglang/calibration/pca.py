@@ -86,7 +86,7 @@ class CovarianceAccumulator:
             raise ValueError(f"scale must be positive [F={self.num_features}], got {tuple(scale.shape)}")
         scale = scale.double()
         cov = cov / torch.outer(scale, scale)
-        evals, evecs = torch.linalg.eigh(cov.float())  # ascending
+        evals, evecs = _eigh_live(cov.float())  # ascending
         order = torch.argsort(evals, descending=True)
         basis = evecs[:, order].contiguous()  # [F, F]
         # Fix each column's sign (largest entry positive) so fits are reproducible across runs.
@@ -95,3 +95,20 @@ class CovarianceAccumulator:
         basis = basis * torch.where(signs == 0, torch.ones_like(signs), signs)[None, :]
         mean = (self._shift.double() + mean_c).float()
         return PCAFit(mean=mean, scale=scale.float(), basis=basis, variance=evals[order].clamp(min=0.0), num_tokens=n)
+
+
+def _eigh_live(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of ``cov [F, F]`` (ascending), with features that never vary (an exactly zero
+    diagonal: the zero heads SGLang pads in under tensor parallelism) kept out of the decomposition: a large
+    block of zeros makes LAPACK's eigh fail to converge. They get eigenvalue 0 and their unit vectors."""
+    live = cov.diagonal() > 0  # [F]
+    if bool(live.all()):
+        return torch.linalg.eigh(cov)
+    f = cov.shape[0]
+    idx, dead = live.nonzero()[:, 0], (~live).nonzero()[:, 0]  # [F_live], [F_dead]
+    e_live, v_live = torch.linalg.eigh(cov[idx[:, None], idx[None, :]])  # [F_live], [F_live, F_live]
+    evals = torch.cat([torch.zeros(dead.numel(), dtype=cov.dtype), e_live])  # [F] ascending (e_live >= ~0)
+    evecs = torch.zeros(f, f, dtype=cov.dtype)
+    evecs[dead, torch.arange(dead.numel())] = 1.0
+    evecs[idx[:, None], torch.arange(dead.numel(), f)[None, :]] = v_live
+    return evals, evecs
