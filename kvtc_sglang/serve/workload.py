@@ -139,20 +139,19 @@ def run_shared_prompt(client: object, model: str, cfg: WorkloadConfig, progress:
     questions = ["Summarize the key rule.", "Give one example.", "What is the most common mistake?",
                  "Explain it to a beginner.", "Which keyword matters most here?", "What changed in Python 3?"]
     jobs = []
+    first_of: dict[int, int] = {}  # system prompt -> its first user
     for u in range(cfg.users):
         s = rng.randrange(cfg.system_prompts)
         msgs = [{"role": "system", "content": f"Answer using this documentation:\n{systems[s]}"},
                 {"role": "user", "content": f"User {u}: {rng.choice(questions)}"}]
         jobs.append((f"shared/u{u}/s{s}", msgs))
+        first_of.setdefault(s, u)
     run = WorkloadRun("shared_prompt")
     # Each system prompt's first user goes first (those run concurrently, one per prompt), then the rest:
     # which requests share a batch no longer decides how much is cached (two users of a prompt nobody has
     # sent yet would both prefill it), so every backend that keeps the prompts prefills the same tokens.
-    first_of: dict[str, int] = {}
-    for i, (key, _) in enumerate(jobs):
-        first_of.setdefault(key.split("/")[-1], i)  # key: shared/u<user>/s<prompt>
     first = sorted(first_of.values())
-    rest = [i for i in range(len(jobs)) if i not in first_of.values()]
+    rest = [u for u in range(len(jobs)) if u not in first]
     results: dict[int, RequestResult] = {}
     t0 = time.perf_counter()
     with ThreadPoolExecutor(cfg.concurrency) as pool:
