@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..codec.tp import PAD
+
 
 @dataclass(frozen=True)
 class PCAFit:
@@ -50,12 +52,12 @@ class CovarianceAccumulator:
         self.num_tokens += x.shape[0]
 
     def take(self, index: torch.Tensor) -> CovarianceAccumulator:
-        """The statistics of features ``index [F']`` (int64 into this accumulator's ``F``; ``-1``: a feature
+        """The statistics of features ``index [F']`` (int64 into this accumulator's ``F``; ``PAD``: a feature
         that is always zero), exactly as if only they had been accumulated."""
         out = CovarianceAccumulator(index.numel())
         if self._shift is None:
             return out
-        dst = (index >= 0).nonzero()[:, 0]  # [F_real]
+        dst = (index != PAD).nonzero()[:, 0]  # [F_real]
         src = index[dst]  # [F_real]
         out._sum[dst] = self._sum[src]
         out._gram[dst[:, None], dst[None, :]] = self._gram[src[:, None], src[None, :]]  # the rest stays 0

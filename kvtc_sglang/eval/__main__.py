@@ -12,7 +12,7 @@ import torch
 from ..calibration.fit import artifact_name
 from ..calibration.model import COMPUTE_DTYPES, DEFAULT_COMPUTE, DEFAULT_MODEL, MODELS, load_model
 from ..codec import KVTCCodec, load_artifact
-from ..codec.tp import rank_spec
+from ..codec.tp import LAYOUTS, rank_spec
 from .harness import EvalConfig, evaluate
 from .methods import (
     Method,
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--continuation", type=int, default=256)
     p.add_argument("--tp-sizes", type=int, nargs="+", default=[],
                    help="also KVTC with each size's per-rank artifacts (python -m kvtc_sglang.calibration --tp-sizes)")
-    p.add_argument("--tp-layout", choices=("cpu", "gpu"), default="cpu", help="the layout they were calibrated for")
+    p.add_argument("--tp-layout", choices=LAYOUTS, default="cpu", help="the layout they were calibrated for")
     p.add_argument("--json", type=Path, default=None, help="write the full report (per-layer errors) here")
     p.add_argument("--compute-dtype", choices=sorted(COMPUTE_DTYPES), default=DEFAULT_COMPUTE,
                    help="model arithmetic (the KV cache is bfloat16 either way)")

@@ -21,6 +21,7 @@ import torch
 
 from ..codec import KVTCCodec, ZlibDeflate
 from ..codec.quant import dequantize_int, quantize_int
+from ..codec.tp import PAD, split_heads
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,6 @@ def tp_kvtc_method(codecs: list[KVTCCodec]) -> Method:
     """KVTC under tensor parallelism: each rank's codec encodes and decodes its own pool heads (zero heads
     padded in included, :mod:`kvtc_sglang.codec.tp`); the model's heads are put back from the ranks that hold
     them. Sizes are the sum over ranks (a padded zero head costs what its rank's budget gives it)."""
-    from ..codec.tp import PAD, split_heads
-
     specs = [c.artifact.spec for c in codecs]
     if not codecs or [s.tp_rank for s in specs] != list(range(specs[0].tp_size)):
         raise ValueError(f"need one codec per rank in rank order, got ranks {[s.tp_rank for s in specs]}")
