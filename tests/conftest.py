@@ -85,10 +85,12 @@ def lm():
 
 @pytest.fixture(scope="session")
 def artifact_path(request, tmp_path_factory) -> Path:
-    """A real but small calibration (about 6k tokens) of the default model at 16x (or the GPU bundle's)."""
+    """A real but small calibration (about 6k tokens) of the default model at 16x (or the GPU bundle's), with
+    the two tp-2 rank artifacts of the same collect beside it (``codec.tp.rank_artifact_path``)."""
     if GPU_BUNDLE:
         return next(Path(GPU_BUNDLE).glob("*.kvtc.safetensors"))
-    from kvtc_sglang.calibration.fit import CalibrationConfig, calibrate
+    from kvtc_sglang.calibration.fit import CalibrationConfig, collect, write_artifacts
+    from kvtc_sglang.calibration.tp import write_rank_artifacts
 
     lm = request.getfixturevalue("lm")
 
@@ -96,9 +98,11 @@ def artifact_path(request, tmp_path_factory) -> Path:
     reuse = os.environ.get("KVTC_TEST_ARTIFACT_DIR")  # developer speed-up: keep the calibration between runs
     out = Path(reuse) if reuse else tmp_path_factory.mktemp("artifacts")
     cached = out / "smollm2-135m-instruct.r16.kvtc.safetensors"
-    if reuse and cached.exists():
+    if reuse and cached.exists() and len(list(out.glob("*.tp2-rank*.kvtc.safetensors"))) == 2:
         return cached
-    (path,) = calibrate(lm, cfg, out, show_progress=False)
+    col = collect(lm, cfg, show_progress=False)
+    (path,) = write_artifacts(lm, cfg, col, out, show_progress=False)
+    write_rank_artifacts(lm, cfg, col, out, tp_size=2, layout="cpu", show_progress=False)
     return path
 
 

@@ -33,11 +33,14 @@ def hf_model(name: str = "smollm2-135m-instruct") -> str:
 
 
 def control_run(backend: str, model: str, calibration: str, log_dir: Path, wl: WorkloadConfig, *,
-                pool: int = 16384) -> tuple[list, str]:  # fmt: skip
+                pool: int = 16384, flags: tuple[str, ...] = (), env: dict | None = None,
+                kvtc_flags: tuple[str, ...] = tuple(CONTROL_KVTC_FLAGS)) -> tuple[list, str]:  # fmt: skip
     """The exact control's run on one backend: the agentic and shared-prompt workloads of ``wl`` one request
-    at a time; returns every result (in order) and the server log."""
-    extra = CONTROL_FLAGS + (CONTROL_KVTC_FLAGS if backend == "kvtc" else [])
-    srv = start(ServerSpec(backend, model, calibration, max_total_tokens=pool, extra=extra), log_dir / f"{backend}.log")
+    at a time; returns every result (in order) and the server log. ``flags``/``env``: more server flags and
+    environment (tensor parallelism); ``kvtc_flags``: what turns compression off for kvtc."""
+    extra = CONTROL_FLAGS + (list(kvtc_flags) if backend == "kvtc" else []) + list(flags)
+    spec = ServerSpec(backend, model, calibration, max_total_tokens=pool, extra=extra)
+    srv = start(spec, log_dir / f"{backend}.log", env=env)
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
         runs = [
@@ -59,8 +62,8 @@ def assert_identical(vanilla: list, kvtc: list) -> None:
     assert sum(r.cached_tokens for r in kvtc) > 0  # the workload does reuse prefixes
 
 
-def start(spec: ServerSpec, log: Path) -> SGLangServer:
-    env = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}  # SGLang's idle leak check raises (the default)
+def start(spec: ServerSpec, log: Path, env: dict | None = None) -> SGLangServer:
+    env = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1", **(env or {})}  # SGLang's idle leak check raises
     return SGLangServer(spec, log, start_timeout=START_TIMEOUT, env=env).start()
 
 
@@ -105,15 +108,15 @@ def _aborted_stream(client) -> int:
 
 
 def pressure_run(model: str, calibration: str, *, page: int, overlap: bool, log_dir: Path, wl: WorkloadConfig,
-                 pool: int) -> dict:  # fmt: skip
+                 pool: int, flags: tuple[str, ...] = (), env: dict | None = None) -> dict:  # fmt: skip
     """kvtc on a pool too small for ``wl``'s concurrent conversations: two turns, an aborted stream,
     ``/flush_cache``, the remaining turns, ``/health``, then ``/metrics`` once idle. Returns the results per
-    turn, the status codes, the metrics and the log."""
-    extra = ["--enable-cache-report", "--enable-metrics", "--page-size", str(page)]
+    turn, the status codes, the metrics and the log. ``flags``/``env``: more server flags and environment."""
+    extra = ["--enable-cache-report", "--enable-metrics", "--page-size", str(page), *flags]
     if not overlap:
         extra.append("--disable-overlap-schedule")
     spec = ServerSpec("kvtc", model, calibration, max_total_tokens=pool, extra=extra)
-    srv = start(spec, log_dir / "server.log")
+    srv = start(spec, log_dir / "server.log", env=env)
     out = {"page": page}
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)

@@ -112,3 +112,30 @@ def test_refuses_non_byte_blobs():
     store, _, _ = _store()
     with pytest.raises(ValueError, match="1-D uint8"):
         store.put(torch.zeros(4, dtype=torch.int32))
+
+
+def test_reserved_blocks_keep_two_ranks_stores_equal_for_different_blob_sizes():
+    """Two tensor-parallel ranks store blobs of different sizes for the same nodes; each reserves the larger of
+    the two, so their blocks and pages (what the tree decides on) stay equal while each gets its own bytes."""
+    (s0, _, _), (s1, _, _) = _store(num_slots=128, max_slots=64, seed=1), _store(num_slots=128, max_slots=64, seed=2)
+    rng = random.Random(7)
+    live = []
+    for step in range(200):
+        if live and rng.random() < 0.4:
+            (h0, _), (h1, _) = live.pop(rng.randrange(len(live)))
+            s0.free(h0)
+            s1.free(h1)
+        else:
+            a, b = _blob(rng.randrange(1, 900), 2 * step), _blob(rng.randrange(1, 900), 2 * step + 1)
+            reserve = max(a.numel(), b.numel())
+            h0, h1 = s0.put(a, reserve), s1.put(b, reserve)
+            assert (h0 is None) == (h1 is None)
+            if h0 is None:
+                continue
+            assert torch.equal(h0.blocks, h1.blocks) and (h0.nbytes, h1.nbytes) == (a.numel(), b.numel())
+            live.append(((h0, a), (h1, b)))
+        assert (s0.num_pages, s0.free_bytes) == (s1.num_pages, s1.free_bytes)
+        for (h0, a), (h1, b) in live:
+            assert torch.equal(s0.get(h0), a) and torch.equal(s1.get(h1), b)
+    with pytest.raises(ValueError, match="reserve_bytes must be >= 0"):
+        s0.put(_blob(4, 0), -1)

@@ -179,3 +179,24 @@ def test_main_job_calibration_paths_never_mistake_a_small_calibration_for_the_fu
         launcher.prepare_default_model(tmp_path, tokens=0)
     with pytest.raises(ValueError, match="fisher_every must be >= 1, got 0"):
         launcher.prepare_default_model(tmp_path, tokens=16_384, fisher_every=0)
+
+
+def test_start_up_at_tp2_needs_each_ranks_calibration_and_a_shared_clock(lm, artifact_path, tmp_path):
+    cfg = copy.deepcopy(lm.model.config)
+    cfg.dtype = torch.bfloat16
+    cfg.save_pretrained(tmp_path / "model")
+    def ns(calibration, *more, device="cpu"):
+        out = parse(["--kv-backend", "kvtc", "--kvtc-calibration", str(calibration), *more])
+        out.tp_size, out.device, out.model_path = 2, device, str(tmp_path / "model")
+        return out
+
+    assert plugin.config_from_namespace(ns(artifact_path)) is not None  # the rank artifacts lie beside it
+    alone = tmp_path / "alone" / artifact_path.name
+    alone.parent.mkdir()
+    alone.write_bytes(artifact_path.read_bytes())
+    with pytest.raises(ValueError, match=r"tp2-rank0\.kvtc\.safetensors is missing"):
+        plugin.config_from_namespace(ns(alone))
+    with pytest.raises(ValueError, match="--kvtc-idle-seconds 5 reads each rank's own clock"):
+        plugin.config_from_namespace(ns(artifact_path, "--kvtc-idle-seconds", "5"))
+    with pytest.raises(ValueError, match="CPU engine only"):
+        plugin.config_from_namespace(ns(artifact_path, device="cuda"))

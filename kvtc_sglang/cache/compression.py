@@ -82,7 +82,7 @@ class TreeCompression(TreeSurgery):
 
     def _worth_storing(self, spans: list[Span]) -> list[Span]:
         """Spans whose blobs the store can take without dropping a more recently used blob."""
-        est = sum(hi - lo for _, _, lo, hi in spans) * self.io.token_bytes / max(self.stats.ratio, 8.0)
+        est = sum(hi - lo for _, _, lo, hi in spans) * self.io.token_bytes / max(self.stats.store_ratio, 8.0)
         if est <= self.store.room_bytes:
             return spans
         stamps = [s for s in (self.policy.encoded.oldest_stamp(), self.policy.compressed.oldest_stamp()) if s]
@@ -106,48 +106,77 @@ class TreeCompression(TreeSurgery):
             out.append((target, lo))
         return out
 
+    def _agree(self, jobs: list[EncodeJob]) -> list[list[int]]:
+        """Per job, the size every rank reserves for each blob (the largest rank's); a job that failed on any
+        rank loses its results on every rank (one collective under tensor parallelism, none on one rank)."""
+        sizes = [[b.numel() for b, _ in job.results] if job.results else [0] * len(job.targets) for job in jobs]
+        failed = [0 if job.results else 1 for job in jobs]
+        agreed = self.ctl.agreement.max_each([n for row in sizes for n in row] + failed)
+        out, at = [], 0
+        for row in sizes:
+            out.append(agreed[at : at + len(row)])
+            at += len(row)
+        for job, bad in zip(jobs, agreed[at:], strict=True):
+            if bad and job.results:
+                job.results = []  # another rank could not encode it: nor does this one
+        return out
+
     def _commit(self, jobs: list[EncodeJob]) -> None:
         """Store the blobs of finished jobs: their nodes become encoded (or compressed, when the store could
         only borrow a page by freeing the node's own slots). A node that changed since (split, dropped, given
-        other slots) discards its blob."""
-        for job in jobs:
+        other slots) discards its blob. Under tensor parallelism every rank commits the same jobs and reserves
+        the largest rank's size for each blob, so every decision below is the same on every rank."""
+        if not jobs:
+            return
+        reserves = self._agree(jobs)
+        digest = self.ctl.digest
+        for job, reserve in zip(jobs, reserves, strict=True):
             for node in [n for n, j in self._pending.items() if j is job]:
                 del self._pending[node]
             if not job.results:
                 self.stats.discarded_encodes += len(job.targets)
+                digest.mix("encode_failed", job.num_tokens, len(job.targets))
             self.stats.compress_seconds += job.seconds
             refs = job.references or [None] * len(job.results)
-            for (node, slots, lo), (blob, header), ref in zip(job.targets, job.results, refs, strict=False):
+            for (node, slots, lo), (blob, header), ref, size in zip(
+                job.targets, job.results, refs, reserve, strict=False
+            ):
                 if node.parent is None or node.value is not slots or node in self.io.retained:
                     self.stats.discarded_encodes += 1
+                    digest.mix("discard", len(slots), lo)
                     self.policy.touch_path(node if node.parent is not None else None)
                     continue
-                handle = self._store_blob(node, blob)
+                handle = self._store_blob(node, blob, size)
                 if handle is None:
+                    digest.mix("store_full", len(slots), lo)
                     continue  # the store is full of more recently used blobs
                 entry = self.io.make_entry(handle, lo, len(slots), header, ref)
                 self.stats.encodes += 1
                 self.stats.encoded_tokens += len(slots)
+                digest.mix("encode", len(slots), lo)
                 if node.value is None:  # its slots made room for the store: compressed already
                     self._count_compression(node, entry)
                 else:
                     self.io.retain(node, entry)
 
     def _count_compression(self, node: TreeNode, entry) -> None:
+        self.ctl.digest.mix("compress", entry.node_tokens, entry.start + entry.skip)
         self.io.add(node, entry)
         self.wanted.mark(node, self._ticks)  # fresh: its owner's next turn may be about to come back
         self.stats.compressions += 1
         self.stats.compressed_tokens += entry.num_tokens
 
-    def _store_blob(self, node: TreeNode, blob: torch.Tensor) -> BlobHandle | None:
-        """Put ``blob`` in the store, dropping other blobs for room if the store is at its cap. When the pool
-        has no free page for the store to borrow, the node's own slots are released first (the blob is
-        smaller than its raw KV); its ``value`` is then ``None`` on return."""
+    def _store_blob(self, node: TreeNode, blob: torch.Tensor, reserve: int) -> BlobHandle | None:
+        """Put ``blob`` in the store in ``reserve`` bytes (at least its own size; the ranks' largest under
+        tensor parallelism), dropping other blobs for room if the store is at its cap. When the pool has no
+        free page for the store to borrow, the node's own slots are released first (the blob is smaller than
+        its raw KV); its ``value`` is then ``None`` on return."""
         store, ps = self.store, self.page_size
-        pages = store.pages_needed(blob.numel())
+        reserve = max(reserve, blob.numel())
+        pages = store.pages_needed(reserve)
         if store.num_pages + pages > store.max_pages:
             self._make_store_room(pages, keep=node)
-            pages = store.pages_needed(blob.numel())
+            pages = store.pages_needed(reserve)
         if store.num_pages + pages > store.max_pages:
             self.stats.store_full += 1
             return None
@@ -158,7 +187,7 @@ class TreeCompression(TreeSurgery):
             return None
         if release:
             self._release_slots(node)
-        handle = self.ctl.put(store, blob)
+        handle = self.ctl.put(store, blob, reserve)
         if handle is None and release:
             raise RuntimeError(f"kvtc: freed slots did not make room for a {blob.numel()}-byte blob")
         return handle

@@ -28,8 +28,15 @@ def refused_server_option(get: Callable[[str], object]) -> str | None:
             "replaces; drop it"
         )
     tp = get("tp_size")
-    if tp not in (None, 1):
-        return f"kvtc calibrations cover all KV heads; run with --tp-size 1 (got {tp})"
+    if tp not in (None, 1) and get("device") != "cpu":
+        return (
+            f"kvtc at --tp-size {tp} is tested on SGLang's CPU engine only (--device cpu), not on GPUs yet; "
+            "run with --tp-size 1"
+        )
+    if get("pp_size") not in (None, 1):
+        return f"kvtc does not support pipeline parallelism (--pp-size {get('pp_size')}); run with --pp-size 1"
+    if get("enable_dp_attention") or get("dp_size") not in (None, 1):
+        return "kvtc does not support data parallelism (--dp-size, --enable-dp-attention): one tree per server"
     spec = get("speculative_algorithm")
     if spec not in (None, "", "NONE"):
         return (
@@ -48,6 +55,17 @@ def refused_window(window_tokens: int, page_size: int | None, overlap: bool) -> 
         return (
             f"--kvtc-window-tokens {window_tokens} is below one page ({ps} tokens) with the overlap scheduler "
             f"on: use at least {ps}, or add --disable-overlap-schedule"
+        )
+    return None
+
+
+def refused_tp(idle_seconds: float, tp_size: int | None) -> str | None:
+    """Why these options cannot run at ``tp_size`` ranks, or ``None``: ranks must take every decision alike,
+    and an idle time is each rank's own clock."""
+    if tp_size not in (None, 1) and idle_seconds > 0:
+        return (
+            f"--kvtc-idle-seconds {idle_seconds:g} reads each rank's own clock, so tensor-parallel ranks would "
+            f"compress different nodes; use 0 at --tp-size {tp_size}"
         )
     return None
 

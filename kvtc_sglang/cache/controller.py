@@ -21,9 +21,10 @@ freed, and the paged allocator hands the newest pages out first), two rules, no 
 On the CPU every op completes in order on the calling thread: streams and events are absent, and the
 rules hold by construction (the worker thread only reads rows the tree keeps until the job is committed).
 
-Tensor parallelism (not served yet): every rank mirrors the tree, so a job is committed only at a point all
-ranks agree on: :meth:`take_ready` commits the leading jobs that are finished on every rank
-(``agree_min``, identity on one rank; HiCache all-reduces its acknowledgement counts with MIN for this).
+Tensor parallelism: every rank mirrors the tree, so a job is committed only at a point all ranks agree on:
+:meth:`take_ready` commits the leading jobs that are finished on every rank, and compares the ranks'
+decision digests (:class:`~kvtc_sglang.cache.ranks.RankAgreement`, one collective per scheduler tick;
+nothing on one rank).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import torch
 from ..codec import KVTCCodec
 from ..codec.blob import BlobHeader
 from .kv_io import PoolKV
+from .ranks import DecisionDigest, LocalAgreement
 from .stats import KVTCStats
 from .store import BlobHandle, BlobStore
 from .tree_walk import TreeNode
@@ -67,10 +69,6 @@ class EncodeJob:
 
 
 VERIFY_TOLERANCE = 1e-2  # max |difference| between a restore and the same blob's decode (both bf16 rows)
-
-
-def _local_min(value: int) -> int:
-    return value
 
 
 def _keep_for(stream: Any, *tensors: torch.Tensor) -> None:
@@ -106,7 +104,7 @@ class KVTCController:
         background: encode on a worker thread (the server); ``False`` runs each job when it is submitted
             (tools and tests: deterministic, nothing pending across calls).
         verify: keep what each blob decodes to (host copies) and check restored rows against it.
-        agree_min: the minimum of a count over all ranks (identity without tensor parallelism).
+        agreement: the tensor-parallel ranks' agreement (:mod:`~kvtc_sglang.cache.ranks`; one rank: none).
         stream_ops: the stream API; default: CUDA streams for a pool on a GPU, none on the CPU.
     """
 
@@ -118,7 +116,7 @@ class KVTCController:
         *,
         background: bool = True,
         verify: bool = False,
-        agree_min: Callable[[int], int] = _local_min,
+        agreement: LocalAgreement | None = None,
         stream_ops: CudaStreamOps | None = None,
     ) -> None:
         self.codec = codec
@@ -127,7 +125,8 @@ class KVTCController:
         codec.prepare(kv.device)  # backend and entropy coder made here, not raced by the worker
         self.background = background
         self.verify = verify
-        self.agree_min = agree_min
+        self.agreement = agreement if agreement is not None else LocalAgreement()
+        self.digest = DecisionDigest()  # the tree's decisions, compared across ranks at every tick
         self.ops = stream_ops if stream_ops is not None else (CudaStreamOps() if kv.device.type == "cuda" else None)
         self._forward_stream: Any = None  # SGLang's forward stream (bound by the plugin at the first tick)
         self._side = self._store = self._load = None
@@ -177,13 +176,13 @@ class KVTCController:
         stream.wait_event(fence)
         return self.ops.use(stream)
 
-    def put(self, store: BlobStore, blob: torch.Tensor) -> BlobHandle | None:
-        """``store.put(blob)`` on the store stream after the forward stream (rule 1), ordered before the next
-        batch (rule 2): the pages it borrows may have been freed by a batch still in flight."""
+    def put(self, store: BlobStore, blob: torch.Tensor, reserve_bytes: int = 0) -> BlobHandle | None:
+        """``store.put(blob, reserve_bytes)`` on the store stream after the forward stream (rule 1), ordered
+        before the next batch (rule 2): the pages it borrows may have been freed by a batch still in flight."""
         if self.ops is None:
-            return store.put(blob)
+            return store.put(blob, reserve_bytes)
         with self.on_stream(self._store, self.fence_event()):
-            handle = store.put(blob)
+            handle = store.put(blob, reserve_bytes)
         _keep_for(self._store, blob)
         self.before_forward(self.new_event(self._store))
         return handle
@@ -224,7 +223,11 @@ class KVTCController:
         """Encode on the calling thread and return the finished job, not queued (tools, tests, inline mode)."""
         self._seq += 1
         job = EncodeJob(self._seq, targets)
-        self._encode(job, self.fence_event())
+        try:
+            self._encode(job, self.fence_event())
+        except (RuntimeError, ValueError, MemoryError):  # as a worker job's error: no blobs, the nodes stay
+            logger.exception("kvtc: an encode of %d tokens on the scheduler thread failed", job.num_tokens)
+            job.results = []
         self.stats.scheduler_codec_seconds += job.seconds
         return job
 
@@ -251,7 +254,9 @@ class KVTCController:
         return job.done_event is None or job.done_event.query()
 
     def take_ready(self) -> list[EncodeJob]:
-        """The leading jobs finished (on every rank), in submission order; the caller commits them now.
+        """The leading jobs finished (on every rank), in submission order; the caller commits them now. Called
+        once per scheduler tick on every rank (a collective under tensor parallelism, which also compares the
+        ranks' decision digests).
 
         A job that raised is returned with no results (its nodes stay as they are), and the error logged."""
         done = 0
@@ -259,7 +264,7 @@ class KVTCController:
             if not self._finished(job):
                 break
             done += 1
-        return self._pop(self.agree_min(done))
+        return self._pop(self.agreement.tick(done, self.digest))
 
     def wait(self) -> None:
         """Block until every queued job has read its rows (jobs stay queued; the blocking path)."""

@@ -97,6 +97,7 @@ class TreeEviction(RadixCache):
         """Remove ``node`` and everything under it from the tree; returns the device slots freed."""
         parent = node.parent
         order = subtree_postorder(node)
+        self.ctl.digest.mix("drop", len(order), len(node.key))
         if any(n in self._pending for n, _ in order):
             self._wait_pending()  # rows the encoder reads must not be freed under it (rare: passes skip these)
         freed = 0

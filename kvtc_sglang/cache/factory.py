@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 from ..codec import ArtifactError, KVTCCodec, load_artifact
 from ..codec.spec import spec_from_config
-from .config import ENV_VAR, KVTCCacheConfig, refused_server_option, refused_window
+from ..codec.tp import rank_artifact_path, rank_spec
+from .config import ENV_VAR, KVTCCacheConfig, refused_server_option, refused_tp, refused_window
 from .radix import KVTCRadixCache
+from .ranks import LocalAgreement, RankAgreement
 
 logger = logging.getLogger(__name__)
 BACKEND_NAME = "kvtc"
@@ -30,7 +32,8 @@ def config_from_env(environ: os._Environ | dict | None = None) -> KVTCCacheConfi
 
 def check_context(ctx: Any) -> None:
     """Refuse configurations KVTC cannot serve, naming the option to change."""
-    refused = refused_server_option(lambda name: getattr(ctx, name, None))
+    server_args = getattr(ctx, "server_args", None)
+    refused = refused_server_option(lambda name: getattr(ctx, name, getattr(server_args, name, None)))
     if refused:
         raise ValueError(f"kvtc: {refused}")
     refusals = [
@@ -54,23 +57,37 @@ def build_kvtc_cache(ctx: Any) -> KVTCRadixCache:
     config = config_from_env()
     server_args = getattr(ctx, "server_args", None)
     overlap = server_args is not None and not getattr(server_args, "disable_overlap_schedule", True)
-    refused = refused_window(config.window_tokens, ctx.params.page_size, overlap)
+    tp_size, tp_rank = int(getattr(ctx, "tp_size", 1) or 1), int(getattr(ctx, "tp_rank", 0) or 0)
+    refused = refused_window(config.window_tokens, ctx.params.page_size, overlap) or refused_tp(
+        config.idle_seconds, tp_size
+    )
     if refused:
         raise ValueError(f"kvtc: {refused}")
     allocator = ctx.params.token_to_kv_pool_allocator
-    pool_dtype = str(allocator.get_kvcache().dtype).removeprefix("torch.")
+    pool = allocator.get_kvcache()
+    pool_dtype = str(pool.dtype).removeprefix("torch.")
     model_config = ctx.model_config
     hf = getattr(model_config, "hf_text_config", None) or model_config.hf_config
     expect = spec_from_config(hf, name=str(getattr(model_config, "model_path", "model")), dtype=pool_dtype)
-    path = Path(config.calibration)
+    padded_from = getattr(hf, "original_total_num_kv_heads", None)  # SGLang's CPU TP padding keeps the real count
+    if padded_from:
+        expect = replace(expect, num_kv_heads=int(padded_from))
+    layout = "cpu" if str(getattr(pool, "device", "cpu")).startswith("cpu") else "gpu"
+    expect = rank_spec(expect, tp_size, tp_rank, layout)  # the heads this rank's pool holds (SGLang's layout)
     try:
+        path = rank_artifact_path(config.calibration, tp_size, tp_rank)
         artifact = load_artifact(path, expect=expect)
-    except ArtifactError as e:
+    except (ArtifactError, ValueError) as e:
         raise ValueError(f"kvtc: {e}") from e
-    cache = KVTCRadixCache(ctx.params, KVTCCodec(artifact, chunk_bytes=config.chunk_bytes), config)
+    agreement = agreement_for(ctx.params.tp_cache_group, tp_rank, tp_size)
+    cache = KVTCRadixCache(
+        ctx.params, KVTCCodec(artifact, chunk_bytes=config.chunk_bytes), config, agreement=agreement
+    )
     logger.info(
-        "kvtc: calibration %s (%.0fx target), compressed store up to %d slots (borrowed on demand), sinks %d, "
-        "window %d",
+        "kvtc: rank %d of %d, calibration %s (%.0fx target), compressed store up to %d slots (borrowed on "
+        "demand), sinks %d, window %d",
+        tp_rank,
+        tp_size,
         path.name,
         artifact.target_ratio,
         cache.store_max_tokens,
@@ -78,3 +95,18 @@ def build_kvtc_cache(ctx: Any) -> KVTCRadixCache:
         config.window_tokens,
     )
     return cache
+
+
+def agreement_for(group: Any, tp_rank: int, tp_size: int) -> LocalAgreement:
+    """The ranks' agreement: over a dedicated gloo group of ``group``'s ranks (SGLang's TP CPU group; made
+    here, where every rank builds its cache at the same point of start-up), or none on one rank."""
+    if tp_size == 1:
+        return LocalAgreement()
+    import torch.distributed as dist
+
+    if group is None:
+        raise ValueError(f"kvtc: tensor parallelism ({tp_size} ranks) without SGLang's TP process group")
+    ranks = dist.get_process_group_ranks(group)
+    if len(ranks) != tp_size:
+        raise ValueError(f"kvtc: SGLang's TP process group has {len(ranks)} ranks, --tp-size is {tp_size}")
+    return RankAgreement(dist.new_group(ranks, backend="gloo"), tp_rank, tp_size)

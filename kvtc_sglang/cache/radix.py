@@ -45,6 +45,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
+from sglang.srt.utils.rank_consensus_checker import rank_consensus
 
 from ..codec import KVTCCodec
 from .compression import TreeCompression
@@ -53,6 +54,7 @@ from .controller import CudaStreamOps, KVTCController
 from .governor import EncodeGovernor
 from .kv_io import PoolKV
 from .policy import CompressionPolicy
+from .ranks import LocalAgreement
 from .report import KVTCReporter
 from .stats import KVTCStats
 from .store import BlobStore
@@ -71,6 +73,7 @@ class KVTCRadixCache(TreeCompression):
         config: sink/window/idle/store options.
         stream_ops: the controller's stream API (tests pass a recording stand-in; default: CUDA streams for a
             pool on a GPU, none on the CPU).
+        agreement: the tensor-parallel ranks' agreement (:mod:`~kvtc_sglang.cache.ranks`); ``None``: one rank.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class KVTCRadixCache(TreeCompression):
         codec: KVTCCodec,
         config: KVTCCacheConfig,
         stream_ops: CudaStreamOps | None = None,
+        agreement: LocalAgreement | None = None,
     ) -> None:
         if params.is_eagle:
             raise ValueError("kvtc does not support EAGLE speculative decoding (bigram radix keys)")
@@ -97,7 +101,7 @@ class KVTCRadixCache(TreeCompression):
         self.io = Transcoder(kv, self.store, self.stats, self.policy)
         self.ctl = KVTCController(
             codec, kv, self.stats, background=config.encode == "background", verify=config.verify_restores,
-            stream_ops=stream_ops,
+            stream_ops=stream_ops, agreement=agreement,
         )
         self._protect: set[TreeNode] = set()
         self._pending = {}
@@ -162,6 +166,10 @@ class KVTCRadixCache(TreeCompression):
 
     # ----- SGLang's protocol -----
 
+    # SGLang's rank-consensus checker (SGLANG_ENABLE_RANK_CONSENSUS_CHECKER=1) on the tree decisions; not on
+    # evictable_size, which SGLang's rank 0 also calls alone (its logs and metrics).
+    @rank_consensus(same_params=["len(params.key)"], same_results=["result.device_prefix_len",
+                                                                    "result.host_hit_length"])
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         key = params.key
         if self.disable or len(key) == 0:
@@ -189,6 +197,7 @@ class KVTCRadixCache(TreeCompression):
             if host_len:  # SGLang refreshes waiting requests' prefixes here (FCFS, every 32 passes)
                 self.wanted.mark_path(best, self._ticks, self.io.entries)
 
+    @rank_consensus(same_params=["params.host_hit_length"], same_results=["result[0]"])
     def init_load_back(self, params: InitLoadBackParams) -> tuple[int, TreeNode] | None:
         """Restore the compressed part of a matched path for an admitted request: all promised tokens or none.
 
@@ -227,6 +236,7 @@ class KVTCRadixCache(TreeCompression):
     def load_back_is_cache_owned(self) -> bool:
         return True
 
+    @rank_consensus(same_params=["len(params.key)"], same_results=["result.prefix_len"])
     def insert(self, params: InsertParams) -> InsertResult:
         """SGLang's insert; compressed nodes on the path first take the request's own slots (no allocation).
 
@@ -257,6 +267,7 @@ class KVTCRadixCache(TreeCompression):
         self.policy.touch_path(node)  # nodes it unlocked may be encoded now (this path only)
         return result
 
+    @rank_consensus(same_params=["params.num_tokens"], same_results=["result.num_tokens_evicted"])
     def evict(self, params: EvictParams) -> EvictResult:
         """Free ``params.num_tokens`` slots in the policy's order (encoded nodes first, drop blobs last).
 

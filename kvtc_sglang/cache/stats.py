@@ -13,6 +13,7 @@ class KVTCStats:
     resident_tokens: int = 0
     resident_raw_bytes: int = 0
     resident_blob_bytes: int = 0
+    resident_store_bytes: int = 0  # store blocks the resident blobs hold (equal on every tensor-parallel rank)
     compressions: int = 0  # nodes whose slots were freed, their blob kept (device -> compressed)
     compressed_tokens: int = 0
     encodes: int = 0  # blobs made (by the background worker or inline)
@@ -49,6 +50,12 @@ class KVTCStats:
     def ratio(self) -> float:
         """Achieved compression of what is resident now (raw KV bytes / blob bytes)."""
         return self.resident_raw_bytes / self.resident_blob_bytes if self.resident_blob_bytes else 0.0
+
+    @property
+    def store_ratio(self) -> float:
+        """Raw KV bytes / store bytes of what is resident now: :attr:`ratio` with the blobs' block rounding (and
+        the ranks' largest blob under tensor parallelism), the same on every rank; what tree decisions use."""
+        return self.resident_raw_bytes / self.resident_store_bytes if self.resident_store_bytes else 0.0
 
     def as_dict(self) -> dict:
         return {**asdict(self), "ratio": round(self.ratio, 3)}

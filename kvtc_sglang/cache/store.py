@@ -138,11 +138,15 @@ class BlobStore:
 
     # ----- blobs -----
 
-    def put(self, blob: torch.Tensor) -> BlobHandle | None:
-        """Store ``blob`` (``[nbytes]`` uint8); ``None`` when no room can be borrowed."""
+    def put(self, blob: torch.Tensor, reserve_bytes: int = 0) -> BlobHandle | None:
+        """Store ``blob`` (``[nbytes]`` uint8) in the blocks of ``max(nbytes, reserve_bytes)`` bytes; ``None``
+        when no room can be borrowed. Under tensor parallelism every rank reserves the largest rank's size,
+        so the store's blocks and pages (what the tree decides on) are the same on every rank."""
         if blob.dtype != torch.uint8 or blob.dim() != 1:
             raise ValueError(f"blob must be a 1-D uint8 tensor, got {blob.dtype} with shape {list(blob.shape)}")
-        k = self.blocks_for(blob.numel())
+        if reserve_bytes < 0:
+            raise ValueError(f"reserve_bytes must be >= 0, got {reserve_bytes}")
+        k = self.blocks_for(max(blob.numel(), reserve_bytes))
         while len(self._free_set) < k:
             if not self._grow():
                 return None

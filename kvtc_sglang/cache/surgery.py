@@ -107,25 +107,43 @@ class TreeSurgery(TreeEviction):
         parts = list(torch.split(slots, [e.num_tokens for e in entries]))  # page multiples: pages stay whole
         targets = [(p, torch.arange(e.start, e.start + e.num_tokens)) for p, e in zip(parts, entries, strict=True)]
         t0 = time.perf_counter()
+        bad: int | None = None  # the damaged blob's index
+        error: Exception | None = None
         try:  # every check runs before the first row is written: a bad blob leaves the slots untouched
             self.ctl.restore(
                 lambda: [self.store.get(e.handle) for e in entries], [e.header for e in entries], targets,
                 [e.reference for e in entries] if self.ctl.verify else None,
             )
         except BlobError as e:
-            bad = nodes[e.blob_index or 0]
-            logger.warning("kvtc: dropping a compressed node of %d tokens: %s", self.io.entries[bad].node_tokens, e)
-            self._free_slots(slots)
-            self.stats.checksum_failures += 1
-            self._drop_subtree(bad)
-            return False
-        except (RuntimeError, ValueError, MemoryError):  # CUDA OOM, nvCOMP, a bug: recompute, never wrong KV
+            bad, error = e.blob_index or 0, e
+        except (RuntimeError, ValueError, MemoryError) as e:  # CUDA OOM, nvCOMP, a bug: recompute, never wrong KV
             logger.exception("kvtc: a restore of %d tokens failed; the request recomputes them", total)
-            self._free_slots(slots)
-            self.stats.restore_failures += 1
-            return False
+            error = e
         finally:
             self.stats.restore_seconds += time.perf_counter() - t0
+        # Every rank takes the same path: a blob damaged or a decode failed on any rank is a miss on all.
+        flags = [0] * (len(nodes) + 1)
+        if bad is not None:
+            flags[bad] = 1
+        elif error is not None:
+            flags[-1] = 1
+        flags = self.ctl.agreement.max_each(flags)
+        if any(flags):
+            self._free_slots(slots)
+            if any(flags[:-1]):
+                victim = nodes[flags.index(1)]
+                logger.warning(
+                    "kvtc: dropping a compressed node of %d tokens: %s", self.io.entries[victim].node_tokens,
+                    error if bad is not None else "its blob failed its checks on another tensor-parallel rank",
+                )
+                self.stats.checksum_failures += 1
+                self.ctl.digest.mix("restore_damaged", total, flags.index(1))
+                self._drop_subtree(victim)
+            else:
+                self.stats.restore_failures += 1
+                self.ctl.digest.mix("restore_failed", total, len(nodes))
+            return False
+        self.ctl.digest.mix("restore", total, len(nodes))
         for node, entry, part in zip(nodes, entries, parts, strict=True):
             self.io.pop(node)
             if entry.skip:

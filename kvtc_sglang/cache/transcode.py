@@ -68,6 +68,7 @@ class Transcoder:
         s.resident_tokens += entry.node_tokens
         s.resident_raw_bytes += entry.raw_bytes
         s.resident_blob_bytes += entry.handle.nbytes
+        s.resident_store_bytes += entry.handle.blocks.numel() * self.store.row_bytes
 
     def pop(self, node: TreeNode) -> CompressedNode:
         """Take ``node`` out of the compressed book (its blob stays stored)."""
@@ -78,6 +79,7 @@ class Transcoder:
         s.resident_tokens -= entry.node_tokens
         s.resident_raw_bytes -= entry.raw_bytes
         s.resident_blob_bytes -= entry.handle.nbytes
+        s.resident_store_bytes -= entry.handle.blocks.numel() * self.store.row_bytes
         return entry
 
     def narrow(self, node: TreeNode, head_tokens: int) -> None:
@@ -126,4 +128,5 @@ class Transcoder:
         self.policy.clear()
         s = self.stats
         s.resident_nodes = s.resident_tokens = s.resident_raw_bytes = s.resident_blob_bytes = 0
+        s.resident_store_bytes = 0
         s.retained_tokens = 0

@@ -18,6 +18,7 @@ from ..codec.allocation import Allocation
 from ..codec.artifact import CalibrationArtifact, StreamCalibration
 from ..codec.quant import FP8_MAX
 from ..codec.rope import remove_rope
+from ..codec.tp import ARTIFACT_SUFFIX, tp_suffix
 from .bitalloc import allocate_bits, allocate_bits_joint, measure_group_errors
 from .corpus import EVAL_ONLY_KINDS, SOURCES, token_sequences
 from .corpus import KINDS as DOMAINS
@@ -279,5 +280,4 @@ def write_artifacts(
 def artifact_name(model_name: str, ratio: float, tp_rank: int = 0, tp_size: int = 1) -> str:
     """File name of the artifact of ``model_name`` at ``ratio``, e.g. ``smollm2-135m-instruct.r16.kvtc.safetensors``;
     under tensor parallelism one per rank: ``smollm2-135m-instruct.r16.tp2-rank1.kvtc.safetensors``."""
-    tp = f".tp{tp_size}-rank{tp_rank}" if tp_size > 1 else ""
-    return f"{model_name}.r{ratio:g}{tp}.kvtc.safetensors"
+    return f"{model_name}.r{ratio:g}{tp_suffix(tp_size, tp_rank)}{ARTIFACT_SUFFIX}"

@@ -15,6 +15,7 @@ A rank's codec sees ``F_r = L * H_r * D`` features, ordered ``(L, H_r, D)`` like
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -81,3 +82,28 @@ def split_heads(x: torch.Tensor, heads: tuple[int, ...], dim: int = 2) -> torch.
     shape[dim] = len(heads)
     pad = torch.tensor([h == PAD for h in heads], device=x.device).reshape(shape)
     return out.masked_fill(pad, 0)
+
+
+ARTIFACT_SUFFIX = ".kvtc.safetensors"
+
+
+def tp_suffix(tp_size: int, tp_rank: int) -> str:
+    """The part of an artifact's file name that names its rank: ``.tp2-rank1``; empty at ``tp_size == 1``."""
+    return f".tp{tp_size}-rank{tp_rank}" if tp_size > 1 else ""
+
+
+def rank_artifact_path(path: str | Path, tp_size: int, tp_rank: int) -> Path:
+    """The artifact rank ``tp_rank`` of ``tp_size`` loads, given the whole model's (``tp_size == 1``) artifact
+    ``path``: the one calibration writes beside it (``m.r16.kvtc.safetensors`` ->
+    ``m.r16.tp2-rank1.kvtc.safetensors``); ``path`` itself at ``tp_size == 1``."""
+    path = Path(path)
+    if tp_size == 1:
+        return path
+    if not path.name.endswith(ARTIFACT_SUFFIX):
+        raise ValueError(f"a calibration artifact's name ends with {ARTIFACT_SUFFIX}, got {path.name!r}")
+    stem = path.name[: -len(ARTIFACT_SUFFIX)]
+    if ".tp" in stem and "-rank" in stem:
+        raise ValueError(
+            f"give the whole model's artifact (tp 1) at --tp-size {tp_size}, not a rank's: {path.name!r}"
+        )
+    return path.with_name(stem + tp_suffix(tp_size, tp_rank) + ARTIFACT_SUFFIX)

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..cache.config import ENV_VAR, KVTCCacheConfig, refused_server_option, refused_window
+from ..cache.config import ENV_VAR, KVTCCacheConfig, refused_server_option, refused_tp, refused_window
 from ..codec import ArtifactError, read_header
 
 BACKEND = "kvtc"
@@ -99,7 +99,7 @@ def config_from_namespace(ns: argparse.Namespace) -> KVTCCacheConfig | None:
         raise ValueError(f"--kvtc-calibration: {e}") from e
     refused = refused_server_option(lambda name: getattr(ns, name, None)) or refused_window(
         config.window_tokens, getattr(ns, "page_size", None), not getattr(ns, "disable_overlap_schedule", False)
-    )
+    ) or refused_tp(config.idle_seconds, getattr(ns, "tp_size", None))
     if refused:
         raise ValueError(refused)
     _check_model(ns, header, config.calibration)
@@ -108,7 +108,20 @@ def config_from_namespace(ns: argparse.Namespace) -> KVTCCacheConfig | None:
 
 def _check_model(ns: argparse.Namespace, header: dict, path: str) -> None:
     """Compare the calibration with the model's config when it is on local disk (else the backend
-    factory checks it in the scheduler, where SGLang has loaded the config)."""
+    factory checks it in the scheduler, where SGLang has loaded the config). At ``--tp-size N`` each rank's
+    artifact (beside ``path``, :func:`~kvtc_sglang.codec.tp.rank_artifact_path`) is checked against the heads
+    that rank's pool holds."""
+    from ..codec.tp import rank_artifact_path, rank_spec
+
+    tp = int(getattr(ns, "tp_size", None) or 1)
+    if tp > 1:
+        for rank in range(tp):
+            rank_path = rank_artifact_path(path, tp, rank)
+            if not rank_path.is_file():
+                raise ValueError(
+                    f"--tp-size {tp} needs one calibration per rank beside {path}: {rank_path.name} is missing "
+                    f"(make them with: python -m kvtc_sglang.calibration --tp-sizes 1 {tp} ...)"
+                )
     model_path = getattr(ns, "model_path", None)
     if not model_path or not Path(model_path, "config.json").is_file():
         return
@@ -116,13 +129,21 @@ def _check_model(ns: argparse.Namespace, header: dict, path: str) -> None:
 
     from ..codec.spec import ModelSpec, spec_from_config
 
-    cal = ModelSpec.from_json(header["model"])
     hf = AutoConfig.from_pretrained(model_path)
-    dtype = _kv_dtype(ns, hf)
-    model = spec_from_config(hf, name=str(model_path), dtype=dtype or cal.dtype)
-    problems = cal.mismatches(model)
-    if problems:
-        raise ValueError(f"--kvtc-calibration {path} does not fit {model_path}: " + "; ".join(problems))
+    cal = ModelSpec.from_json(header["model"])
+    model = spec_from_config(hf, name=str(model_path), dtype=_kv_dtype(ns, hf) or cal.dtype)
+    checks = [(path, cal, model)]
+    for rank in range(tp if tp > 1 else 0):
+        rank_path = rank_artifact_path(path, tp, rank)
+        try:
+            rank_cal = ModelSpec.from_json(read_header(rank_path)["model"])
+        except ArtifactError as e:
+            raise ValueError(f"--kvtc-calibration: {e}") from e
+        checks.append((str(rank_path), rank_cal, rank_spec(model, tp, rank, "cpu")))
+    for where, got, want in checks:
+        problems = got.mismatches(want)
+        if problems:
+            raise ValueError(f"--kvtc-calibration {where} does not fit {model_path}: " + "; ".join(problems))
 
 
 def before_from_cli_args(*args: object, **kwargs: object) -> None:

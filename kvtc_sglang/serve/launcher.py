@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..calibration.fit import artifact_name
 from ..calibration.model import DEFAULT_MODEL
+from ..codec.tp import rank_artifact_path
 
 SHIM_DIR = Path(__file__).resolve().parent / "cpu_shim"
 BACKENDS = ("kvtc", "vanilla")
@@ -107,8 +108,47 @@ def server_command(spec: ServerSpec, host: str, port: int) -> list[str]:
     return cmd + extra
 
 
+TP_FLAGS = ("--tp-size", "--tp", "--tensor-parallel-size")  # SGLang's spellings of one option
+
+
+def tp_size_of(args: list[str]) -> int:
+    """The ``--tp-size`` an SGLang argument list asks for (1 when absent)."""
+    values = [v for f in TP_FLAGS if (v := flag_value(args, f)) is not None]
+    if not values:
+        return 1
+    try:
+        tp = int(values[-1])
+    except ValueError:
+        raise ValueError(f"--tp-size must be an integer, got {values[-1]!r}") from None
+    if tp < 1:
+        raise ValueError(f"--tp-size must be >= 1, got {tp}")
+    return tp
+
+
+def cpu_thread_binding(tp_size: int, cpus: list[int] | None = None) -> str:
+    """``SGLANG_CPU_OMP_THREADS_BIND`` for ``tp_size`` CPU ranks: this process's cores split into that many
+    contiguous groups (``"0|1"`` for 2 ranks on 2 cores). SGLang's ``init_threads_binding`` needs it on a
+    machine with fewer NUMA nodes than ranks."""
+    cores = sorted(os.sched_getaffinity(0)) if cpus is None else sorted(cpus)
+    if len(cores) < tp_size:
+        raise ValueError(f"--tp-size {tp_size} on the CPU needs {tp_size} cores or more, this process has {len(cores)}")
+    per = len(cores) // tp_size
+    groups = [cores[r * per : (r + 1) * per] for r in range(tp_size)]
+    return "|".join(",".join(str(c) for c in g) for g in groups)
+
+
 def server_env(spec: ServerSpec, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment of the server process: CPU engine and the ``sgl_kernel`` shim on a CPU machine."""
+    """Environment of the server process: CPU engine and the ``sgl_kernel`` shim on a CPU machine; at
+    ``--tp-size N > 1`` on the CPU also what SGLang 0.5.23's CPU tensor parallelism needs here (each is set only
+    when the caller has not set it):
+
+    - ``SGLANG_CPU_OMP_THREADS_BIND``: one group of cores per rank (:func:`cpu_thread_binding`);
+    - ``SGLANG_NCCL_SO_PATH`` pointing at no file: the pinned torch is a CUDA build whose ``libnccl`` loads, and
+      0.5.23's CPU platform still asks for a PyNccl communicator, which then needs a CUDA device; with no
+      library SGLang takes its own no-NCCL path and the ranks talk over gloo;
+    - ``SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK=0``: the start-up check compares host memory the ranks see,
+      which a busy machine trips.
+    """
     env = dict(os.environ if base is None else base)
     env.setdefault("HF_HUB_OFFLINE", "1")
     if spec.on_cpu:
@@ -118,7 +158,15 @@ def server_env(spec: ServerSpec, base: dict[str, str] | None = None) -> dict[str
         if not real_sgl_kernel_available():
             parts = [str(SHIM_DIR), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
             env["PYTHONPATH"] = os.pathsep.join(parts)
+        tp = tp_size_of(spec.extra)
+        if tp > 1:
+            env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp))
+            env.setdefault("SGLANG_NCCL_SO_PATH", NO_NCCL)
+            env.setdefault("SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK", "0")
     return env
+
+
+NO_NCCL = "/nonexistent/kvtc-cpu-tp/libnccl.so.2"  # see server_env
 
 
 FULL_CALIBRATION_TOKENS = 100_000  # python -m kvtc_sglang.calibration's default
@@ -132,13 +180,14 @@ def calibration_path(artifacts: Path, tokens: int = FULL_CALIBRATION_TOKENS) -> 
 
 
 def prepare_default_model(artifacts: Path, *, calibrate: bool = True, tokens: int = FULL_CALIBRATION_TOKENS,
-                          fisher_every: int = 1) -> tuple[Path, Path]:
+                          fisher_every: int = 1, tp_size: int = 1) -> tuple[Path, Path]:
     """Export the default model to ``artifacts/hf/`` and calibrate it at 16x on ``tokens`` tokens of real text
     if no such artifact exists yet (:func:`calibration_path`; the full calibration is used whenever it exists).
 
     Returns ``(hf_dir, calibration_path)``; the calibration runs ``python -m kvtc_sglang.calibration`` (about
     11 minutes for the full 100k tokens on a 2-core CPU; ``fisher_every``: its ``--fisher-every``) and is
-    skipped when ``calibrate`` is false (the path may then not exist).
+    skipped when ``calibrate`` is false (the path may then not exist). At ``tp_size > 1`` it also writes each
+    rank's artifact beside it (``--tp-sizes``) when one is missing.
     """
     from .export import export_default_model
 
@@ -149,9 +198,15 @@ def prepare_default_model(artifacts: Path, *, calibrate: bool = True, tokens: in
     hf = export_default_model(artifacts / "hf" / DEFAULT_MODEL)
     full = calibration_path(artifacts)
     cal = full if full.is_file() else calibration_path(artifacts, tokens)
-    if calibrate and not cal.is_file():
-        print(f"calibrating {DEFAULT_MODEL} at 16x on {tokens} tokens -> {cal} (once)", flush=True)
+    sizes = [] if cal.is_file() else [1]
+    if tp_size > 1 and not all(rank_artifact_path(cal, tp_size, r).is_file() for r in range(tp_size)):
+        sizes.append(tp_size)
+    if calibrate and sizes:
+        if cal == full:
+            tokens = FULL_CALIBRATION_TOKENS  # the ranks' artifacts from as much text as the whole model's
+        print(f"calibrating {DEFAULT_MODEL} at 16x on {tokens} tokens, tp sizes {sizes} -> {cal.parent} (once)",
+              flush=True)
         cmd = [sys.executable, "-m", "kvtc_sglang.calibration", "--ratios", "16", "--tokens", str(tokens),
-               "--fisher-every", str(fisher_every), "--out", str(cal.parent)]
+               "--fisher-every", str(fisher_every), "--tp-sizes", *map(str, sizes), "--out", str(cal.parent)]
         subprocess.run(cmd, check=True)
     return hf, cal
