@@ -103,3 +103,31 @@ def test_cpu_tensor_parallel_environment():
                       base={"SGLANG_CPU_OMP_THREADS_BIND": "1|0"})
     assert kept["SGLANG_CPU_OMP_THREADS_BIND"] == "1|0"  # the caller's binding wins
     assert "SGLANG_NCCL_SO_PATH" not in server_env(ServerSpec("kvtc", "m", "c", cpu=True), base={})
+
+
+def test_serving_the_default_model_at_tp2_writes_the_missing_rank_artifacts_once(tmp_path, monkeypatch):
+    from kvtc_sglang.serve import launcher
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr("kvtc_sglang.serve.export.export_default_model", lambda path: path)
+    monkeypatch.setattr(launcher.subprocess, "run", lambda cmd, check: calls.append(cmd))
+
+    def arg(cmd, flag, n=1):
+        i = cmd.index(flag)
+        return cmd[i + 1 : i + 1 + n]
+
+    _, cal = launcher.prepare_default_model(tmp_path, tokens=16_384, tp_size=2)  # nothing yet: tp 1 and 2
+    assert arg(calls[-1], "--tp-sizes", 2) == ["1", "2"] and arg(calls[-1], "--tokens") == ["16384"]
+    cal.parent.mkdir(parents=True)
+    cal.write_bytes(b"")
+    launcher.prepare_default_model(tmp_path, tokens=16_384, tp_size=2)  # the whole model's exists: ranks only
+    assert arg(calls[-1], "--tp-sizes") == ["2"] and arg(calls[-1], "--out") == [str(cal.parent)]
+    for rank in (0, 1):
+        rank_artifact_path(cal, 2, rank).write_bytes(b"")
+    launcher.prepare_default_model(tmp_path, tokens=16_384, tp_size=2)
+    assert len(calls) == 2  # everything is there: no calibration
+    full = launcher.calibration_path(tmp_path)
+    full.write_bytes(b"")  # the full calibration is used whenever it exists; its ranks come from as much text
+    launcher.prepare_default_model(tmp_path, tokens=16_384, tp_size=2)
+    assert arg(calls[-1], "--tp-sizes") == ["2"] and arg(calls[-1], "--tokens") == ["100000"]
+    assert arg(calls[-1], "--out") == [str(tmp_path)]
