@@ -114,14 +114,13 @@ def _check_model(ns: argparse.Namespace, header: dict, path: str) -> None:
     from ..codec.tp import rank_artifact_path, rank_spec
 
     tp = int(getattr(ns, "tp_size", None) or 1)
-    if tp > 1:
-        for rank in range(tp):
-            rank_path = rank_artifact_path(path, tp, rank)
-            if not rank_path.is_file():
-                raise ValueError(
-                    f"--tp-size {tp} needs one calibration per rank beside {path}: {rank_path.name} is missing "
-                    f"(make them with: python -m kvtc_sglang.calibration --tp-sizes 1 {tp} ...)"
-                )
+    rank_paths = [rank_artifact_path(path, tp, rank) for rank in range(tp)] if tp > 1 else []
+    for rank_path in rank_paths:
+        if not rank_path.is_file():
+            raise ValueError(
+                f"--tp-size {tp} needs one calibration per rank beside {path}: {rank_path.name} is missing "
+                f"(make them with: python -m kvtc_sglang.calibration --tp-sizes 1 {tp} ...)"
+            )
     model_path = getattr(ns, "model_path", None)
     if not model_path or not Path(model_path, "config.json").is_file():
         return
@@ -133,8 +132,7 @@ def _check_model(ns: argparse.Namespace, header: dict, path: str) -> None:
     cal = ModelSpec.from_json(header["model"])
     model = spec_from_config(hf, name=str(model_path), dtype=_kv_dtype(ns, hf) or cal.dtype)
     checks = [(path, cal, model)]
-    for rank in range(tp if tp > 1 else 0):
-        rank_path = rank_artifact_path(path, tp, rank)
+    for rank, rank_path in enumerate(rank_paths):
         try:
             rank_cal = ModelSpec.from_json(read_header(rank_path)["model"])
         except ArtifactError as e:
