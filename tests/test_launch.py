@@ -16,7 +16,7 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.registry import TreeCacheBuildContext, get_radix_cache_factory
 
 from kvtc_sglang.cache.config import ENV_VAR, KVTCCacheConfig
-from kvtc_sglang.cache.factory import build_kvtc_cache
+from kvtc_sglang.cache.factory import build_kvtc_cache, cpu_has_native_bf16
 from kvtc_sglang.cache.radix import KVTCRadixCache
 from kvtc_sglang.launch import plugin
 from kvtc_sglang.workloads.replay import build_pool
@@ -31,9 +31,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def test_options_become_a_config(artifact_path):
     ns = parse(["--kv-backend", "kvtc", "--kvtc-calibration", str(artifact_path), "--kvtc-window-tokens", "64",
-                "--kvtc-idle-seconds", "2.5"])
+                "--kvtc-idle-seconds", "2.5", "--kvtc-dot-precision", "ieee"])
     cfg = plugin.config_from_namespace(ns)
-    assert cfg == KVTCCacheConfig(calibration=str(artifact_path), window_tokens=64, idle_seconds=2.5)
+    assert cfg == KVTCCacheConfig(calibration=str(artifact_path), window_tokens=64, idle_seconds=2.5,
+                                  dot_precision="ieee")
     assert KVTCCacheConfig.from_json(cfg.to_json()) == cfg
     assert plugin.config_from_namespace(parse(["--radix-cache-backend", "kvtc", "--kvtc-calibration",
                                                 str(artifact_path)])) is not None
@@ -49,6 +50,7 @@ def test_options_become_a_config(artifact_path):
         (["--kv-backend", "kvtc", "--kvtc-calibration", "CAL", "--kvtc-sink-tokens", "-1"], "sink_tokens"),
         (["--kv-backend", "kvtc", "--kvtc-calibration", "CAL", "--kvtc-store-fraction", "1.5"], "store_fraction"),
         (["--kv-backend", "kvtc", "--kvtc-calibration", "CAL", "--kvtc-idle-seconds", "nan"], "idle_seconds"),
+        (["--kv-backend", "kvtc", "--kvtc-calibration", "CAL", "--kvtc-dot-precision", "fp16"], "dot_precision"),
     ],
 )
 def test_bad_options_are_refused_by_name(argv, message, artifact_path):
@@ -85,6 +87,14 @@ def test_registered_factory_builds_the_cache(lm, artifact_path, monkeypatch):
     monkeypatch.setenv(ENV_VAR, KVTCCacheConfig(calibration=str(artifact_path)).to_json())
     cache = get_radix_cache_factory("kvtc")(_ctx(lm))
     assert isinstance(cache, KVTCRadixCache) and cache.store_max_tokens == 512 and cache.store.num_slots == 0
+    # --kvtc-dot-precision auto: bf16 projections on a CPU pool where the CPU has native bf16 GEMMs
+    assert cache.codec.dot_precision == ("bf16" if cpu_has_native_bf16() else "ieee")
+    assert cache.codec.payload_backend(torch.device("cpu")).precision == cache.codec.dot_precision
+    monkeypatch.setenv(ENV_VAR, KVTCCacheConfig(calibration=str(artifact_path), dot_precision="ieee").to_json())
+    assert build_kvtc_cache(_ctx(lm)).codec.dot_precision == "ieee"
+    monkeypatch.setenv(ENV_VAR, KVTCCacheConfig(calibration=str(artifact_path), dot_precision="tf32").to_json())
+    with pytest.raises(ValueError, match="torch backend's dot_precision must be one of .*'tf32'"):
+        build_kvtc_cache(_ctx(lm))  # a GPU kernels' precision on a CPU pool: refused at start-up
 
 
 @pytest.mark.parametrize(

@@ -71,6 +71,16 @@ def refused_tp(idle_seconds: float, tp_size: int | None) -> str | None:
 
 
 ENCODE_MODES = ("background", "inline")
+DOT_PRECISIONS = ("auto", "ieee", "bf16", "tf32x3", "tf32")  # auto: resolve_dot_precision(pool device)
+
+
+def resolve_dot_precision(precision: str, device_type: str, cpu_has_bf16: bool) -> str:
+    """The codec's projection precision for a pool on ``device_type``: ``auto`` is ``bf16`` on a CPU with
+    native bf16 GEMMs (AVX512-BF16 or AMX: ~4x faster, accuracy unchanged, BENCHMARKS.md), else ``ieee``
+    (exact fp32; the Triton kernels' default on a GPU). Any other value is kept."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device_type == "cpu" and cpu_has_bf16 else "ieee"
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,9 @@ class KVTCCacheConfig:
             or dropped unused); 1.0 never pauses.
         min_tokens: smallest span worth compressing (a blob has a header of about 60 bytes).
         chunk_bytes: raw bytes per DEFLATE chunk inside a blob.
+        dot_precision: the codec's projection precision (:class:`~kvtc_sglang.codec.KVTCCodec`): ``auto``
+            (bf16 on a CPU with native bf16 GEMMs, else exact fp32), ``ieee``, ``bf16`` (the torch backend,
+            CPU), ``tf32x3`` or ``tf32`` (the Triton kernels, GPU).
     """
 
     calibration: str
@@ -123,12 +136,15 @@ class KVTCCacheConfig:
     verify_restores: bool = False
     protect_wanted: bool = False
     max_waste_share: float = 0.75
+    dot_precision: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.protect_wanted, bool):
             raise ValueError(f"protect_wanted must be a bool, got {self.protect_wanted!r}")
         if not isinstance(self.verify_restores, bool):
             raise ValueError(f"verify_restores must be a bool, got {self.verify_restores!r}")
+        if self.dot_precision not in DOT_PRECISIONS:
+            raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {self.dot_precision!r}")
         if self.encode not in ENCODE_MODES:
             raise ValueError(f"encode must be one of {ENCODE_MODES}, got {self.encode!r}")
         if not isinstance(self.calibration, str) or not self.calibration:

@@ -7,10 +7,19 @@ import os
 from dataclasses import replace
 from typing import Any
 
+import torch
+
 from ..codec import ArtifactError, KVTCCodec, load_artifact
 from ..codec.spec import spec_from_config
 from ..codec.tp import rank_artifact_path, rank_spec
-from .config import ENV_VAR, KVTCCacheConfig, refused_server_option, refused_tp, refused_window
+from .config import (
+    ENV_VAR,
+    KVTCCacheConfig,
+    refused_server_option,
+    refused_tp,
+    refused_window,
+    resolve_dot_precision,
+)
 from .radix import KVTCRadixCache
 from .ranks import LocalAgreement, RankAgreement
 
@@ -28,6 +37,13 @@ def config_from_env(environ: os._Environ | dict | None = None) -> KVTCCacheConfi
             f"(or set {ENV_VAR} when building the engine in-process)"
         )
     return KVTCCacheConfig.from_json(text)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 GEMMs natively (AVX512-BF16 or AMX tiles; oneDNN then beats fp32 ~4x)."""
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def check_context(ctx: Any) -> None:
@@ -80,12 +96,12 @@ def build_kvtc_cache(ctx: Any) -> KVTCRadixCache:
     except (ArtifactError, ValueError) as e:
         raise ValueError(f"kvtc: {e}") from e
     agreement = agreement_for(ctx.params.tp_cache_group, tp_rank, tp_size)
-    cache = KVTCRadixCache(
-        ctx.params, KVTCCodec(artifact, chunk_bytes=config.chunk_bytes), config, agreement=agreement
-    )
+    precision = resolve_dot_precision(config.dot_precision, layout, cpu_has_native_bf16())
+    codec = KVTCCodec(artifact, chunk_bytes=config.chunk_bytes, dot_precision=precision)
+    cache = KVTCRadixCache(ctx.params, codec, config, agreement=agreement)
     logger.info(
         "kvtc: rank %d of %d, calibration %s (%.0fx target), compressed store up to %d slots (borrowed on "
-        "demand), sinks %d, window %d",
+        "demand), sinks %d, window %d, %s projections",
         tp_rank,
         tp_size,
         path.name,
@@ -93,6 +109,7 @@ def build_kvtc_cache(ctx: Any) -> KVTCRadixCache:
         cache.store_max_tokens,
         config.sink_tokens,
         config.window_tokens,
+        precision,
     )
     return cache
 

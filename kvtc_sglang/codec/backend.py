@@ -96,12 +96,43 @@ class PayloadBackend(Protocol):
         ...
 
 
-class TorchBackend:
-    """Plain torch on any device: ``[T, F]`` features, matmuls, :mod:`.quant`'s quantizer."""
+TORCH_DOT_PRECISIONS = ("ieee", "bf16")
 
-    def __init__(self, spec: ModelSpec, streams: DeviceStreams) -> None:
+
+def check_torch_dot_precision(precision: str) -> str:
+    """``precision`` if the torch backend supports it (:data:`TORCH_DOT_PRECISIONS`), else ``ValueError``."""
+    if precision not in TORCH_DOT_PRECISIONS:
+        raise ValueError(f"the torch backend's dot_precision must be one of {TORCH_DOT_PRECISIONS}, got {precision!r}")
+    return precision
+
+
+class TorchBackend:
+    """Plain torch on any device: ``[T, F]`` features, matmuls, :mod:`.quant`'s quantizer.
+
+    ``precision``: the two projections' inputs, ``"ieee"`` (fp32, the reference) or ``"bf16"`` (bf16 features,
+    coefficients and bases, fp32 accumulation in the GEMM: about 4x faster on CPUs with AVX512-BF16 or AMX,
+    relative error ~3e-3 on the coefficients, far below what their quantization adds). Centring, RoPE and the
+    quantizer stay fp32 either way.
+    """
+
+    def __init__(self, spec: ModelSpec, streams: DeviceStreams, precision: str = "ieee") -> None:
         self.spec = spec
         self.streams = streams
+        self.precision = check_torch_dot_precision(precision)
+        # bf16 copies of the bases made once (plan once, run many); None on the fp32 path
+        self._low = None
+        if precision == "bf16":
+            self._low = tuple((s.enc_basis.to(torch.bfloat16), s.dec_basis.to(torch.bfloat16))
+                              for s in (streams.keys, streams.values))
+
+    def _project(self, x: torch.Tensor, stream: int, encode: bool) -> torch.Tensor:
+        """``x [T, F]`` (encode: centred features) @ enc basis ``[F, R]``, or ``x [T, R]`` @ dec basis
+        ``[R, F]``; float32 out."""
+        if self._low is None:
+            s = (self.streams.keys, self.streams.values)[stream]
+            return x @ (s.enc_basis if encode else s.dec_basis)
+        basis = self._low[stream][0 if encode else 1]
+        return (x.to(torch.bfloat16) @ basis).to(torch.float32)
 
     def transform(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys without RoPE and values, centred and projected: ``([T, R_k], [T, R_v])`` float32."""
@@ -110,7 +141,7 @@ class TorchBackend:
         k_un = remove_rope(k, positions.to(k.device), self.spec.ropes)  # [L, T, H, D] float32
         xk = k_un.permute(1, 0, 2, 3).reshape(num_t, -1)  # [T, F = L*H*D]
         xv = v.to(torch.float32).permute(1, 0, 2, 3).reshape(num_t, -1)  # [T, F]
-        return (xk - sk.mean) @ sk.enc_basis, (xv - sv.mean) @ sv.enc_basis
+        return self._project(xk - sk.mean, 0, True), self._project(xv - sv.mean, 1, True)  # [T, R_k], [T, R_v]
 
     def inverse_transform(
         self, ck: torch.Tensor, cv: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
@@ -119,8 +150,8 @@ class TorchBackend:
         sk, sv = self.streams.keys, self.streams.values
         s = self.spec
         num_t = ck.shape[0]
-        xk = ck @ sk.dec_basis + sk.mean  # [T, F]
-        xv = cv @ sv.dec_basis + sv.mean  # [T, F]
+        xk = self._project(ck, 0, False) + sk.mean  # [T, F]
+        xv = self._project(cv, 1, False) + sv.mean  # [T, F]
         k_un = xk.reshape(num_t, s.num_layers, s.num_kv_heads, s.head_dim).permute(1, 0, 2, 3)  # [L, T, H, D]
         v = xv.reshape(num_t, s.num_layers, s.num_kv_heads, s.head_dim).permute(1, 0, 2, 3)  # [L, T, H, D]
         k = apply_rope(k_un, positions.to(ck.device), s.ropes)

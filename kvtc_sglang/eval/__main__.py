@@ -12,6 +12,7 @@ import torch
 from ..calibration.fit import artifact_name
 from ..calibration.model import COMPUTE_DTYPES, DEFAULT_COMPUTE, DEFAULT_MODEL, MODELS, load_model
 from ..codec import KVTCCodec, load_artifact
+from ..codec.backend import TORCH_DOT_PRECISIONS
 from ..codec.tp import LAYOUTS, rank_spec
 from .harness import EvalConfig, evaluate
 from .methods import (
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tp-sizes", type=int, nargs="+", default=[],
                    help="also KVTC with each size's per-rank artifacts (python -m kvtc_sglang.calibration --tp-sizes)")
     p.add_argument("--tp-layout", choices=LAYOUTS, default="cpu", help="the layout they were calibrated for")
+    p.add_argument("--dot-precisions", nargs="+", choices=TORCH_DOT_PRECISIONS, default=["ieee"],
+                   help="the codec's projection precisions (torch backend): the first for every row, each other "
+                        "as extra KVTC rows (bf16: what the CPU server uses)")
     p.add_argument("--json", type=Path, default=None, help="write the full report (per-layer errors) here")
     p.add_argument("--compute-dtype", choices=sorted(COMPUTE_DTYPES), default=DEFAULT_COMPUTE,
                    help="model arithmetic (the KV cache is bfloat16 either way)")
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     codecs = {}
     for ratio in args.ratios:
         path = args.artifacts / artifact_name(lm.spec.name, ratio)
-        codecs[float(ratio)] = KVTCCodec(load_artifact(path, expect=lm.spec))
+        codecs[float(ratio)] = KVTCCodec(load_artifact(path, expect=lm.spec), dot_precision=args.dot_precisions[0])
     cfg = EvalConfig(
         context=args.context,
         continuation=args.continuation,
@@ -121,6 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
     methods = build_methods(
         codecs, no_sink, [r for r in (4.0, 8.0, 16.0, 20.0) if r in codecs], args.kvtc_only, args.split_kv
     )
+    for precision in args.dot_precisions[1:]:
+        for ratio, codec in codecs.items():
+            other = KVTCCodec(codec.artifact, dot_precision=precision)
+            methods[f"kvtc r{ratio:g}, {precision} projections"] = (kvtc_method(other), True)
     for tp in args.tp_sizes:
         for ratio in args.ratios:
             ranks = [rank_spec(lm.spec, tp, r, args.tp_layout) for r in range(tp)]

@@ -57,6 +57,9 @@ _OPTIONS = (  # (flag, dest, type, config field, help)
     ("--kvtc-max-waste-share", "kvtc_max_waste_share", float, "max_waste_share",
      "Pause encoding while more than this share of blobs is dropped before any restore (default 0.75; "
      "1 never pauses)."),
+    ("--kvtc-dot-precision", "kvtc_dot_precision", str, "dot_precision",
+     "The codec's projection precision: auto (bf16 on a CPU with native bf16 GEMMs, else exact fp32; "
+     "default), ieee, bf16 (CPU), tf32x3 or tf32 (GPU)."),
     ("--kvtc-verify-restores", "kvtc_verify_restores", _flag, "verify_restores",
      "Debugging (0/1): check every restored row against a host copy of its blob's decode (default 0)."),
 )
