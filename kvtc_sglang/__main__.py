@@ -8,17 +8,18 @@ a pool that holds everything (the upper bound of any prefix cache). Each server 
 ``openai`` client over HTTP on 127.0.0.1, a short seeded coding-agent trace (:mod:`.serve.sessions`: each
 session opens with a 1.1-1.3k-token file read of real stdlib source, then two 150-200-token tool outputs, 8
 answer tokens per turn; the three sessions run concurrently)
-and then the shared-system-prompt workload (:func:`.serve.workload.run_shared_prompt`). It prints, per server:
+and then the shared-system-prompt workload (:func:`.serve.workload.run_shared_prompt`), each workload twice per
+server (cache flushed before each run: one run's TTFT moves with batching). It prints, per server:
 TTFT (mean, p90), request throughput, tokens prefilled, prefill and forward seconds from SGLang's
 ``/metrics``, kvtc's codec seconds and counters, and the share of the big pool's TTFT and prefill gain
-that kvtc captures at equal memory.
+that kvtc captures at equal memory, pooled over the runs and run by run.
 
 The full benchmark (SGLang's own ``sglang.benchmark.serving`` too, bigger sessions, the plot) is
 ``python benchmarks/agentic_bench.py``; the codec evaluation (ratios vs accuracy) is ``python -m kvtc_sglang.eval``.
 
 ``python -m kvtc_sglang [--artifacts artifacts] [--calibration P | --calibration-tokens 16384]
 [--max-total-tokens 3072] [--page-size 1]
-[--conversations 3] [--turns 3] [--users 8]``
+[--conversations 3] [--turns 3] [--users 8] [--repeats 2]``
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .serve.sessions import TraceConfig, write_trace
 from .serve.workload import WorkloadConfig
 
 MAIN_JOB_CALIBRATION_TOKENS = 16_384  # ~2.2 min here instead of ~11 for the full 100k (BENCHMARKS: accuracy)
+MAIN_JOB_REPEATS = 2  # two runs of each workload per server: one run's TTFT moves with batching (BENCHMARKS)
 MAIN_JOB_FISHER_EVERY = 4  # the Fisher's backward pass on every 4th sequence: 134 s instead of 147 s here
 
 
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tool-tokens", type=int, nargs=2, default=(150, 200), metavar=("MIN", "MAX"))
     p.add_argument("--output-tokens", type=int, default=8)
     p.add_argument("--users", type=int, default=8, help="users of the shared-system-prompt workload")
+    p.add_argument("--repeats", type=int, default=MAIN_JOB_REPEATS,
+                   help="runs of each workload per server (cache flushed before each; the report pools them and "
+                        "shows the per-run spread)")
     p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     p.add_argument("--out", type=Path, default=Path("out/serve"))
     args = p.parse_args(argv)
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     trace = write_trace(tc, hf, trace_path)
     cfg = SessionBenchConfig(max_total_tokens=args.max_total_tokens, big_pool=args.big_pool, page_size=args.page_size,
                              store_fraction=args.store_fraction, servers=tuple(args.servers), workloads=("own",),
-                             out=args.out)
+                             repeats=args.repeats, out=args.out)
     wl = WorkloadConfig(users=args.users, max_tokens=args.output_tokens)
     meta = trace["metadata"]
     print(f"## Real server on CPU: vanilla and kvtc ({calibration.name}) at --max-total-tokens "

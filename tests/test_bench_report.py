@@ -169,3 +169,32 @@ def test_reuse_only_matching_servers():
     assert reusable(old, "big", 40960, "0" * 64, gsp=None, workloads=["own"]) is None  # another trace
     assert reusable(old, "big", 40960, sha, gsp=None, workloads=["own", "serving"]) is None  # a workload missing
     assert reusable(None, "big", 40960, sha, gsp=None, workloads=["own"]) is None
+    assert reusable(old, "big", 40960, sha, gsp=None, workloads=["own"], repeats=2) is None  # one run vs two
+    twice = {**old, "config": {"repeats": "2"}}
+    assert reusable(twice, "big", 40960, sha, gsp=None, workloads=["own"], repeats=2) is not None
+
+
+def test_repeated_runs_are_pooled_and_their_spread_is_shown():
+    from kvtc_sglang.serve.session_bench import Outcome, SessionBenchConfig, pooled
+
+    def runs(name: str, per_run: list[list[list[float]]], cached: int) -> dict:
+        outcomes = [Outcome(_results(t, 1000, cached), 10.0) for t in per_run]
+        return pooled(outcomes, [summarize(o.results, o.wall, None) for o in outcomes], None)
+
+    per_server = {"vanilla": runs("vanilla", [[[10, 10]], [[12, 12]]], 0),
+                  "kvtc": runs("kvtc", [[[6, 6]], [[12, 12]]], 500),  # run 2: no better than vanilla
+                  "big": runs("big", [[[2, 2]], [[4, 4]]], 800)}
+    v = per_server["vanilla"]
+    assert v["ttft_mean"] == pytest.approx(11.0) and v["requests"] == 4 and v["wall_s"] == 20.0
+    assert v["prefilled_tokens"] == 4000 and len(v["runs"]) == 2 and v["runs"][1]["ttft_mean"] == 12.0
+    s = shares(per_server)
+    assert s["ttft_mean"]["value"] == pytest.approx((11 - 9) / (11 - 3))  # pooled: 25%
+    assert s["ttft_mean"]["runs"] == pytest.approx([0.5, 0.0])
+    assert s["ttft_mean"]["kvtc_over_vanilla"] == pytest.approx([0.6, 1.0])
+    table = format_table("agentic", per_server, POOLS)
+    assert "2 runs per server" in table and "0.60x, 1.00x (min 0.60x, max 1.00x)" in table
+    assert "share of the big pool's TTFT gain 50%, 0%" in table
+    single = pooled([Outcome(_results([[1.0]], 10, 0), 1.0)], [summarize(_results([[1.0]], 10, 0), 1.0, None)], None)
+    assert "runs" not in single  # one run: the summary as before
+    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
+        SessionBenchConfig(repeats=0)

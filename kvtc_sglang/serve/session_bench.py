@@ -43,6 +43,9 @@ class SessionBenchConfig:
         big_pool: the pool of ``big``; ``None``: enough for every session (and GSP conversation) at once.
         kvtc_flags: extra flags for the kvtc server only (e.g. ``--kvtc-window-tokens 64``), passed through.
         servers, workloads: which ones to run, in this order.
+        repeats: runs of each workload on each server (its cache flushed before each run); the report pools
+            every run's requests and shows the kvtc/vanilla TTFT ratio and the share of the big pool's gain
+            per run, so run-to-run noise is visible next to the difference.
     """
 
     max_total_tokens: int = 8192
@@ -53,11 +56,14 @@ class SessionBenchConfig:
     kvtc_flags: tuple[str, ...] = ()
     servers: tuple[str, ...] = SERVERS
     workloads: tuple[str, ...] = ("serving", "own")
+    repeats: int = 1
     start_timeout: float = 400.0
     workload_timeout: float = 3600.0
     out: Path = Path("out/sessions")
 
     def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         if self.max_total_tokens < 1:
             raise ValueError(f"max_total_tokens must be >= 1, got {self.max_total_tokens}")
         for kind, names, known in (("server", self.servers, SERVERS), ("workload", self.workloads, WORKLOADS)):
@@ -167,19 +173,35 @@ def run_server(name: str, pool: int, model: str, calibration: str, *, cfg: Sessi
         out["startup_s"] = time.perf_counter() - t0
         print(f"[{name} @ {pool}] started in {out['startup_s']:.0f} s", flush=True)
         for wl in workloads:
-            flush(srv)
-            before = server_counters(srv.get("/metrics")[1])
-            outcome = wl.run(srv, name, logs)
-            counters = server_counters(srv.get("/metrics")[1]).minus(before)
-            summary = summarize(outcome.results, outcome.wall, counters, outcome.throughput)
-            out["workloads"][wl.name] = summary
-            out["raw"][wl.name] = {"requests": [asdict(r) for r in outcome.results], **outcome.extra}
-            print(f"[{name} @ {pool}] {wl.name}: {summary['requests']} requests, TTFT mean "
-                  f"{summary['ttft_mean']:.2f} s, {summary['prefilled_tokens']} tokens prefilled, "
-                  f"{outcome.wall:.0f} s", flush=True)
+            runs, outcomes = [], []
+            first = None
+            for rep in range(cfg.repeats):
+                flush(srv)
+                before = server_counters(srv.get("/metrics")[1])
+                first = first or before
+                outcome = wl.run(srv, name if rep == 0 else f"{name}_r{rep + 1}", logs)
+                counters = server_counters(srv.get("/metrics")[1]).minus(before)
+                runs.append(summarize(outcome.results, outcome.wall, counters, outcome.throughput))
+                outcomes.append(outcome)
+                print(f"[{name} @ {pool}] {wl.name}{f' run {rep + 1}' if cfg.repeats > 1 else ''}: "
+                      f"{runs[-1]['requests']} requests, TTFT mean {runs[-1]['ttft_mean']:.2f} s, "
+                      f"{runs[-1]['prefilled_tokens']} tokens prefilled, {outcome.wall:.0f} s", flush=True)
+            out["workloads"][wl.name] = pooled(outcomes, runs, server_counters(srv.get("/metrics")[1]).minus(first))
+            out["raw"][wl.name] = {"requests": [{"run": i, **asdict(r)} for i, o in enumerate(outcomes)
+                                                for r in o.results], **outcomes[0].extra}
         (logs / f"metrics_{name}.txt").write_text(srv.get("/metrics")[1])
     out["total_s"] = time.perf_counter() - t0
     return out
+
+
+def pooled(outcomes: list[Outcome], runs: list[dict[str, Any]], counters: Any) -> dict[str, Any]:
+    """One workload's summary over all its runs on one server: every run's requests together, the walls and
+    counters summed (so token counts are totals over the runs), SGLang's throughput averaged; ``runs`` keeps
+    each run's own summary."""
+    throughputs = [o.throughput for o in outcomes if o.throughput is not None]
+    summary = summarize([r for o in outcomes for r in o.results], sum(o.wall for o in outcomes), counters,
+                        sum(throughputs) / len(throughputs) if throughputs else None)
+    return {**summary, "runs": runs} if len(runs) > 1 else summary
 
 
 def trace_sha256(trace: dict[str, Any]) -> str:
@@ -187,9 +209,12 @@ def trace_sha256(trace: dict[str, Any]) -> str:
 
 
 def reusable(reuse: dict[str, Any] | None, name: str, pool: int, sha: str, *, gsp: dict | None,
-             workloads: list[str]) -> dict[str, Any] | None:
-    """``name``'s results from an earlier report with the same trace, pool, GSP sizes and workloads, or ``None``."""
+             workloads: list[str], repeats: int = 1) -> dict[str, Any] | None:
+    """``name``'s results from an earlier report with the same trace, pool, GSP sizes, workloads and repeats,
+    or ``None``."""
     if reuse is None or name not in reuse.get("servers", {}) or reuse.get("trace_sha256") != sha:
+        return None
+    if str(reuse.get("config", {}).get("repeats", 1)) != str(repeats):
         return None
     if reuse["pools"].get(name) != pool or ("gsp" in workloads and reuse.get("gsp") != gsp):
         return None
@@ -213,7 +238,7 @@ def run_bench(model: str, calibration: str, trace_path: Path, trace: dict[str, A
     names = [wl.name for wl in workloads]
     servers = {}
     for name in cfg.servers:
-        old = reusable(reuse, name, pool[name], sha, gsp=gsp and asdict(gsp), workloads=names)
+        old = reusable(reuse, name, pool[name], sha, gsp=gsp and asdict(gsp), workloads=names, repeats=cfg.repeats)
         if old is not None:
             print(f"[{name} @ {pool[name]}] reused from {old['reused_from']}", flush=True)
         servers[name] = old or run_server(name, pool[name], model, calibration, cfg=cfg, workloads=workloads)
