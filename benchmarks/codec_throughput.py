@@ -3,6 +3,7 @@
 CPU (default model, real K/V from held-out text)::
 
     python benchmarks/codec_throughput.py --artifact artifacts/smollm2-135m-instruct.r16.kvtc.safetensors
+    python benchmarks/codec_throughput.py --artifact ... --dot-precision bf16 --threads 1   # the CPU server's
 
 GPU, from a bundle made by ``benchmarks/gpu_bundle.py``::
 
@@ -63,16 +64,21 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[2048])
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto", help="auto: Triton on CUDA")
+    p.add_argument("--dot-precision", default="ieee", help="ieee; bf16 (torch backend); tf32x3, tf32 (Triton)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args()
     if not (args.artifact or args.bundle):
         p.error("give --artifact or --bundle")
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     art, k0, v0 = load_kv(args)
-    codec = KVTCCodec(art, kernels=args.kernels)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    codec = KVTCCodec(art, kernels=args.kernels, dot_precision=args.dot_precision)
     print(
         f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, artifact r{art.target_ratio:g}, "
-        f"threads {torch.get_num_threads()}, {'triton' if codec.uses_triton(device) else 'torch'} kernels"
+        f"threads {torch.get_num_threads()}, {'triton' if codec.uses_triton(device) else 'torch'} kernels, "
+        f"{args.dot_precision} projections"
     )
     print(
         "| tokens | KV MB (16-bit) | encode MB/s | decode MB/s | entropy share enc / dec | zlib-6 alone MB/s | "

@@ -8,6 +8,7 @@ FLOPs per weight of the layers' projections and MLPs, plus attention over its co
 
 Three constants come from this machine, measured in one run on a real model (SmolLM2, or Qwen2.5-Coder-0.5B
 with ``--model qwen2.5-coder-0.5b``) and its calibration: ``matmul``, the FLOP rate of an fp32
+(``--dot-precision bf16``: bf16, as the CPU server runs it where the CPU has native bf16 GEMMs)
 ``[T, R] @ [R, F]`` projection (the restore's main term); ``overhead``, the rest of a real ``codec.decode``
 per feature (dequantization, RoPE, DEFLATE, mean and scale); ``prefill``, that model's own prefill FLOP rate
 (dense fp32 weights, as the CPU server runs it).
@@ -73,6 +74,7 @@ PAPER_BASIS_SHARE = 0.024  # KVTC paper: stored basis ~2.4% of a 70B model's par
 
 
 def _median_seconds(fn, repeat: int) -> float:
+    fn()  # warm-up: oneDNN primitives and the allocator's first buffers are made on the first call
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -94,7 +96,7 @@ class Constants:
 GEOMETRY_OF = {"smollm2-135m-instruct": "SmolLM2-135M", "qwen2.5-coder-0.5b": "Qwen2.5-0.5B"}
 
 
-def measure(model_name: str, artifact_path: Path, tokens: int, repeat: int) -> Constants:
+def measure(model_name: str, artifact_path: Path, tokens: int, repeat: int, precision: str = "ieee") -> Constants:
     """Measure the constants on the real model ``model_name``, real held-out text and the given calibration."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,7 +113,7 @@ def measure(model_name: str, artifact_path: Path, tokens: int, repeat: int) -> C
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     spec = spec_from_config(model.config, model_name, "bfloat16", serving=False)
     art = load_artifact(artifact_path, expect=spec)
-    codec = KVTCCodec(art)
+    codec = KVTCCodec(art, dot_precision=precision)
     (ids,), _ = token_sequences(tokenizer, "evaluation", "prose", tokens, tokens)
     with torch.inference_mode():
         k, v, _ = prefill_kv(model, ids)  # [L, T, H, D] fp32
@@ -124,8 +126,10 @@ def measure(model_name: str, artifact_path: Path, tokens: int, repeat: int) -> C
         ranks = [art.keys.allocation.rank, art.values.allocation.rank]
         gen = torch.Generator().manual_seed(0)  # timing only: the projection's cost does not depend on the values
         coeffs = [torch.randn(tokens, r, generator=gen) for r in ranks]  # [T, R] per stream
-        streams = (art.keys, art.values)
-        t_proj = _median_seconds(lambda: [c @ s.basis.T for c, s in zip(coeffs, streams, strict=True)], repeat)
+        low = torch.bfloat16 if precision == "bf16" else torch.float32  # the projection as the codec runs it
+        coeffs = [c.to(low) for c in coeffs]
+        bases = [s.basis.T.contiguous().to(low) for s in (art.keys, art.values)]  # [R, F] per stream
+        t_proj = _median_seconds(lambda: [c @ b for c, b in zip(coeffs, bases, strict=True)], repeat)
     proj_flops = sum(2 * tokens * f * r for r in ranks)
     geometry = next(g for g in MODELS if g.name == GEOMETRY_OF[model_name])
     prefill_flops = sum(geometry.prefill_flops(c) for c in range(tokens))
@@ -163,11 +167,14 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=1024, help="held-out tokens timed (also the context)")
     p.add_argument("--context", type=int, default=4096, help="prefix length the table assumes")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--dot-precision", choices=("ieee", "bf16"), default="ieee",
+                   help="the codec's projections (bf16: what the CPU server picks on a CPU with native bf16 GEMMs)")
     args = p.parse_args()
-    c = measure(args.model, args.artifact, args.tokens, args.repeat)
+    c = measure(args.model, args.artifact, args.tokens, args.repeat, args.dot_precision)
     measured = GEOMETRY_OF[args.model]
     print(
-        f"measured here ({torch.get_num_threads()} threads): restore projection {c.matmul_flops / 1e9:.1f} GFLOP/s, "
+        f"measured here ({torch.get_num_threads()} threads, {args.dot_precision} projections): restore projection "
+        f"{c.matmul_flops / 1e9:.1f} GFLOP/s, "
         f"other decode work {1e9 * c.overhead_s_per_feature:.2f} ns/feature, {measured} prefill "
         f"{c.prefill_flops / 1e9:.1f} GFLOP/s; {measured} per token: restore {1e3 * c.measured_restore_s:.3f} ms, "
         f"prefill {1e3 * c.measured_prefill_s:.3f} ms ({c.measured_prefill_s / c.measured_restore_s:.1f}x); "

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.model
 
 def make(codec, slots: int, ps: int = 1, **cfg):
     _, allocator = build_pool(codec.spec, slots, ps)
-    defaults = {"window_tokens": 16, "idle_watermark": 0.0, "ready_fraction": 1.0}
+    defaults = {"window_tokens": 16, "idle_watermark": 0.0, "ready_fraction": 1.0, "encode": "background"}
     config = KVTCCacheConfig(calibration="t", **{**defaults, **cfg})
     return build_cache(allocator, ps, codec, config)
 

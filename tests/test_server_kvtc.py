@@ -1,8 +1,9 @@
 """Real kvtc servers under memory pressure (page size 1 with SGLang's overlap scheduler, page size 16 with the
 normal loop): four concurrent conversations through the ``openai`` client on a pool too small for them,
 ``/flush_cache`` in the middle, a streaming request aborted half way, SGLang's strict idle memory check on;
-compression runs in the background (the default). The backend's counters are read where users read them:
-``/metrics`` (``--enable-metrics``) and the ``KVTC cache.`` log line."""
+page size 1 runs the background encode worker (``--kvtc-encode background``, the GPU default), page size 16 the
+CPU default (``auto``: encodes inline on the scheduler thread). The backend's counters are read where users read
+them: ``/metrics`` (``--enable-metrics``) and the ``KVTC cache.`` log line."""
 
 from __future__ import annotations
 
@@ -19,11 +20,24 @@ WL = WorkloadConfig(seed=5, conversations=4, turns=4, tool_chars=700, concurrenc
 POOL = 2048  # four conversations of up to ~900 tokens do not fit next to the compressed store
 
 
-@pytest.fixture(scope="module", params=[(1, True), (16, False)], ids=["page1-overlap", "page16-normal-loop"])
+@pytest.fixture(scope="module", params=[(1, True, "background"), (16, False, "auto")],
+                ids=["page1-overlap-background", "page16-normal-loop-auto"])
 def run(request, artifact_path, tmp_path_factory):
-    page, overlap = request.param
+    page, overlap, encode = request.param
     log_dir = tmp_path_factory.mktemp(f"kvtc_p{page}")
-    return pressure_run(hf_model(), str(artifact_path), page=page, overlap=overlap, log_dir=log_dir, wl=WL, pool=POOL)
+    out = pressure_run(hf_model(), str(artifact_path), page=page, overlap=overlap, log_dir=log_dir, wl=WL, pool=POOL,
+                       flags=("--kvtc-encode", encode))
+    out["encode"] = encode
+    return out
+
+
+def test_encodes_ran_where_the_mode_puts_them(run):
+    m = run["metrics"]
+    assert m["encoded_tokens_total"] > 0, m
+    if run["encode"] == "background":  # the worker's seconds; the scheduler thread only restores and commits
+        assert m["worker_seconds_total"] > 0, m
+    else:  # auto on the CPU: inline, no worker thread at all
+        assert m["worker_seconds_total"] == 0 and "inline encodes" in run["log"], m
 
 
 def test_answers_non_empty(run):

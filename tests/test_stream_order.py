@@ -139,7 +139,8 @@ def test_every_pool_access_is_fenced_against_the_forward_stream(codec, artifact,
 
     params = CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=allocator, page_size=ps)
     config = KVTCCacheConfig(
-        calibration="t", window_tokens=16, idle_watermark=0.0, ready_fraction=1.0, store_fraction=0.25
+        calibration="t", window_tokens=16, idle_watermark=0.0, ready_fraction=1.0, store_fraction=0.25,
+        encode="background",  # the worker and its streams (auto is inline for a CPU pool)
     )
     cache = KVTCRadixCache(params, codec, config, stream_ops=ops)
     cache.bind_forward_stream(None)  # the normal loop: the scheduler's current stream is the forward stream

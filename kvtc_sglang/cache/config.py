@@ -70,7 +70,17 @@ def refused_tp(idle_seconds: float, tp_size: int | None) -> str | None:
     return None
 
 
-ENCODE_MODES = ("background", "inline")
+ENCODE_MODES = ("auto", "background", "inline")  # auto: resolve_encode_mode(pool device)
+
+
+def resolve_encode_mode(mode: str, device_type: str) -> str:
+    """Where encodes run for a pool on ``device_type``: ``auto`` is ``background`` on a GPU (a side stream beside
+    the forward) and ``inline`` on the CPU, where SGLang's CPU engine runs the forward on every core, so an encode
+    thread only competes with it (on this 2-core CPU, the main job's sessions: 56% of the big pool's TTFT gain
+    inline against 46% with the worker, BENCHMARKS.md). Any other value is kept."""
+    if mode != "auto":
+        return mode
+    return "background" if device_type == "cuda" else "inline"
 DOT_PRECISIONS = ("auto", "ieee", "bf16", "tf32x3", "tf32")  # auto: resolve_dot_precision(pool device)
 
 
@@ -100,9 +110,9 @@ class KVTCCacheConfig:
         ready_fraction: once awake, the encoder keeps at least this share of the pool free or instantly
             freeable (free slots plus encoded nodes, locked ones included: they are freeable when their request
             ends), coldest nodes first.
-        encode: ``background`` (a worker thread; the scheduler commits finished encodes at a later tick) or
-            ``inline`` (each encode runs when the tick queues it, on the scheduler thread: the old cost, for
-            comparisons and deterministic tools).
+        encode: ``background`` (a worker thread, on a GPU its side stream; the scheduler commits finished
+            encodes at a later tick), ``inline`` (each encode runs when the tick queues it, on the scheduler
+            thread) or ``auto`` (:func:`resolve_encode_mode`: background on a GPU, inline on the CPU).
         verify_restores: debugging: keep a host copy of what each blob decodes to when it is made, and check
             every restored row against it (``verify_failures`` counts mismatches: a blob or a row overwritten
             between encode and restore, such as a stream race). Costs the raw KV size in host memory.
@@ -132,7 +142,7 @@ class KVTCCacheConfig:
     store_fraction: float = 0.5
     min_tokens: int = 16
     chunk_bytes: int = 1 << 16
-    encode: str = "background"
+    encode: str = "auto"
     verify_restores: bool = False
     protect_wanted: bool = False
     max_waste_share: float = 0.75

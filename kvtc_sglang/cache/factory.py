@@ -101,7 +101,7 @@ def build_kvtc_cache(ctx: Any) -> KVTCRadixCache:
     cache = KVTCRadixCache(ctx.params, codec, config, agreement=agreement)
     logger.info(
         "kvtc: rank %d of %d, calibration %s (%.0fx target), compressed store up to %d slots (borrowed on "
-        "demand), sinks %d, window %d, %s projections",
+        "demand), sinks %d, window %d, %s projections, %s encodes",
         tp_rank,
         tp_size,
         path.name,
@@ -110,6 +110,7 @@ def build_kvtc_cache(ctx: Any) -> KVTCRadixCache:
         config.sink_tokens,
         config.window_tokens,
         precision,
+        cache.encode_mode,
     )
     return cache
 

@@ -49,7 +49,7 @@ from sglang.srt.utils.rank_consensus_checker import rank_consensus
 
 from ..codec import KVTCCodec
 from .compression import TreeCompression
-from .config import KVTCCacheConfig
+from .config import KVTCCacheConfig, resolve_encode_mode
 from .controller import CudaStreamOps, KVTCController
 from .governor import EncodeGovernor
 from .kv_io import PoolKV
@@ -99,8 +99,9 @@ class KVTCRadixCache(TreeCompression):
         self.store = BlobStore(kv.buffers, allocator, ps, self.store_max_tokens)
         self.policy = CompressionPolicy(config, ps)
         self.io = Transcoder(kv, self.store, self.stats, self.policy)
+        self.encode_mode = resolve_encode_mode(config.encode, kv.device.type)  # auto: by the pool's device
         self.ctl = KVTCController(
-            codec, kv, self.stats, background=config.encode == "background", verify=config.verify_restores,
+            codec, kv, self.stats, background=self.encode_mode == "background", verify=config.verify_restores,
             stream_ops=stream_ops, agreement=agreement,
         )
         self._protect: set[TreeNode] = set()

@@ -51,7 +51,8 @@ _OPTIONS = (  # (flag, dest, type, config field, help)
      "Most of the KV pool the compressed store may borrow; it grows into free slots and gives them back "
      "on demand (default 0.5)."),
     ("--kvtc-encode", "kvtc_encode", str, "encode",
-     "Where encodes run: background (a worker thread, default) or inline (on the scheduler thread)."),
+     "Where encodes run: auto (background on a GPU, inline on the CPU; default), background (a worker thread "
+     "or GPU side stream) or inline (on the scheduler thread)."),
     ("--kvtc-protect-wanted", "kvtc_protect_wanted", _flag, "protect_wanted",
      "Experimental (0/1): blobs compressed or matched lately are not admission room (default 0)."),
     ("--kvtc-max-waste-share", "kvtc_max_waste_share", float, "max_waste_share",
