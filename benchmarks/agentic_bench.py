@@ -45,6 +45,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     g.add_argument("--idle-seconds", type=float, default=None, help="default: kvtc's own (0)")
     g.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     g.add_argument("--repeats", type=int, default=1, help="runs of each workload per server (pooled, spread shown)")
+    g.add_argument("--big-max-running", type=int, default=None,
+                   help="--max-running-requests of the big-pool server only: the caching gain without more concurrency")
     g.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=["serving", "own"])
     g = p.add_argument_group("generated-shared-prefix (workload gsp)")
     g.add_argument("--gsp-groups", type=int, default=4)
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = SessionBenchConfig(max_total_tokens=args.max_total_tokens, big_pool=args.big_pool, page_size=args.page_size,
                              store_fraction=args.store_fraction, idle_seconds=args.idle_seconds,
                              kvtc_flags=tuple(kvtc_flags), servers=tuple(args.servers),
-                             workloads=tuple(args.workloads), repeats=args.repeats, out=args.out)
+                             workloads=tuple(args.workloads), repeats=args.repeats,
+                             big_max_running=args.big_max_running, out=args.out)
     gsp = GSPConfig(groups=args.gsp_groups, prompts_per_group=args.gsp_prompts_per_group,
                     system_prompt_tokens=args.gsp_system_tokens, question_tokens=args.gsp_question_tokens,
                     output_tokens=args.gsp_output_tokens, turns=args.gsp_turns, concurrency=args.concurrency,

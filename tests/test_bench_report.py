@@ -172,6 +172,10 @@ def test_reuse_only_matching_servers():
     assert reusable(old, "big", 40960, sha, gsp=None, workloads=["own"], repeats=2) is None  # one run vs two
     twice = {**old, "config": {"repeats": "2"}}
     assert reusable(twice, "big", 40960, sha, gsp=None, workloads=["own"], repeats=2) is not None
+    assert reusable(old, "big", 40960, sha, gsp=None, workloads=["own"], big_max_running=2) is None  # capped big
+    assert reusable(old, "kvtc", 8192, sha, gsp=None, workloads=["own"], big_max_running=2) is not None  # not big
+    capped = {**old, "config": {"big_max_running": "2"}}
+    assert reusable(capped, "big", 40960, sha, gsp=None, workloads=["own"], big_max_running=2) is not None
 
 
 def test_repeated_runs_are_pooled_and_their_spread_is_shown():

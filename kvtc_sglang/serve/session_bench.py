@@ -42,6 +42,9 @@ class SessionBenchConfig:
         max_total_tokens: N, the pool of ``vanilla`` and ``kvtc``.
         big_pool: the pool of ``big``; ``None``: enough for every session (and GSP conversation) at once.
         kvtc_flags: extra flags for the kvtc server only (e.g. ``--kvtc-window-tokens 64``), passed through.
+        big_max_running: SGLang's ``--max-running-requests`` for the big-pool server only: everything stays cached
+            but no more requests run at once than the pool of N admits, so its gain is the caching alone (what
+            a prefix cache at equal memory can hope for), without the extra concurrency of a bigger pool.
         servers, workloads: which ones to run, in this order.
         repeats: runs of each workload on each server (its cache flushed before each run); the report pools
             every run's requests and shows the kvtc/vanilla TTFT ratio and the share of the big pool's gain
@@ -54,6 +57,7 @@ class SessionBenchConfig:
     store_fraction: float = 0.25
     idle_seconds: float | None = None
     kvtc_flags: tuple[str, ...] = ()
+    big_max_running: int | None = None
     servers: tuple[str, ...] = SERVERS
     workloads: tuple[str, ...] = ("serving", "own")
     repeats: int = 1
@@ -165,7 +169,10 @@ def run_server(name: str, pool: int, model: str, calibration: str, *, cfg: Sessi
     backend = "kvtc" if name == "kvtc" else "vanilla"
     bc = BenchConfig(max_total_tokens=pool, page_size=cfg.page_size, store_fraction=cfg.store_fraction,
                      idle_seconds=cfg.idle_seconds, start_timeout=cfg.start_timeout, out=cfg.out)
-    spec = server_spec(backend, model, calibration, bc, list(cfg.kvtc_flags) if backend == "kvtc" else [])
+    extra = list(cfg.kvtc_flags) if backend == "kvtc" else []
+    if name == "big" and cfg.big_max_running is not None:
+        extra += ["--max-running-requests", str(cfg.big_max_running)]
+    spec = server_spec(backend, model, calibration, bc, extra)
     logs = cfg.out / "logs"
     t0 = time.perf_counter()
     out: dict[str, Any] = {"workloads": {}, "raw": {}}
@@ -209,12 +216,15 @@ def trace_sha256(trace: dict[str, Any]) -> str:
 
 
 def reusable(reuse: dict[str, Any] | None, name: str, pool: int, sha: str, *, gsp: dict | None,
-             workloads: list[str], repeats: int = 1) -> dict[str, Any] | None:
+             workloads: list[str], repeats: int = 1, big_max_running: int | None = None) -> dict[str, Any] | None:
     """``name``'s results from an earlier report with the same trace, pool, GSP sizes, workloads and repeats,
     or ``None``."""
     if reuse is None or name not in reuse.get("servers", {}) or reuse.get("trace_sha256") != sha:
         return None
-    if str(reuse.get("config", {}).get("repeats", 1)) != str(repeats):
+    config = reuse.get("config", {})
+    if str(config.get("repeats", 1)) != str(repeats):
+        return None
+    if name == "big" and str(config.get("big_max_running")) != str(big_max_running):
         return None
     if reuse["pools"].get(name) != pool or ("gsp" in workloads and reuse.get("gsp") != gsp):
         return None
@@ -238,7 +248,8 @@ def run_bench(model: str, calibration: str, trace_path: Path, trace: dict[str, A
     names = [wl.name for wl in workloads]
     servers = {}
     for name in cfg.servers:
-        old = reusable(reuse, name, pool[name], sha, gsp=gsp and asdict(gsp), workloads=names, repeats=cfg.repeats)
+        old = reusable(reuse, name, pool[name], sha, gsp=gsp and asdict(gsp), workloads=names, repeats=cfg.repeats,
+                       big_max_running=cfg.big_max_running)
         if old is not None:
             print(f"[{name} @ {pool[name]}] reused from {old['reused_from']}", flush=True)
         servers[name] = old or run_server(name, pool[name], model, calibration, cfg=cfg, workloads=workloads)
