@@ -81,6 +81,8 @@ def resolve_encode_mode(mode: str, device_type: str) -> str:
     if mode != "auto":
         return mode
     return "background" if device_type == "cuda" else "inline"
+
+
 DOT_PRECISIONS = ("auto", "ieee", "bf16", "tf32x3", "tf32")  # auto: resolve_dot_precision(pool device)
 
 

@@ -125,22 +125,29 @@ def share_lines(per_server: dict[str, dict[str, Any]]) -> list[str]:
     p = share_of_gain(v["prefilled_tokens"], k["prefilled_tokens"], b["prefilled_tokens"])
     lines = [f"kvtc captures, of the big pool's gain over vanilla at equal memory: mean TTFT: {t.note}; "
              f"tokens prefilled: {p.note}"]
-    runs = [per_server[n].get("runs") or [] for n in SERVERS]
-    if len(runs[0]) > 1 and len({len(r) for r in runs}) == 1:
-        lines.append(f"{len(runs[0])} runs per server (token counts above are totals over them); " + run_spread(*runs))
+    spread = per_run(per_server)
+    if spread is not None:
+        ratios, values = spread
+        known = [r for r in ratios if r is not None]
+        cells = ", ".join("n/a" if x is None else f"{100 * x:.0f}%" for x in values)
+        lines.append(f"{len(ratios)} runs per server (token counts above are totals over them); per run: kvtc TTFT / "
+                     f"vanilla TTFT {', '.join('n/a' if r is None else f'{r:.2f}x' for r in ratios)} (min "
+                     f"{min(known, default=0):.2f}x, max {max(known, default=0):.2f}x); share of the big pool's "
+                     f"TTFT gain {cells}")
     return lines
 
 
-def run_spread(vanilla: list[dict[str, Any]], kvtc: list[dict[str, Any]], big: list[dict[str, Any]]) -> str:
-    """Run by run (the i-th run of each server): kvtc's mean TTFT over vanilla's, and the share of the big
-    pool's TTFT gain kvtc captures."""
-    ratios = [k["ttft_mean"] / v["ttft_mean"] if v["ttft_mean"] else float("nan")
-              for v, k in zip(vanilla, kvtc, strict=True)]
+def per_run(per_server: dict[str, dict[str, Any]]) -> tuple[list[float | None], list[float | None]] | None:
+    """Run by run (the i-th run of each server): kvtc's mean TTFT over vanilla's, and the share of the big pool's
+    TTFT gain kvtc captures; ``None`` unless every server has the same number (> 1) of runs."""
+    runs = [per_server[n].get("runs") or [] for n in SERVERS]
+    if len(runs[0]) < 2 or len({len(r) for r in runs}) != 1:
+        return None
+    ratios = [k["ttft_mean"] / v["ttft_mean"] if v["ttft_mean"] else None
+              for v, k in zip(runs[0], runs[1], strict=True)]
     values = [share_of_gain(v["ttft_mean"], k["ttft_mean"], b["ttft_mean"]).value
-              for v, k, b in zip(vanilla, kvtc, big, strict=True)]
-    cells = ", ".join("n/a" if x is None else f"{100 * x:.0f}%" for x in values)
-    return (f"per run: kvtc TTFT / vanilla TTFT {', '.join(f'{r:.2f}x' for r in ratios)} "
-            f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x); share of the big pool's TTFT gain {cells}")
+              for v, k, b in zip(*runs, strict=True)]
+    return ratios, values
 
 
 def format_table(workload: str, per_server: dict[str, dict[str, Any]], pools: dict[str, int]) -> str:
@@ -175,12 +182,9 @@ def shares(per_server: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for key in ("ttft_mean", "prefilled_tokens"):
         s = share_of_gain(v[key], k[key], b[key])
         out[key] = {"value": s.value, "note": s.note}
-    runs = [x.get("runs") or [] for x in (v, k, b)]
-    if len(runs[0]) > 1 and len({len(r) for r in runs}) == 1:
-        out["ttft_mean"]["runs"] = [share_of_gain(*(r[i]["ttft_mean"] for r in runs)).value
-                                    for i in range(len(runs[0]))]
-        out["ttft_mean"]["kvtc_over_vanilla"] = [kr["ttft_mean"] / vr["ttft_mean"] if vr["ttft_mean"] else None
-                                                 for vr, kr in zip(runs[0], runs[1], strict=True)]
+    spread = per_run(per_server)
+    if spread is not None:
+        out["ttft_mean"]["kvtc_over_vanilla"], out["ttft_mean"]["runs"] = spread
     return out
 
 

@@ -26,7 +26,7 @@ from . import sglang_bench
 from .bench import BenchConfig, server_spec
 from .bench_report import FOOTNOTE, SERVERS, format_table, shares, summarize
 from .server import SGLangServer
-from .server_metrics import server_counters
+from .server_metrics import ServerCounters, server_counters
 from .session_replay import ReplayConfig, TurnResult, replay
 from .sessions import pool_for_everything, turn_counts
 from .workload import WorkloadConfig, run_shared_prompt
@@ -181,11 +181,12 @@ def run_server(name: str, pool: int, model: str, calibration: str, *, cfg: Sessi
         print(f"[{name} @ {pool}] started in {out['startup_s']:.0f} s", flush=True)
         for wl in workloads:
             runs, outcomes = [], []
-            first = None
+            first: ServerCounters | None = None
             for rep in range(cfg.repeats):
                 flush(srv)
                 before = server_counters(srv.get("/metrics")[1])
-                first = first or before
+                if first is None:
+                    first = before
                 outcome = wl.run(srv, name if rep == 0 else f"{name}_r{rep + 1}", logs)
                 counters = server_counters(srv.get("/metrics")[1]).minus(before)
                 runs.append(summarize(outcome.results, outcome.wall, counters, outcome.throughput))
@@ -193,7 +194,8 @@ def run_server(name: str, pool: int, model: str, calibration: str, *, cfg: Sessi
                 print(f"[{name} @ {pool}] {wl.name}{f' run {rep + 1}' if cfg.repeats > 1 else ''}: "
                       f"{runs[-1]['requests']} requests, TTFT mean {runs[-1]['ttft_mean']:.2f} s, "
                       f"{runs[-1]['prefilled_tokens']} tokens prefilled, {outcome.wall:.0f} s", flush=True)
-            out["workloads"][wl.name] = pooled(outcomes, runs, server_counters(srv.get("/metrics")[1]).minus(first))
+            total = server_counters(srv.get("/metrics")[1]).minus(first) if first is not None else None
+            out["workloads"][wl.name] = pooled(outcomes, runs, total)
             out["raw"][wl.name] = {"requests": [{"run": i, **asdict(r)} for i, o in enumerate(outcomes)
                                                 for r in o.results], **outcomes[0].extra}
         (logs / f"metrics_{name}.txt").write_text(srv.get("/metrics")[1])
@@ -201,7 +203,7 @@ def run_server(name: str, pool: int, model: str, calibration: str, *, cfg: Sessi
     return out
 
 
-def pooled(outcomes: list[Outcome], runs: list[dict[str, Any]], counters: Any) -> dict[str, Any]:
+def pooled(outcomes: list[Outcome], runs: list[dict[str, Any]], counters: ServerCounters | None) -> dict[str, Any]:
     """One workload's summary over all its runs on one server: every run's requests together, the walls and
     counters summed (so token counts are totals over the runs), SGLang's throughput averaged; ``runs`` keeps
     each run's own summary."""
