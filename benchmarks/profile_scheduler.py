@@ -3,7 +3,8 @@
 Starts each server (vanilla and kvtc at the same ``--max-total-tokens``, as the main job does), attaches py-spy to
 its scheduler process (``py-spy record --threads --nonblocking --format raw``: samples of running threads only),
 replays the main job's agent sessions (the ``trace.json`` a main-job run wrote) and its shared-system-prompt
-workload, then sums the samples per thread (SGLang's scheduler thread, kvtc's encode worker) and per category
+workload (``--workloads``: also SGLang's own benchmark on an ``agentic_bench.py`` trace), then sums the samples
+per thread (SGLang's scheduler thread, kvtc's encode worker) and per category
 (:mod:`kvtc_sglang.serve.profile_stacks`: the forward, kvtc's codec, kvtc's tree work, SGLang's radix cache,
 scheduling, request intake). On this CPU the forward runs on the scheduler thread, so every category is time
 the scheduler could not spend on anything else::
@@ -70,9 +71,11 @@ def profile_server(name: str, model: str, calibration: str, trace_path: Path, ar
                    ) -> dict[str, tuple[Path, float]]:
     """``{workload: (its stacks file, its wall seconds)}`` on a fresh ``name`` server, cache flushed before each."""
     trace = json.loads(trace_path.read_text())
-    cfg = SessionBenchConfig(max_total_tokens=args.max_total_tokens, workloads=("own",), out=args.out)
-    workloads = standard_workloads(cfg, model, trace_path, trace, None)
-    workloads.append(shared_prompt_workload(WorkloadConfig(users=args.users, max_tokens=args.output_tokens)))
+    standard = tuple(w for w in args.workloads if w != "shared_prompt")
+    cfg = SessionBenchConfig(max_total_tokens=args.max_total_tokens, workloads=standard or ("own",), out=args.out)
+    workloads = standard_workloads(cfg, model, trace_path, trace, None) if standard else []
+    if "shared_prompt" in args.workloads:
+        workloads.append(shared_prompt_workload(WorkloadConfig(users=args.users, max_tokens=args.output_tokens)))
     bc = BenchConfig(max_total_tokens=args.max_total_tokens, store_fraction=args.store_fraction, out=args.out)
     spec = server_spec("kvtc" if name == "kvtc" else "vanilla", model, calibration, bc)
     out = {}
@@ -103,6 +106,10 @@ def main() -> int:
     p.add_argument("--output-tokens", type=int, default=8)
     p.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     p.add_argument("--servers", nargs="+", choices=("vanilla", "kvtc"), default=["vanilla", "kvtc"])
+    p.add_argument("--workloads", nargs="+", choices=("own", "serving", "shared_prompt"),
+                   default=["own", "shared_prompt"],
+                   help="own: the trace through this project's client; serving: SGLang's benchmark on the trace "
+                        "(a trace of benchmarks/agentic_bench.py); shared_prompt: the main job's second workload")
     p.add_argument("--out", type=Path, default=Path("out/profile"))
     args = p.parse_args()
     hf, _ = prepare_default_model(args.artifacts, calibrate=False)

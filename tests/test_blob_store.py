@@ -139,3 +139,35 @@ def test_reserved_blocks_keep_two_ranks_stores_equal_for_different_blob_sizes():
             assert torch.equal(s0.get(h0), a) and torch.equal(s1.get(h1), b)
     with pytest.raises(ValueError, match="reserve_bytes must be >= 0"):
         s0.put(_blob(4, 0), -1)
+
+
+def lowest_unused_page_ref(store: BlobStore) -> int:
+    """Reference: the lowest page number the store does not hold (a scan of its page list)."""
+    return next(p for p, slots in enumerate(store._page_slots) if slots is None)
+
+
+def test_pages_are_taken_lowest_first_after_any_release_order():
+    """The unused-page heap picks what a scan for the lowest unused page would, whatever order pages return in."""
+    store, _, _ = _store(num_slots=256, page_size=2, max_slots=128)
+    rng = random.Random(7)
+    live: list[BlobHandle] = []
+    for step in range(400):
+        if live and (rng.random() < 0.45 or store.num_pages == store.max_pages):
+            store.free(live.pop(rng.randrange(len(live))))
+            continue
+        before = {p for p, s in enumerate(store._page_slots) if s is not None}
+        expected = lowest_unused_page_ref(store) if store.num_pages < store.max_pages else None
+        blob = torch.randint(0, 256, (rng.randint(1, 3 * store.blocks_per_page * store.row_bytes),), dtype=torch.uint8)
+        handle = store.put(blob)
+        if handle is None:
+            continue
+        live.append(handle)
+        new = {p for p, s in enumerate(store._page_slots) if s is not None} - before
+        if new:
+            assert min(new) == expected, step
+        assert torch.equal(store.get(handle), blob)
+    for handle in live:
+        store.free(handle)
+    assert store.num_pages == 0 and lowest_unused_page_ref(store) == 0
+    store.clear()
+    assert lowest_unused_page_ref(store) == 0

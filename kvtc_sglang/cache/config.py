@@ -125,7 +125,7 @@ class KVTCCacheConfig:
         protect_wanted: experimental (off by default): the store slots of *wanted* blobs (compressed or
             matched lately, :mod:`~kvtc_sglang.cache.wanted`) are not admission room. Measured on this CPU it
             did not help SGLang's agentic trace and cost the main job most of its TTFT gain (BENCHMARKS.md).
-        max_waste_share: encoding pauses (:mod:`~kvtc_sglang.cache.governor`) once a pool's worth of encoded
+        max_waste_share: encoding pauses (:mod:`~kvtc_sglang.cache.governor`) once four pools' worth of encoded
             tokens was dropped unused and such drops are more than this share of all blob outcomes (restored
             or dropped unused); 1.0 never pauses.
         min_tokens: smallest span worth compressing (a blob has a header of about 60 bytes).

@@ -20,7 +20,9 @@ restored. Pass counts, not clocks: every rank of a tensor-parallel group decides
 Measured on SGLang's agentic trace on this CPU (BENCHMARKS.md): with a restore ending any pause and a 0.9
 limit, 12% of the outcomes were restores, encoding hardly paused (2 pauses) and the encoder's 148 s on the two
 cores made the run 1.27x vanilla's TTFT; an encode there cost ~1.75 ms/token against ~5 ms per prefilled
-token, so encoding pays only above roughly a third of its tokens restored: the default limit is 0.75.
+token, so encoding pays only above roughly a third of its tokens restored: the default limit is 0.75. Since
+session 12 an encode costs 0.2-0.3 ms/token on the CPU (bf16 projections, inline): the window is
+``WINDOW_POOLS`` pools, so that a run's first turns do not pause encoding that later pays.
 """
 
 from __future__ import annotations
@@ -29,10 +31,15 @@ from .stats import KVTCStats
 
 MIN_PAUSE = 256  # busy scheduler passes of the first pause (~1 minute of CPU decode at 8 requests)
 MAX_PAUSE = 2048
+# Wasted tokens before a pause, in pools: a run's first turns compress and drop one or two pools' worth before any
+# owner can come back. With one pool, SGLang's agentic trace at 8192 paused for the rest of the run after its first
+# turns (prefilled 114k tokens of 124k, TTFT 43.7 s); never pausing there prefilled 48k (TTFT 41.9 s), wasting 22%
+# of its blob outcomes (BENCHMARKS.md, session 12).
+WINDOW_POOLS = 4
 
 
 class EncodeGovernor:
-    """Args: ``window``: wasted tokens needed before a pause (the pool size: one pool's worth of encodes);
+    """Args: ``window``: wasted tokens needed before a pause (the cache gives ``WINDOW_POOLS`` pools' worth);
     ``max_waste_share`` in (0, 1]: pause when wasted tokens exceed this share of all outcomes (1 never pauses).
     """
 
@@ -73,7 +80,7 @@ class EncodeGovernor:
         if self.paused or self.max_waste_share >= 1.0 or self.wasted < self.window:
             return
         if self.wasted <= self.max_waste_share * (self.wasted + self.useful):
-            self.pause = MIN_PAUSE  # a pool's worth of outcomes, mostly useful
+            self.pause = MIN_PAUSE  # a window's worth of outcomes, mostly useful
         else:
             self.until = self.clock + self.pause
             self.pause = min(2 * self.pause, MAX_PAUSE)

@@ -51,7 +51,7 @@ from ..codec import KVTCCodec
 from .compression import TreeCompression
 from .config import KVTCCacheConfig, resolve_encode_mode
 from .controller import CudaStreamOps, KVTCController
-from .governor import EncodeGovernor
+from .governor import WINDOW_POOLS, EncodeGovernor
 from .kv_io import PoolKV
 from .policy import CompressionPolicy
 from .ranks import LocalAgreement
@@ -107,7 +107,7 @@ class KVTCRadixCache(TreeCompression):
         self._protect: set[TreeNode] = set()
         self._pending = {}
         self.wanted = WantedBlobs(config.protect_wanted)  # blobs admission may not take (opt-in)
-        self.governor = EncodeGovernor(allocator.size, config.max_waste_share)  # pauses wasted encoding
+        self.governor = EncodeGovernor(WINDOW_POOLS * allocator.size, config.max_waste_share)  # pauses waste
         self._spilled: set[TreeNode] = set()  # locked nodes whose kept blob evict dropped: not again while locked
         self._ticks = 0  # scheduler iterations seen (the policy's clock for "recently under pressure")
         self._last_evict_tick = -(1 << 30)
