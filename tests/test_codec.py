@@ -79,6 +79,23 @@ def test_chunking_splits_payload_and_still_decodes(artifact, real_kv):
     assert torch.equal(k2, reconstruct_ref(small, k, v, pos)[0])
 
 
+def test_huffman_only_default_strategy_is_plain_deflate_and_as_small(codec, real_kv):
+    """The default ``ZlibDeflate`` skips LZ77 (``Z_HUFFMAN_ONLY``): the same payload inflates bit for bit through
+    plain zlib, and on real coefficients it is at most 2% larger than zlib's default strategy."""
+    k, v, pos = real_kv
+    payload = codec.quantize(*codec.transform(k, v, pos))  # [payload_nbytes(T)] uint8
+    chunks = list(torch.split(payload, 1 << 16))
+    huff, full = ZlibDeflate().compress(chunks), ZlibDeflate(strategy="default").compress(chunks)
+    assert ZlibDeflate().strategy == "huffman"
+    for c, h, f in zip(chunks, huff, full, strict=True):
+        assert zlib.decompress(h.numpy().tobytes(), wbits=-15) == c.numpy().tobytes()
+        assert zlib.decompress(f.numpy().tobytes(), wbits=-15) == c.numpy().tobytes()
+    n_huff, n_full = sum(h.numel() for h in huff), sum(f.numel() for f in full)
+    assert n_huff < payload.numel() and n_huff <= 1.02 * n_full
+    with pytest.raises(ValueError, match=r"strategy must be one of \('huffman', 'default'\), got 'lz4'"):
+        ZlibDeflate(strategy="lz4")
+
+
 def test_raw_deflate_stream_is_plain_zlib_wbits_minus_15(codec, real_kv):
     k, v, pos = real_kv
     blob = codec.encode(k[:, :50], v[:, :50], pos[:50]).numpy().tobytes()

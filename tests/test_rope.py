@@ -98,3 +98,39 @@ def test_per_layer_rope_rotates_each_layer_with_its_own_base():
     torch.testing.assert_close(remove_rope(out, positions, ropes), k, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"one RoPE config per layer \(5\), got 2"):
         apply_rope(k, positions, (local, glob))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("style", ["neox", "gptj"])
+@pytest.mark.parametrize("num_tokens", [1, 7, 97, 1000])
+def test_tokens_first_layout_is_the_transpose(style, num_tokens, dtype):
+    """``tokens_first=True`` writes ``[T, L, H, D]`` (the codec's feature layout) with the same values, bit for bit,
+    for one config, per-layer configs and a partial rotary dim; inputs in the pool's dtype are rotated in fp32."""
+    g = torch.Generator().manual_seed(6)
+    k = torch.randn(4, num_tokens, 3, 64, generator=g).to(dtype)
+    positions = torch.randint(0, 30_000, (num_tokens,), generator=g)
+    one = RopeConfig(theta=1e5, rotary_dim=64, style=style)
+    partial = RopeConfig(theta=1e4, rotary_dim=32, style=style)
+    for cfg in (one, (one, partial, partial, one)):
+        for fn in (apply_rope, remove_rope):
+            ref = fn(k, positions, cfg)  # [L, T, H, D] float32
+            out = fn(k, positions, cfg, tokens_first=True)
+            assert out.dtype == torch.float32 and out.is_contiguous()
+            assert torch.equal(out, ref.permute(1, 0, 2, 3))
+    # the rotation itself, in fp32 from the bf16 input: the reference formula of transformers' rotate-half
+    if style == "neox":
+        ref = rope_ref(k.float(), positions, _Rotary(one))
+        torch.testing.assert_close(apply_rope(k, positions, one), ref, atol=1e-5, rtol=1e-5)
+
+
+class _Rotary(torch.nn.Module):
+    """transformers-style ``(cos, sin) [1, T, D]`` of a :class:`RopeConfig` (float64 angles, as ours)."""
+
+    def __init__(self, cfg: RopeConfig) -> None:
+        super().__init__()
+        self.freq = inv_freq(cfg)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.to(torch.float64)[..., None] * self.freq  # [1, T, D/2]
+        emb = torch.cat([angles, angles], dim=-1)  # [1, T, D]
+        return emb.cos().float(), emb.sin().float()

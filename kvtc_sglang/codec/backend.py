@@ -138,24 +138,31 @@ class TorchBackend:
         """Keys without RoPE and values, centred and projected: ``([T, R_k], [T, R_v])`` float32."""
         sk, sv = self.streams.keys, self.streams.values
         num_t = k.shape[1]
-        k_un = remove_rope(k, positions.to(k.device), self.spec.ropes)  # [L, T, H, D] float32
-        xk = k_un.permute(1, 0, 2, 3).reshape(num_t, -1)  # [T, F = L*H*D]
-        xv = v.to(torch.float32).permute(1, 0, 2, 3).reshape(num_t, -1)  # [T, F]
-        return self._project(xk - sk.mean, 0, True), self._project(xv - sv.mean, 1, True)  # [T, R_k], [T, R_v]
+        # RoPE removal writes the [T, L, H, D] layout directly: no transpose pass, centred in place
+        xk = remove_rope(k, positions.to(k.device), self.spec.ropes, tokens_first=True).view(num_t, -1)  # [T, F]
+        xv = v.permute(1, 0, 2, 3).reshape(num_t, -1)  # [T, F] in the pool's dtype (one copy)
+        return self._project(xk.sub_(sk.mean), 0, True), self._project(xv - sv.mean, 1, True)  # [T, R_k], [T, R_v]
+
+    def inverse_tokens_first(
+        self, ck: torch.Tensor, cv: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[T, R]`` coefficients -> K (RoPE re-applied at ``positions``) and V, ``[T, L, H, D]`` ``dtype``,
+        contiguous (the layout of the projection's output: ``k[:, l]`` is layer ``l``'s ``[T, H, D]``)."""
+        sk, sv = self.streams.keys, self.streams.values
+        s = self.spec
+        num_t = ck.shape[0]
+        shape = (num_t, s.num_layers, s.num_kv_heads, s.head_dim)
+        xk = self._project(ck, 0, False).add_(sk.mean).view(shape)  # [T, F] -> [T, L, H, D]
+        xv = self._project(cv, 1, False).add_(sv.mean).view(shape)  # [T, F] -> [T, L, H, D]
+        k = apply_rope(xk.permute(1, 0, 2, 3), positions.to(ck.device), s.ropes, tokens_first=True)  # [T, L, H, D]
+        return k.to(dtype), xv.to(dtype)
 
     def inverse_transform(
         self, ck: torch.Tensor, cv: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``[T, R]`` coefficients -> K (RoPE re-applied at ``positions``) and V, ``[L, T, H, D]`` ``dtype``."""
-        sk, sv = self.streams.keys, self.streams.values
-        s = self.spec
-        num_t = ck.shape[0]
-        xk = self._project(ck, 0, False) + sk.mean  # [T, F]
-        xv = self._project(cv, 1, False) + sv.mean  # [T, F]
-        k_un = xk.reshape(num_t, s.num_layers, s.num_kv_heads, s.head_dim).permute(1, 0, 2, 3)  # [L, T, H, D]
-        v = xv.reshape(num_t, s.num_layers, s.num_kv_heads, s.head_dim).permute(1, 0, 2, 3)  # [L, T, H, D]
-        k = apply_rope(k_un, positions.to(ck.device), s.ropes)
-        return k.to(dtype).contiguous(), v.to(dtype).contiguous()
+        k, v = self.inverse_tokens_first(ck, cv, positions, dtype)  # [T, L, H, D] each
+        return k.permute(1, 0, 2, 3).contiguous(), v.permute(1, 0, 2, 3).contiguous()
 
     def quantize(self, ck: torch.Tensor, cv: torch.Tensor) -> torch.Tensor:
         """Coefficients -> the raw payload ``[nbytes_k + nbytes_v]`` uint8: K then V."""
@@ -199,8 +206,9 @@ class TorchBackend:
         slots: torch.Tensor,
         positions: torch.Tensor,
     ) -> None:
-        k, v = self.decode(payload, positions, k_layers[0].dtype)  # [L, T, H, D] each
+        ck, cv = self.dequantize(payload, positions.numel())
+        k, v = self.inverse_tokens_first(ck, cv, positions, k_layers[0].dtype)  # [T, L, H, D] each
         idx = slots.to(k_layers[0].device)
         for layer, (kb, vb) in enumerate(zip(k_layers, v_layers, strict=True)):
-            kb.index_copy_(0, idx, k[layer])
-            vb.index_copy_(0, idx, v[layer])
+            kb.index_copy_(0, idx, k[:, layer])
+            vb.index_copy_(0, idx, v[:, layer])

@@ -72,52 +72,80 @@ def cos_sin(positions: torch.Tensor, cfg: RopeConfig) -> tuple[torch.Tensor, tor
     return cos, sin
 
 
-def _rotate(x: torch.Tensor, positions: torch.Tensor, cfg: RopeConfig, sign: float) -> torch.Tensor:
+def _rotate(
+    x: torch.Tensor, positions: torch.Tensor, cfg: RopeConfig, sign: float, *, out: torch.Tensor, token_dim: int
+) -> None:
+    """Rotate ``x`` (``[L, T, H, D]`` with ``token_dim=1``, or ``[T, L, H, D]`` with ``token_dim=0``; any float
+    dtype, any strides) by ``sign`` times each token's angles into ``out`` (same shape, float32).
+
+    Four fused passes over the rotary half-planes (``mul`` then ``addcmul_``), no temporaries.
+    """
     if x.dim() != 4:
-        raise ValueError(f"keys must be [L, T, H, D], got shape {tuple(x.shape)}")
-    if positions.shape != (x.shape[1],):
-        raise ValueError(f"positions must be [T={x.shape[1]}], got shape {tuple(positions.shape)}")
+        raise ValueError(f"keys must be 4-D [L, T, H, D] or [T, L, H, D], got shape {tuple(x.shape)}")
+    if positions.shape != (x.shape[token_dim],):
+        raise ValueError(f"positions must be [T={x.shape[token_dim]}], got shape {tuple(positions.shape)}")
     if cfg.rotary_dim > x.shape[-1]:
         raise ValueError(f"rotary_dim {cfg.rotary_dim} exceeds head_dim {x.shape[-1]}")
-    cos, sin = cos_sin(positions, cfg)
-    sin = sign * sin
-    xf = x.to(torch.float32)
-    rot, rest = xf[..., : cfg.rotary_dim], xf[..., cfg.rotary_dim :]
-    half = cfg.rotary_dim // 2
+    cos, sin = cos_sin(positions, cfg)  # [T, 1, D/2] each
+    if token_dim == 0:
+        cos, sin = cos[:, None], sin[:, None]  # [T, 1, 1, D/2]: broadcast over L and H
+    rd, half = cfg.rotary_dim, cfg.rotary_dim // 2
     if cfg.style == "neox":
-        x1, x2 = rot[..., :half], rot[..., half:]  # [L, T, H, D/2] each
-    else:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-    y1 = x1 * cos - x2 * sin
-    y2 = x2 * cos + x1 * sin
-    if cfg.style == "neox":
-        out = torch.cat([y1, y2], dim=-1)
-    else:
-        out = torch.stack([y1, y2], dim=-1).flatten(-2)  # [L, T, H, rotary_dim] interleaved
-    return torch.cat([out, rest], dim=-1) if rest.numel() else out
+        x1, x2, o1, o2 = x[..., :half], x[..., half:rd], out[..., :half], out[..., half:rd]
+    else:  # gptj: interleaved pairs
+        x1, x2, o1, o2 = x[..., 0:rd:2], x[..., 1:rd:2], out[..., 0:rd:2], out[..., 1:rd:2]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-sign)  # y1 = x1 cos - sign x2 sin
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin, value=sign)  # y2 = x2 cos + sign x1 sin
+    if rd < x.shape[-1]:
+        out[..., rd:] = x[..., rd:]
 
 
-def _per_layer(x: torch.Tensor, positions: torch.Tensor, ropes: RopeConfig | Sequence[RopeConfig], sign: float):
+def _per_layer(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    ropes: RopeConfig | Sequence[RopeConfig],
+    sign: float,
+    tokens_first: bool = False,
+) -> torch.Tensor:
+    """``x [L, T, H, D]`` rotated -> float32 ``[L, T, H, D]``, or ``[T, L, H, D]`` contiguous if ``tokens_first``
+    (the ``[T, F]`` feature layout of the codec, without a separate transpose pass)."""
+    if x.dim() != 4:
+        raise ValueError(f"keys must be [L, T, H, D], got shape {tuple(x.shape)}")
+    src = x.permute(1, 0, 2, 3) if tokens_first else x  # [T, L, H, D] view or [L, T, H, D]
+    out = torch.empty(src.shape, dtype=torch.float32, device=x.device)
+    token_dim, layer_dim = (0, 1) if tokens_first else (1, 0)
     if isinstance(ropes, RopeConfig):
-        return _rotate(x, positions, ropes, sign)
+        _rotate(src, positions, ropes, sign, out=out, token_dim=token_dim)
+        return out
     if len(ropes) != x.shape[0]:
         raise ValueError(f"need one RoPE config per layer ({x.shape[0]}), got {len(ropes)}")
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     for cfg in dict.fromkeys(ropes):  # each distinct config once, over the layers that use it
         idx = torch.tensor([i for i, c in enumerate(ropes) if c == cfg], device=x.device)
-        out[idx] = _rotate(x[idx], positions, cfg, sign)
+        shape = list(out.shape)
+        shape[layer_dim] = idx.numel()
+        part = torch.empty(shape, dtype=torch.float32, device=x.device)
+        _rotate(src.index_select(layer_dim, idx), positions, cfg, sign, out=part, token_dim=token_dim)
+        out.index_copy_(layer_dim, idx, part)
     return out
 
 
-def apply_rope(k: torch.Tensor, positions: torch.Tensor, cfg: RopeConfig | Sequence[RopeConfig]) -> torch.Tensor:
-    """Rotate pre-RoPE keys ``[L, T, H, D]`` to ``positions [T]``; returns float32 ``[L, T, H, D]``.
+def apply_rope(
+    k: torch.Tensor, positions: torch.Tensor, cfg: RopeConfig | Sequence[RopeConfig], tokens_first: bool = False
+) -> torch.Tensor:
+    """Rotate pre-RoPE keys ``[L, T, H, D]`` to ``positions [T]``; returns float32 ``[L, T, H, D]``
+    (``[T, L, H, D]`` if ``tokens_first``).
 
     ``cfg`` is one config for every layer, or one per layer (models such as Gemma 3 use different
     RoPE bases for sliding-window and global layers).
     """
-    return _per_layer(k, positions, cfg, 1.0)
+    return _per_layer(k, positions, cfg, 1.0, tokens_first)
 
 
-def remove_rope(k: torch.Tensor, positions: torch.Tensor, cfg: RopeConfig | Sequence[RopeConfig]) -> torch.Tensor:
-    """Undo :func:`apply_rope`: post-RoPE keys ``[L, T, H, D]`` -> float32 pre-RoPE keys."""
-    return _per_layer(k, positions, cfg, -1.0)
+def remove_rope(
+    k: torch.Tensor, positions: torch.Tensor, cfg: RopeConfig | Sequence[RopeConfig], tokens_first: bool = False
+) -> torch.Tensor:
+    """Undo :func:`apply_rope`: post-RoPE keys ``[L, T, H, D]`` -> float32 pre-RoPE keys ``[L, T, H, D]``
+    (``[T, L, H, D]`` if ``tokens_first``)."""
+    return _per_layer(k, positions, cfg, -1.0, tokens_first)

@@ -128,7 +128,7 @@ def pca_truncation_method(codec: KVTCCodec, ratio: float) -> Method:
 
 def deflate_method(chunk_bytes: int = 1 << 16) -> Method:
     """Lossless baseline: the K and V bytes (as stored, 16-bit) through the codec's raw-DEFLATE stage."""
-    coder = ZlibDeflate()
+    coder = ZlibDeflate(level=6, strategy="default")  # zlib's LZ77 + Huffman: raw KV has repeats
 
     def run(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> Result:
         del positions
