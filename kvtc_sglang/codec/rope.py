@@ -76,12 +76,11 @@ def _rotate(
     x: torch.Tensor, positions: torch.Tensor, cfg: RopeConfig, sign: float, *, out: torch.Tensor, token_dim: int
 ) -> None:
     """Rotate ``x`` (``[L, T, H, D]`` with ``token_dim=1``, or ``[T, L, H, D]`` with ``token_dim=0``; any float
-    dtype, any strides) by ``sign`` times each token's angles into ``out`` (same shape, float32).
+    dtype, any strides; 4-D, checked by :func:`_per_layer`, its one caller) by ``sign`` times each token's angles
+    into ``out`` (same shape, float32).
 
     Four fused passes over the rotary half-planes (``mul`` then ``addcmul_``), no temporaries.
     """
-    if x.dim() != 4:
-        raise ValueError(f"keys must be 4-D [L, T, H, D] or [T, L, H, D], got shape {tuple(x.shape)}")
     if positions.shape != (x.shape[token_dim],):
         raise ValueError(f"positions must be [T={x.shape[token_dim]}], got shape {tuple(positions.shape)}")
     if cfg.rotary_dim > x.shape[-1]:
