@@ -91,3 +91,53 @@ def test_the_cache_option_resolves_per_device_and_refuses_unknown_values():
     assert KVTCCacheConfig(calibration="a").dot_precision == "auto"
     with pytest.raises(ValueError, match="dot_precision must be one of .*'fp8'"):
         KVTCCacheConfig(calibration="a", dot_precision="fp8")
+
+
+def test_chunks_cover_the_tokens_in_near_equal_parts():
+    from kvtc_sglang.codec.backend import chunks
+
+    assert chunks(1) == [(0, 1)] and chunks(512) == [(0, 512)]
+    assert chunks(513) == [(0, 257), (257, 513)]
+    assert chunks(1100, 512) == [(0, 367), (367, 734), (734, 1100)]
+    for n in (1, 7, 97, 511, 1000, 4097):
+        parts = chunks(n)
+        assert parts[0][0] == 0 and parts[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))  # contiguous
+        sizes = [hi - lo for lo, hi in parts]
+        assert max(sizes) <= 512 and max(sizes) - min(sizes) < len(parts)  # no short tail
+
+
+# the GEMM's rounding may differ with the number of rows: fp32 ~1e-7 relative, a bf16 product one bf16 step
+COEFF_TOL = {"ieee": {"rtol": 1e-5, "atol": 1e-5}, "bf16": {"rtol": 2**-7, "atol": 1e-3}}
+
+
+@pytest.mark.parametrize("precision", ["ieee", "bf16"])
+@pytest.mark.parametrize("num_tokens", [1, 7, 513, 1024])
+def test_chunked_transform_matches_one_pass(artifact, kv_bank, precision, num_tokens):
+    """The torch backend transforms at most ``CHUNK_TOKENS`` tokens at a time (encode and decode, from tensors
+    and from pool rows): one pass's coefficients up to the GEMM's rounding, and restored rows within one bf16
+    step of one pass's (an fp32 difference may round a code the other way: far below the codec's own error)."""
+    from kvtc_sglang.codec.backend import CHUNK_TOKENS
+
+    assert CHUNK_TOKENS < 513  # the two larger sizes cross chunk boundaries
+    k, v = (t[:, :num_tokens].contiguous() for t in kv_bank[:2])  # [L, T, H, D] bf16
+    pos = torch.arange(num_tokens)  # the bank's own positions
+    backend = TorchBackend(artifact.spec, DeviceStreams.build(artifact, torch.device("cpu")), precision)
+    ref = backend.transform(k, v, pos)  # [T, R_k], [T, R_v]: every token in one pass
+    chunked = backend._coefficients(num_tokens, lambda lo, hi: (k[:, lo:hi], v[:, lo:hi]), pos)
+    for a, b in zip(chunked, ref, strict=True):
+        torch.testing.assert_close(a, b, **COEFF_TOL[precision])
+    payload = backend.encode(k, v, pos)
+    slots = torch.randperm(num_tokens + 9)[:num_tokens]  # scattered pool rows
+    pool_k = [torch.zeros(num_tokens + 9, *k.shape[2:], dtype=k.dtype) for _ in range(k.shape[0])]
+    pool_v = [torch.zeros_like(b) for b in pool_k]
+    for layer in range(k.shape[0]):
+        pool_k[layer][slots], pool_v[layer][slots] = k[layer], v[layer]
+    assert torch.equal(backend.encode_rows(pool_k, pool_v, slots, pos), payload)  # the same chunks: same bytes
+    ref_k, ref_v = backend.inverse_transform(*backend.dequantize(payload, num_tokens), pos, k.dtype)  # one pass
+    dec_k, dec_v = backend.decode(payload, pos, k.dtype)  # [L, T, H, D]
+    backend.decode_rows(payload, pool_k, pool_v, slots, pos)
+    rows_k, rows_v = torch.stack([b[slots] for b in pool_k]), torch.stack([b[slots] for b in pool_v])
+    for got, want in ((dec_k, ref_k), (dec_v, ref_v), (rows_k, ref_k), (rows_v, ref_v)):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-2)
+    assert torch.equal(rows_k, dec_k) and torch.equal(rows_v, dec_v)  # rows and tensors: the same code path
