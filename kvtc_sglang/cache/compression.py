@@ -13,6 +13,7 @@ otherwise drop cold KV (bounded to ``MAX_INLINE_TOKENS`` per call), and
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from sglang.srt.mem_cache.radix_cache import TreeNode
@@ -73,16 +74,44 @@ class TreeCompression(TreeSurgery):
         short = int(self.config.ready_fraction * allocator.size) - free
         if short <= 0 or (short := short - self._encoded_tokens()) <= 0:
             return
-        spans = self.policy.take(min(short, MAX_JOB_TOKENS), self._unreadable, now=time.monotonic())
+        spans = self.policy.take(min(short, MAX_JOB_TOKENS), self._storable_now(), now=time.monotonic())
         targets = self._cut(self._worth_storing(spans))
         if targets:
             job = self.ctl.submit([(node, node.value, lo) for node, lo in targets])
             for node, _ in targets:
                 self._pending[node] = job
 
+    def _blob_bytes_estimate(self, num_tokens: int) -> float:
+        return num_tokens * self.io.token_bytes / max(self.stats.store_ratio, 8.0)
+
+    def _storable_now(self) -> Callable[[TreeNode], bool]:
+        """The ``busy`` test of a background plan: :meth:`_unreadable` nodes, and locked nodes whose blobs the
+        store could not take at commit. A locked node cannot give its own slots to the store, so its blob needs
+        free bytes on the store's pages or free pool pages to borrow; with none (a pool full of running
+        requests) its encode would be thrown away (``store_full``) and repeated later. Unlocked nodes always
+        fit: their own slots make the room. The room is a running budget over the nodes taken, in bytes."""
+        store, ps = self.store, self.page_size
+        borrow = min(store.max_pages - store.num_pages, self.token_to_kv_pool_allocator.available_size() // ps)
+        room = store.free_bytes + borrow * store.blocks_per_page * store.row_bytes
+
+        def busy(node: TreeNode) -> bool:
+            nonlocal room
+            if self._unreadable(node):
+                return True
+            if node.lock_ref == 0:
+                return False
+            need = self._blob_bytes_estimate(len(node.key))
+            if need > room:
+                self.stats.encodes_deferred += 1
+                return True
+            room -= need
+            return False
+
+        return busy
+
     def _worth_storing(self, spans: list[Span]) -> list[Span]:
         """Spans whose blobs the store can take without dropping a more recently used blob."""
-        est = sum(hi - lo for _, _, lo, hi in spans) * self.io.token_bytes / max(self.stats.store_ratio, 8.0)
+        est = self._blob_bytes_estimate(sum(hi - lo for _, _, lo, hi in spans))
         if est <= self.store.room_bytes:
             return spans
         stamps = [s for s in (self.policy.encoded.oldest_stamp(), self.policy.compressed.oldest_stamp()) if s]
@@ -148,6 +177,7 @@ class TreeCompression(TreeSurgery):
                     continue
                 handle = self._store_blob(node, blob, size)
                 if handle is None:
+                    self.stats.store_full_tokens += len(slots)
                     digest.mix("store_full", len(slots), lo)
                     continue  # the store is full of more recently used blobs
                 entry = self.io.make_entry(handle, lo, len(slots), header, ref)

@@ -43,6 +43,10 @@ _COUNTERS = (
     ("verify_failures", "verify_failures", "Restored rows that differ from their blob's reference (debugging)."),
     ("checksum_failures", "checksum_failures", "Compressed blobs that failed their checks (recomputed instead)."),
     ("dropped_tokens", "dropped_tokens", "Compressed tokens dropped for store space."),
+    ("store_full_tokens", "store_full_tokens", "Encoded tokens whose blob the store could not take (encode wasted)."),
+    ("encodes_deferred", "encodes_deferred", "Encodes of locked nodes deferred: the store could not take their blobs."),
+    ("dropped_kept_tokens", "dropped_kept_tokens",
+     "Tokens of kept blobs of device nodes dropped (a later compression encodes them again)."),
     ("encode_pauses", "encode_pauses", "Times kvtc paused encoding because its blobs were dropped unused."),
     ("restore_no_memory", "restore_no_memory", "Restores given up for lack of free KV slots."),
 )

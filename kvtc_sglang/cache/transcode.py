@@ -106,6 +106,7 @@ class Transcoder:
         if node in self.retained:
             entry = self.take_retained(node)
             self.store.free(entry.handle)
+            self.stats.dropped_kept_tokens += entry.num_tokens
             if not entry.restored:
                 self.stats.discarded_encoded_tokens += entry.num_tokens
 
