@@ -96,7 +96,7 @@ def test_the_cache_option_resolves_per_device_and_refuses_unknown_values():
 def test_chunks_cover_the_tokens_in_near_equal_parts():
     from kvtc_sglang.codec.backend import chunks
 
-    assert chunks(1) == [(0, 1)] and chunks(512) == [(0, 512)]
+    assert chunks(0) == [] and chunks(1) == [(0, 1)] and chunks(512) == [(0, 512)]
     assert chunks(513) == [(0, 257), (257, 513)]
     assert chunks(1100, 512) == [(0, 367), (367, 734), (734, 1100)]
     for n in (1, 7, 97, 511, 1000, 4097):

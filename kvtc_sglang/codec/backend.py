@@ -107,8 +107,10 @@ CHUNK_TOKENS = 512
 
 def chunks(num_t: int, most: int = CHUNK_TOKENS) -> list[tuple[int, int]]:
     """``[lo, hi)`` ranges covering ``num_t`` tokens in as few near-equal chunks of at most ``most`` as possible
-    (no 1-token tail: 513 tokens are 257 + 256)."""
-    n = max(1, -(-num_t // most))
+    (no 1-token tail: 513 tokens are 257 + 256); none for no tokens."""
+    if num_t <= 0:
+        return []
+    n = -(-num_t // most)
     size = -(-num_t // n)
     return [(lo, min(num_t, lo + size)) for lo in range(0, num_t, size)]
 
