@@ -52,16 +52,18 @@ class CompressionPolicy:
     """Least-recently-used everywhere; kept blobs of device nodes go before compressed nodes when the store
     needs room (dropping them loses no cached KV), compressed leaves before compressed inner nodes.
 
-    ``evict`` steps, in order, each only while slots are still short, cheapest future work per freed slot
-    first: ``free_encoded`` (device nodes whose blob is already made: freeing their slots is instant and
-    loses nothing), ``encode_inline`` (the encoder fell behind: encode the coldest unlocked nodes now,
-    bounded, and free them: cached KV is kept compressed rather than dropped; ~0.15 ms of CPU per slot
-    freed), ``device_leaves`` (SGLang's LRU leaf eviction of leaves with nothing compressed below: a token
-    recomputed per slot, ~1.3 ms, if it is asked for again), ``kept_blobs`` (drop the kept blobs of nodes that
-    cannot be freed now, locked ones: no KV is lost, but a blob frees only ~1/17 of a slot per token, and
-    the node's next compression encodes it again: ~2.7 ms per slot), ``store`` (drop blobs until the store
-    gives pages back: ~17 tokens recomputed per slot), ``device_with_compressed`` (leaves whose compressed
-    children go with them). Encoding normally runs ahead, in the background.
+    ``evict`` steps, in order, each only while slots are still short: ``free_encoded`` (device nodes whose
+    blob is already made: freeing their slots is instant and loses nothing), ``encode_inline`` (the encoder
+    fell behind: encode the coldest unlocked nodes now, bounded, and free them: cached KV is kept compressed
+    rather than dropped, for one encode per slot freed), ``device_leaves`` (SGLang's LRU leaf eviction of
+    leaves with nothing compressed below: one token recomputed per slot if it is asked for again),
+    ``kept_blobs`` (drop the kept blobs of nodes that cannot be freed now, locked ones: no KV is lost, but a
+    blob frees only ~1/17 of a slot per token, and the node's next compression encodes all of it again:
+    ~17 encodes per slot, about a prefill's cost per slot for SmolLM2 on a CPU; on SGLang's agentic trace
+    taking them before cold leaves dropped 76k tokens of kept blobs and cost 7 s of re-encoding),
+    ``store`` (drop blobs until the store gives pages back: ~17 tokens recomputed per slot),
+    ``device_with_compressed`` (leaves whose compressed children go with them). Encoding normally runs ahead,
+    in the background.
     """
 
     evict_steps = (

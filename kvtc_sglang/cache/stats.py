@@ -45,7 +45,7 @@ class KVTCStats:
     dropped_unused_tokens: int = 0  # compressed tokens dropped before any restore (compressed for nothing)
     store_full: int = 0
     store_full_tokens: int = 0  # encoded tokens whose blob the store could not take (the encode was wasted)
-    encodes_deferred: int = 0  # locked nodes a plan passed over: the store could not have taken their blobs
+    encodes_deferred: int = 0  # locked nodes passed over, counted per plan: the store could not take their blobs
     dropped_kept_tokens: int = 0  # tokens of kept blobs dropped (a later compression of the node encodes again)
     encode_pauses: int = 0  # times encoding paused because blobs were being dropped unused (governor.py)
 
