@@ -52,13 +52,17 @@ class BlobStore:
         self.page_size = page_size
         self.max_pages = max_slots // page_size
         self.blocks_per_page = len(buffers) * page_size
+        # [max_pages, P] slot of each block position, on the pool's device (filled from the allocator's own
+        # tensor: no copy to the host); rows of pages not held are stale and never read (``_locate`` checks).
+        self._page_table = torch.full((self.max_pages, page_size), -1, dtype=torch.int64, device=self.device)
+        self._reset_pages()
+
+    def _reset_pages(self) -> None:
+        """No page held: every page number unused, no free block."""
         self._page_slots: list[torch.Tensor | None] = [None] * self.max_pages  # page -> [P] slots, as allocated
         # min-heap of page numbers not held: the lowest is taken next (a scan of ``_page_slots`` for ``None``
         # compared every held tensor with None, ~10 us each: 19 ms per page at 2,048 pages, BENCHMARKS session 12)
         self._unused_pages = list(range(self.max_pages))
-        # [max_pages, P] slot of each block position, on the pool's device (filled from the allocator's own
-        # tensor: no copy to the host); rows of pages not held are stale and never read (``_locate`` checks).
-        self._page_table = torch.full((self.max_pages, page_size), -1, dtype=torch.int64, device=self.device)
         self._page_used = [0] * self.max_pages  # used blocks per page
         self._free: list[int] = []  # min-heap of free block ids on held pages
         self._free_set: set[int] = set()
@@ -194,11 +198,7 @@ class BlobStore:
 
     def clear(self) -> None:
         """Forget every page without freeing it (SGLang clears the allocator itself after ``reset``)."""
-        self._page_slots = [None] * self.max_pages
-        self._unused_pages = list(range(self.max_pages))
-        self._page_used = [0] * self.max_pages
-        self._free, self._free_set = [], set()
-        self.num_pages = 0
+        self._reset_pages()
 
     def pages_needed(self, nbytes: int) -> int:
         """Pages the store would have to borrow to hold a blob of ``nbytes`` now."""
