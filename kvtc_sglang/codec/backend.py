@@ -97,6 +97,18 @@ class PayloadBackend(Protocol):
         ...
 
 
+def decode_by_rows(
+    backend: PayloadBackend, spec: ModelSpec, payload: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A backend's ``decode`` through its ``decode_rows``: K (RoPE re-applied) and V ``[L, T, H, D]`` ``dtype``,
+    new tensors on the payload's device, ``T = positions.numel()``."""
+    num_t = positions.numel()
+    k = torch.empty(spec.num_layers, num_t, spec.num_kv_heads, spec.head_dim, dtype=dtype, device=payload.device)
+    v = torch.empty_like(k)  # [L, T, H, D] each
+    backend.decode_rows(payload, list(k.unbind(0)), list(v.unbind(0)), torch.arange(num_t, device=k.device), positions)
+    return k, v
+
+
 TORCH_DOT_PRECISIONS = ("ieee", "bf16")
 # Most tokens per transform pass of the torch backend: the [C, F] fp32 features of a chunk stay cache-sized.
 # Measured here (2 cores, bf16 projections, SmolLM2 r16): a 2-4k-token encode in one pass 0.093-0.109 ms/token,
@@ -219,11 +231,7 @@ class TorchBackend:
     def decode(
         self, payload: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        s, num_t = self.spec, positions.numel()
-        k = torch.empty(s.num_layers, num_t, s.num_kv_heads, s.head_dim, dtype=dtype, device=payload.device)
-        v = torch.empty_like(k)  # [L, T, H, D] each
-        self.decode_rows(payload, list(k.unbind(0)), list(v.unbind(0)), torch.arange(num_t, device=k.device), positions)
-        return k, v
+        return decode_by_rows(self, self.spec, payload, positions, dtype)
 
     def encode_rows(
         self, k_layers: list[torch.Tensor], v_layers: list[torch.Tensor], slots: torch.Tensor, positions: torch.Tensor

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..triton_kernels import DOT_PRECISIONS, LayerTable, RopeTables, StreamPlan, decode_into, project, quant_pack
-from .backend import DeviceStreams
+from .backend import DeviceStreams, decode_by_rows
 from .rope import RopeConfig, cos_sin
 from .spec import ModelSpec
 
@@ -103,8 +103,4 @@ class TritonBackend:
     def decode(
         self, payload: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        s, num_t, device = self.spec, positions.numel(), payload.device
-        k = torch.empty(s.num_layers, num_t, s.num_kv_heads, s.head_dim, dtype=dtype, device=device)  # [L, T, H, D]
-        v = torch.empty_like(k)
-        self.decode_rows(payload, list(k.unbind(0)), list(v.unbind(0)), torch.arange(num_t, device=device), positions)
-        return k, v
+        return decode_by_rows(self, self.spec, payload, positions, dtype)
