@@ -17,9 +17,10 @@ meets SGLang's scheduler:
   queues the next one while less than ``1 - idle_watermark`` of the pool could be freed at once;
   ``evict`` frees encoded nodes first, and encodes (bounded, on the scheduler thread) only when the
   encoder fell behind and cold KV would be dropped otherwise.
-- ``evictable_size`` = unlocked device tokens + the store's borrowed slots (with ``protect_wanted``, less
-  the slots of *wanted* blobs, :mod:`~kvtc_sglang.cache.wanted`: compressed, matched or touched lately,
-  unless nothing has run for a few passes); ``protected_size`` = locked device tokens + those wanted slots;
+- ``evictable_size`` = unlocked device tokens + the store's borrowed slots (with ``protect_wanted``, the
+  default, less the slots of *wanted* blobs, :mod:`~kvtc_sglang.cache.wanted`: compressed, matched or touched
+  lately, unless nothing has run for a few passes or a request has waited ``STARVE_TICKS`` passes);
+  ``protected_size`` = locked device tokens + those wanted slots;
   with the allocator's free slots they add up to the pool.
 - Invariants: a compressed node and its subtree are unlocked; sinks and each leaf path's last
   ``window_tokens`` are never compressed; rows the encoder reads are not freed before it is done.
@@ -181,6 +182,8 @@ class KVTCRadixCache(TreeCompression):
         device_len, last_device, host_len, best = self._match(key)
         if host_len:
             self.wanted.mark_path(best, self._ticks, self.io.entries)
+        if params.req is not None and self.wanted.waiting(params.req.rid, self._ticks):
+            self.stats.starving_passes += 1  # a request SGLang tries to admit (or ranks) waited too long
         return MatchResult(
             device_prefix_len=device_len,
             last_device_node=last_device,
@@ -211,6 +214,8 @@ class KVTCRadixCache(TreeCompression):
         first = next((i for i, n in enumerate(path) if n in self.io.entries), None)
         fallback = path[first - 1] if first else self.root_node
         req = params.req
+        if req is not None:
+            self.wanted.admitted(req.rid)
         if req is not None and req.last_node is not fallback:
             fallback = req.last_node
             first = None  # the tree moved under the request since its match

@@ -47,6 +47,8 @@ _COUNTERS = (
     ("encodes_deferred", "encodes_deferred", "Encodes of locked nodes deferred: the store could not take their blobs."),
     ("dropped_kept_tokens", "dropped_kept_tokens",
      "Tokens of kept blobs of device nodes dropped (a later compression encodes them again)."),
+    ("starving_passes", "starving_passes",
+     "Scheduler passes wanted blobs were admission room because a request had waited too long."),
     ("encode_pauses", "encode_pauses", "Times kvtc paused encoding because its blobs were dropped unused."),
     ("restore_no_memory", "restore_no_memory", "Restores given up for lack of free KV slots."),
 )

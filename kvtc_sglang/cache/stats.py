@@ -47,6 +47,7 @@ class KVTCStats:
     store_full_tokens: int = 0  # encoded tokens whose blob the store could not take (the encode was wasted)
     encodes_deferred: int = 0  # locked nodes passed over, counted per plan: the store could not take their blobs
     dropped_kept_tokens: int = 0  # tokens of kept blobs dropped (a later compression of the node encodes again)
+    starving_passes: int = 0  # passes in which a request matched had waited STARVE_TICKS: wanted slots are room
     encode_pauses: int = 0  # times encoding paused because blobs were being dropped unused (governor.py)
 
     @property
