@@ -24,6 +24,7 @@ from sglang.srt.server_args import ServerArgs
 from kvtc_sglang.cache.config import KVTCCacheConfig
 from kvtc_sglang.cache.radix import KVTCRadixCache
 from kvtc_sglang.cache.tree_walk import subtree_postorder
+from kvtc_sglang.cache.wanted import IDLE_TICKS
 from kvtc_sglang.workloads.invariants import check_invariants
 from kvtc_sglang.workloads.replay import BankKV, build_pool
 
@@ -180,7 +181,8 @@ def test_load_back_is_all_or_nothing(codec, bank):
 @pytest.mark.parametrize("ps", [1, 16])
 def test_request_as_long_as_vanilla_serves_is_admitted(codec, bank, ps):
     """With the store holding compressed KV, a request of nearly the whole pool is still admitted (the
-    store gives its pages back), exactly as vanilla admits it at the same pool size."""
+    store gives its pages back), as vanilla admits it at the same pool size: at once, or with the
+    just-compressed (wanted) blobs protected, once nothing has run for ``IDLE_TICKS`` scheduler passes."""
     size = 1024
     s, v = Sched(codec, size, ps), Sched(codec, size, ps, vanilla=True)
     for t in seqs(5, 150):
@@ -190,10 +192,16 @@ def test_request_as_long_as_vanilla_serves_is_admitted(codec, bank, ps):
     assert s.cache.store.num_slots > 0 and s.cache.io.entries
     assert s.cache.evictable_size() + s.allocator.available_size() + s.cache.protected_size() == size
     long = [900_000 + i for i in range(size - 8 - 2 * ps)]  # within a page of the longest vanilla admits
-    for sched in (v, s):
-        [r] = sched.schedule([sched.req(long, max_new=8)])
-        sched.forward(r, bank)
-        sched.finish(r)
+    [r] = v.schedule([v.req(long, max_new=8)])
+    v.forward(r, bank)
+    v.finish(r)
+    r = s.req(long, max_new=8)
+    assert s.cache._wanted_slots() > 0 and not s.schedule([r])  # the blobs just compressed are wanted
+    for _ in range(IDLE_TICKS):
+        s.cache.scheduler_tick()  # the scheduler's passes with nothing running
+    assert s.schedule([r]) == [r]
+    s.forward(r, bank)
+    s.finish(r)
     assert s.cache.stats.dropped_tokens > 0 and s.cache.store.num_slots == 0
     check_invariants(s.cache)
 

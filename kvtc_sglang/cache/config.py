@@ -122,9 +122,10 @@ class KVTCCacheConfig:
             free slots page by page when a blob needs room and gives them back when its blobs are dropped,
             so nothing is reserved at start-up; its slots count as evictable for SGLang's admission (with
             ``protect_wanted``, all but those of wanted blobs).
-        protect_wanted: experimental (off by default): the store slots of *wanted* blobs (compressed or
-            matched lately, :mod:`~kvtc_sglang.cache.wanted`) are not admission room. Measured on this CPU it
-            did not help SGLang's agentic trace and cost the main job most of its TTFT gain (BENCHMARKS.md).
+        protect_wanted: the store slots of *wanted* blobs (compressed or matched lately,
+            :mod:`~kvtc_sglang.cache.wanted`) are not admission room, so admitting a newcomer does not drop
+            the blobs of sessions whose next turn is coming (on by default; a request kept out waits at most
+            ``STARVE_TICKS`` scheduler passes, or until nothing runs).
         max_waste_share: encoding pauses (:mod:`~kvtc_sglang.cache.governor`) once four pools' worth of encoded
             tokens was dropped unused and such drops are more than this share of all blob outcomes (restored
             or dropped unused); 1.0 never pauses.
@@ -146,7 +147,7 @@ class KVTCCacheConfig:
     chunk_bytes: int = 1 << 16
     encode: str = "auto"
     verify_restores: bool = False
-    protect_wanted: bool = False
+    protect_wanted: bool = True
     max_waste_share: float = 0.75
     dot_precision: str = "auto"
 

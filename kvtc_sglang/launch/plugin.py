@@ -54,7 +54,7 @@ _OPTIONS = (  # (flag, dest, type, config field, help)
      "Where encodes run: auto (background on a GPU, inline on the CPU; default), background (a worker thread "
      "or GPU side stream) or inline (on the scheduler thread)."),
     ("--kvtc-protect-wanted", "kvtc_protect_wanted", _flag, "protect_wanted",
-     "Experimental (0/1): blobs compressed or matched lately are not admission room (default 0)."),
+     "0/1: blobs compressed or matched lately are not admission room, up to a bounded wait (default 1)."),
     ("--kvtc-max-waste-share", "kvtc_max_waste_share", float, "max_waste_share",
      "Pause encoding while more than this share of blobs is dropped before any restore (default 0.75; "
      "1 never pauses)."),
