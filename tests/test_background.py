@@ -13,6 +13,9 @@ import time
 
 import pytest
 import torch
+
+pytest.importorskip("sglang")  # the cache imports SGLang; the GPU image lacks it unless it travels
+
 from conftest import rel_err
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
@@ -307,15 +310,35 @@ def test_verify_restores_catches_a_row_overwritten_during_a_restore(codec, bank,
     assert drv.read_prefix(seq)[0] == 300
     assert cache.stats.verified_restores == 1 and cache.stats.verify_failures == 0
     cache.compress_idle(now=float("inf"))  # compressed again (its kept blob: no encode)
-    real = codec.decode_rows_many
+    real = codec.write_rows_many
 
-    def racing(blobs, k_layers, v_layers, targets, **kwargs):
-        real(blobs, k_layers, v_layers, targets, **kwargs)
+    def racing(payloads, headers, k_layers, v_layers, targets):
+        real(payloads, headers, k_layers, v_layers, targets)
         k_layers[3][targets[0][0][5]] += 1.0  # another writer hits one restored row
 
-    monkeypatch.setattr(codec, "decode_rows_many", racing)
+    monkeypatch.setattr(codec, "write_rows_many", racing)
     assert drv.read_prefix(seq)[0] == 300
     assert cache.stats.verified_restores == 2 and cache.stats.verify_failures == 1
+
+
+def test_verify_restores_catches_an_encode_that_read_rows_too_early(codec, bank, monkeypatch):
+    """An encode that reads its rows before the forward has written them (a stream race; here it reads zeros)
+    makes a blob that passes its CRCs and restores to exactly what it decodes to: only a reference made from
+    the rows as the device holds them at commit catches it."""
+    cache = make(codec, 2048, encode="inline", verify_restores=True)
+    real = codec.encode_rows_many
+
+    def too_early(k_layers, v_layers, segments):
+        return real([torch.zeros_like(b) for b in k_layers], [torch.zeros_like(b) for b in v_layers], segments)
+
+    monkeypatch.setattr(codec, "encode_rows_many", too_early)
+    drv = Driver(cache, bank)
+    seq = list(range(300))
+    drv.finish(drv.start(seq))
+    cache.compress_idle(now=float("inf"))
+    assert drv.read_prefix(seq)[0] == 300
+    assert cache.stats.checksum_failures == 0
+    assert cache.stats.verified_restores == 1 and cache.stats.verify_failures == 1
 
 
 def test_the_encoder_sleeps_after_a_flush(codec, bank):

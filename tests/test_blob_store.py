@@ -171,3 +171,22 @@ def test_pages_are_taken_lowest_first_after_any_release_order():
     assert store.num_pages == 0 and lowest_unused_page_ref(store) == 0
     store.clear()
     assert lowest_unused_page_ref(store) == 0
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_a_borrowed_page_owns_exactly_its_slots_on_sglangs_allocator(page_size):
+    """At page size 1 SGLang's ``alloc`` returns a view into its whole free list; a page the store holds must own
+    its ``8 * P`` bytes, not keep that list (800 KB at 100k slots) alive outside SGLang's memory budget."""
+    from types import SimpleNamespace
+
+    from kvtc_sglang.workloads.replay import build_pool
+
+    spec = SimpleNamespace(num_layers=1, num_kv_heads=1, head_dim=8, dtype="bfloat16")  # what build_pool reads
+    pool, allocator = build_pool(spec, 100_000, page_size)
+    store = BlobStore([*pool.k_buffer, *pool.v_buffer], allocator, page_size, 64 * page_size)
+    handles = [store.put(_blob(100, seed), 0) for seed in range(3)]
+    held = [s for s in store._page_slots if s is not None]
+    assert held and all(h is not None for h in handles)
+    for slots in held:
+        assert slots.untyped_storage().nbytes() == 8 * page_size, slots.untyped_storage().nbytes()
+    assert torch.equal(store.get(handles[1]), _blob(100, 1))

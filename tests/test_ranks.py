@@ -83,6 +83,8 @@ def test_tensor_parallel_refusals_name_the_option():
     assert refused_server_option(cpu.get) is None
     assert "CPU engine only" in refused_server_option({"tp_size": 2, "device": "cuda"}.get)
     assert "pipeline parallelism" in refused_server_option({**cpu, "pp_size": 2}.get)
+    assert "P/D disaggregation" in refused_server_option({**cpu, "disaggregation_mode": "decode"}.get)
+    assert refused_server_option({**cpu, "disaggregation_mode": "null"}.get) is None
     assert "data parallelism" in refused_server_option({**cpu, "enable_dp_attention": True}.get)
     assert "--kvtc-idle-seconds 2" in refused_tp(2.0, 2)
     assert refused_tp(0.0, 2) is None and refused_tp(2.0, 1) is None

@@ -24,8 +24,9 @@ def _launch(args: list[str]) -> subprocess.CompletedProcess:
     [
         (["--kvtc-calibration", "/nonexistent/x.kvtc.safetensors"], "x.kvtc.safetensors"),
         (["--backend", "vanilla", "--kvtc-idle-seconds", "5"], "--kvtc-idle-seconds given without --kv-backend"),
+        (["--disaggregation-mode", "prefill"], "--disaggregation-mode prefill is not supported by kvtc"),
     ],
-    ids=["missing-calibration", "kvtc-flag-on-vanilla"],
+    ids=["missing-calibration", "kvtc-flag-on-vanilla", "pd-disaggregation"],
 )
 def test_refused_at_start_up(args, message):
     done = _launch(["--model-path", hf_model(), *args])

@@ -22,6 +22,12 @@ def refused_server_option(get: Callable[[str], object]) -> str | None:
             f"--hicache-storage-backend {get('hicache_storage_backend')} is HiCache's storage tier, which kvtc "
             "does not feed; drop it"
         )
+    mode = get("disaggregation_mode")
+    if mode not in (None, "", "null"):
+        return (
+            f"--disaggregation-mode {mode} is not supported by kvtc: a prefill server sends pages as the forward "
+            "writes them, and kvtc never marks what SGLang's early-send check reads; run without P/D disaggregation"
+        )
     if get("disaggregation_decode_retraction_backup") == "host_pool":
         return (
             "--disaggregation-decode-retraction-backup host_pool needs SGLang's HiCache host pool, which kvtc "
@@ -115,9 +121,11 @@ class KVTCCacheConfig:
         encode: ``background`` (a worker thread, on a GPU its side stream; the scheduler commits finished
             encodes at a later tick), ``inline`` (each encode runs when the tick queues it, on the scheduler
             thread) or ``auto`` (:func:`resolve_encode_mode`: background on a GPU, inline on the CPU).
-        verify_restores: debugging: keep a host copy of what each blob decodes to when it is made, and check
-            every restored row against it (``verify_failures`` counts mismatches: a blob or a row overwritten
-            between encode and restore, such as a stream race). Costs the raw KV size in host memory.
+        verify_restores: debugging: when an encode is committed, synchronize the device, re-encode the node's
+            rows as it holds them and keep a host copy of what that decodes to; check every restored row against
+            it (``verify_failures`` counts mismatches: an encode that read its rows too early, a restore written
+            late, a row overwritten between encode and restore: stream races). Costs a second encode per blob, a
+            device synchronize per commit and the raw KV size in host memory.
         store_fraction: most of the KV pool's token slots the compressed store may borrow. The store takes
             free slots page by page when a blob needs room and gives them back when its blobs are dropped,
             so nothing is reserved at start-up; its slots count as evictable for SGLang's admission (with

@@ -8,18 +8,12 @@ tree commits a finished job at a later scheduler tick (:meth:`take_ready`). The 
 encode except through :meth:`drain` (``reset``, a free of rows still being read, or ``evict`` with nothing
 else left to free).
 
-Ordering on a GPU (SGLang's overlap scheduler lets a forward still write slots the scheduler has already
-freed, and the paged allocator hands the newest pages out first), two rules, no host sync:
-
-1. every pool-row read or write of ours waits on the forward stream first (an event recorded on it when
-   the work is issued): encodes on the worker's side stream, blob puts on the store stream, restores on
-   the load stream;
-2. the forward stream waits on our work before any later batch once that work's rows may be used or
-   reused: restores before the batch that reads them, puts before the pages could be freed, an encode
-   before its nodes' slots can be freed (it is committed only once its event has completed).
-
-On the CPU every op completes in order on the calling thread: streams and events are absent, and the
-rules hold by construction (the worker thread only reads rows the tree keeps until the job is committed).
+Ordering on a GPU: :mod:`~kvtc_sglang.cache.streams` (:class:`StreamFences`): every pool-row access here runs
+on a kvtc stream after events from the forward and schedule streams, and the forward waits on kvtc's events;
+the scheduler thread never waits on a stream. A restore reads and checks its blobs after only their puts'
+events (its host syncs, the CRC values and nvCOMP's sizes, never wait on the forward in flight), then writes
+the pool rows after the forward's fence with no host sync. Encodes run on the worker's stream, inline
+encodes on a stream of their own; one nvCOMP codec per stream and thread.
 
 Tensor parallelism: every rank mirrors the tree, so a job is committed only at a point all ranks agree on:
 :meth:`take_ready` commits the leading jobs that are finished on every rank, and compares the ranks'
@@ -34,8 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -46,6 +39,7 @@ from .kv_io import PoolKV
 from .ranks import DecisionDigest, LocalAgreement
 from .stats import KVTCStats
 from .store import BlobHandle, BlobStore
+from .streams import CudaStreamOps, StreamFences
 from .tree_walk import TreeNode
 
 logger = logging.getLogger(__name__)
@@ -58,7 +52,7 @@ class EncodeJob:
     seq: int
     targets: list[tuple[TreeNode, torch.Tensor, int]]
     future: Future | None = None
-    done_event: Any = None  # torch.cuda.Event recorded on the side stream after the encode
+    done_event: Any = None  # torch.cuda.Event recorded on the encode stream after the encode
     results: list[tuple[torch.Tensor, BlobHeader]] = field(default_factory=list)
     references: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)  # verify_restores
     seconds: float = 0.0
@@ -71,27 +65,7 @@ class EncodeJob:
 VERIFY_TOLERANCE = 1e-2  # max |difference| between a restore and the same blob's decode (both bf16 rows)
 
 
-def _keep_for(stream: Any, *tensors: torch.Tensor) -> None:
-    """Tell torch's caching allocator that ``stream`` uses these tensors (made on another stream)."""
-    for t in tensors:
-        if t.is_cuda:
-            t.record_stream(stream)
-
-
-class CudaStreamOps:
-    """The stream API the controller uses (torch's CUDA streams); tests pass a recording stand-in."""
-
-    def stream(self, device: torch.device) -> Any:
-        return torch.cuda.Stream(device=device)
-
-    def event(self) -> Any:
-        return torch.cuda.Event()
-
-    def current(self, device: torch.device) -> Any:
-        return torch.cuda.current_stream(device)
-
-    def use(self, stream: Any) -> AbstractContextManager:
-        return torch.cuda.stream(stream)
+__all__ = ["CudaStreamOps", "EncodeJob", "KVTCController"]
 
 
 class KVTCController:
@@ -103,7 +77,8 @@ class KVTCController:
         stats: the cache's counters (codec seconds on the scheduler thread and on the worker).
         background: encode on a worker thread (the server); ``False`` runs each job when it is submitted
             (tools and tests: deterministic, nothing pending across calls).
-        verify: keep what each blob decodes to (host copies) and check restored rows against it.
+        verify: debugging; at each commit, re-encode the node's rows as the device holds them after a full
+            synchronize and keep what that decodes to (host copies); check every restore against it.
         agreement: the tensor-parallel ranks' agreement (:mod:`~kvtc_sglang.cache.ranks`; one rank: none).
         stream_ops: the stream API; default: CUDA streams for a pool on a GPU, none on the CPU.
     """
@@ -127,65 +102,40 @@ class KVTCController:
         self.verify = verify
         self.agreement = agreement if agreement is not None else LocalAgreement()
         self.digest = DecisionDigest()  # the tree's decisions, compared across ranks at every tick
-        self.ops = stream_ops if stream_ops is not None else (CudaStreamOps() if kv.device.type == "cuda" else None)
-        self._forward_stream: Any = None  # SGLang's forward stream (bound by the plugin at the first tick)
-        self._side = self._store = self._load = None
-        if self.ops is not None:
-            self._side = self.ops.stream(kv.device)  # background encodes
-            self._store = self.ops.stream(kv.device)  # blob puts
-            self._load = self.ops.stream(kv.device)  # restores
+        ops = stream_ops if stream_ops is not None else (CudaStreamOps() if kv.device.type == "cuda" else None)
+        self.fences = StreamFences(kv.device, ops)
         self._executor: ThreadPoolExecutor | None = None
         self._jobs: deque[EncodeJob] = deque()
         self._seq = 0
 
-    # ----- streams and fences -----
+    # ----- streams -----
 
     def bind_forward_stream(self, stream: Any) -> None:
-        """SGLang's forward stream (``Scheduler.forward_stream`` under the overlap scheduler); ``None``: the
-        forward runs on the scheduler's current stream (the normal loop), taken now, on the scheduler thread."""
-        if self.ops is not None:
-            self._forward_stream = stream if stream is not None else self.ops.current(self.kv.device)
+        """See :meth:`StreamFences.bind_forward_stream`."""
+        self.fences.bind_forward_stream(stream)
 
     def forward_stream(self) -> Any:
-        """The forward stream (unbound: the calling thread's current stream; only the scheduler thread asks)."""
-        if self.ops is None:
-            return None
-        return self._forward_stream if self._forward_stream is not None else self.ops.current(self.kv.device)
-
-    def new_event(self, stream: Any) -> Any:
-        """An event recorded on ``stream`` now (``None`` on the CPU)."""
-        if self.ops is None:
-            return None
-        event = self.ops.event()
-        event.record(stream)
-        return event
-
-    def fence_event(self) -> Any:
-        """An event on the forward stream after everything issued on it so far (``None`` on the CPU)."""
-        return self.new_event(self.forward_stream())
-
-    def before_forward(self, event: Any) -> None:
-        """Make every later batch of the forward stream wait on ``event`` (rule 2; no host sync)."""
-        if event is not None:
-            self.forward_stream().wait_event(event)
-
-    def on_stream(self, stream: Any, fence: Any) -> AbstractContextManager:
-        """Run the block on ``stream`` after ``fence`` (rule 1); a no-op context on the CPU."""
-        if self.ops is None or stream is None:
-            return nullcontext()
-        stream.wait_event(fence)
-        return self.ops.use(stream)
+        return self.fences.forward_stream()
 
     def put(self, store: BlobStore, blob: torch.Tensor, reserve_bytes: int = 0) -> BlobHandle | None:
-        """``store.put(blob, reserve_bytes)`` on the store stream after the forward stream (rule 1), ordered
-        before the next batch (rule 2): the pages it borrows may have been freed by a batch still in flight."""
-        if self.ops is None:
+        """``store.put(blob, reserve_bytes)`` on the store stream: the reservation (the allocator's free list, the
+        page table) after the schedule stream, the rows after the forward's fence too (the pages it borrows may
+        have been freed by a batch still in flight); the next batch waits on the put (rule 3), and the handle's
+        ``ready`` event orders later reads of the blob. No host sync."""
+        f = self.fences
+        if f.ops is None:
             return store.put(blob, reserve_bytes)
-        with self.on_stream(self._store, self.fence_event()):
-            handle = store.put(blob, reserve_bytes)
-        _keep_for(self._store, blob)
-        self.before_forward(self.new_event(self._store))
-        return handle
+        issued = f.issued()
+        with f.enter("store", issued[1:]):
+            plan = store.reserve(blob.numel(), reserve_bytes)
+        if plan is None:
+            return None
+        f.keep("store", blob)
+        with f.enter("store", issued):
+            handle = store.write(plan, blob)
+        ready = f.done("store")
+        f.before_forward(ready)
+        return replace(handle, ready=ready)
 
     # ----- encode -----
 
@@ -211,7 +161,7 @@ class KVTCController:
                 self._executor = ThreadPoolExecutor(
                     max_workers=1, thread_name_prefix="kvtc-encode", initializer=self._worker_init
                 )
-            job.future = self._executor.submit(self._encode, job, self.fence_event())
+            job.future = self._executor.submit(self._encode, job, "encode", self.fences.issued())
         self._jobs.append(job)
         return job
 
@@ -220,33 +170,49 @@ class KVTCController:
             torch.set_num_threads(1)
 
     def encode_now(self, targets: list[tuple[TreeNode, torch.Tensor, int]]) -> EncodeJob:
-        """Encode on the calling thread and return the finished job, not queued (tools, tests, inline mode)."""
+        """Encode on the calling thread and return the finished job, not queued (tools, tests, inline mode). It
+        runs on the inline stream (never the worker's), and every later batch waits on it: its nodes' slots may
+        be freed as soon as it returns."""
         self._seq += 1
         job = EncodeJob(self._seq, targets)
         try:
-            self._encode(job, self.fence_event())
+            self._encode(job, "inline", self.fences.issued())
         except (RuntimeError, ValueError, MemoryError):  # as a worker job's error: no blobs, the nodes stay
             logger.exception("kvtc: an encode of %d tokens on the scheduler thread failed", job.num_tokens)
             job.results = []
+        self.fences.before_forward(job.done_event)
+        if self.verify and job.results:
+            job.references = self._references(job)
         self.stats.scheduler_codec_seconds += job.seconds
         return job
 
-    def _encode(self, job: EncodeJob, fence: Any) -> None:
+    def _encode(self, job: EncodeJob, stream: str, events: tuple[Any, ...]) -> None:
         t0 = time.perf_counter()
         segments = [(slots, torch.arange(lo, lo + len(slots))) for _, slots, lo in job.targets]
-        with self.on_stream(self._side, fence):
-            # Reads the rows in place (fused Triton kernels on CUDA, gather + torch on CPU); host syncs of the
-            # codec (blob sizes, CRC values, headers) block this thread only.
-            blobs = self.codec.encode_rows_many(self.kv.k_buffers, self.kv.v_buffers, segments)
-            job.results = [(blob, self.codec.read_header(blob)) for blob in blobs]
-            if self.verify:  # debugging: what each blob decodes to now is what its restore must write
-                for blob in blobs:
-                    k, v, _ = self.codec.decode(blob)
-                    job.references.append((k.cpu(), v.cpu()))
-            job.done_event = self.new_event(self._side)
+        self.fences.keep(stream, *(slots for _, slots, _ in job.targets))
+        try:
+            with self.fences.enter(stream, events):
+                # Reads the rows in place (fused Triton kernels on CUDA, gather + torch on CPU); host syncs of the
+                # codec (blob sizes, CRC values, headers) block this thread only.
+                blobs = self.codec.encode_rows_many(self.kv.k_buffers, self.kv.v_buffers, segments)
+                job.results = [(blob, self.codec.read_header(blob)) for blob in blobs]
+        finally:  # also after an error: the rows it read may be freed once the forward has waited on this
+            job.done_event = self.fences.done(stream)
         job.seconds = time.perf_counter() - t0
         if job.future is not None:  # a worker job (its future is set before the worker starts it)
             self.stats.worker_seconds += job.seconds
+
+    def _references(self, job: EncodeJob) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Debugging (``verify_restores``): what each node's rows, read after a full synchronize (so as the
+        forward wrote them), decode to through the codec: a blob whose encode read the rows too early, or a
+        restore that wrote them late, differs from it (a blob's own decode would not show the first)."""
+        self.fences.synchronize()
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for _, slots, lo in job.targets:
+            k, v = self.kv.gather(slots)  # [L, T, H, D] each
+            k2, v2, _ = self.codec.decode(self.codec.encode(k, v, torch.arange(lo, lo + len(slots))))
+            out.append((k2.cpu(), v2.cpu()))
+        return out
 
     def _finished(self, job: EncodeJob) -> bool:
         if job.future is not None and not job.future.done():
@@ -267,12 +233,12 @@ class KVTCController:
         return self._pop(self.agreement.tick(done, self.digest))
 
     def wait(self) -> None:
-        """Block until every queued job has read its rows (jobs stay queued; the blocking path)."""
+        """Block until the worker has finished every queued job (jobs stay queued). No stream is waited on:
+        every later batch waits on the jobs' events, so their rows may be freed from now on (rule 3)."""
         for job in self._jobs:
             if job.future is not None:
-                job.future.exception()  # waits; the error, if any, surfaces in _pop
-            if job.done_event is not None:
-                job.done_event.synchronize()
+                job.future.exception()  # waits for the thread; the error, if any, surfaces in _pop
+            self.fences.before_forward(job.done_event)
 
     def drain(self) -> list[EncodeJob]:
         """Wait for every queued job and return them all (the caller commits them)."""
@@ -287,7 +253,9 @@ class KVTCController:
             if error is not None:
                 logger.error("kvtc: a background encode of %d tokens failed: %r", job.num_tokens, error)
                 job.results = []
-            self.before_forward(job.done_event)  # its nodes' slots may be freed from now on (rule 2)
+            self.fences.before_forward(job.done_event)  # its nodes' slots may be freed from now on (rule 3)
+            if self.verify and job.results:
+                job.references = self._references(job)
             out.append(job)
         return out
 
@@ -303,37 +271,48 @@ class KVTCController:
         fetch: Callable[[], list[torch.Tensor]],
         headers: list[BlobHeader],
         targets: list[tuple[torch.Tensor, torch.Tensor]],
+        ready: list[Any] | None = None,
         references: list[tuple | None] | None = None,
     ) -> None:
         """Decode the blobs ``fetch()`` reads from the store into pool rows ``targets[i] = (slots [T_i] int64,
         positions [T_i])``, one codec call, on the scheduler thread (SGLang's ``init_load_back`` is synchronous).
 
-        On a GPU the store reads and the decode run on the load stream after the forward stream (rule 1) and
-        the next batch waits for them (rule 2); the only host copy is the batch's CRC values. Raises
-        ``BlobError`` (its ``blob_index`` names the blob) before any row is written."""
+        On a GPU: the store reads, CRC checks and inflate on the read stream after the blobs' puts only
+        (``ready``: their handles' events), then the rows on the load stream after the schedule stream (the
+        slots were allocated this tick) and the forward's fence, with no host sync; the next batch waits on both
+        whether the restore succeeded or not (the caller frees the slots on failure). Raises ``BlobError`` (its
+        ``blob_index`` names the blob) before any row is written."""
+        f = self.fences
         t0 = time.perf_counter()
         for slots, positions in targets:
-            _keep_for(self._load, slots, positions)
+            f.keep("load", slots, positions)
+        issued = f.issued()
         try:
-            with self.on_stream(self._load, self.fence_event()):
-                blobs = fetch()
-                self.codec.decode_rows_many(blobs, self.kv.k_buffers, self.kv.v_buffers, targets, headers=headers)
-                event = self.new_event(self._load)
-            self.before_forward(event)
-        finally:
+            with f.enter("read", ready or []):  # never after the forward: its host syncs wait on the puts only
+                payloads = self.codec.read_blobs(fetch(), headers, targets, self.kv.device)
+            f.keep("load", *payloads)
+            with f.enter("load", (*issued, f.done("read"))):
+                self.codec.write_rows_many(payloads, headers, self.kv.k_buffers, self.kv.v_buffers, targets)
+        finally:  # success or not: the store pages read and the rows written come before the next batch
+            f.before_forward(f.done("read"))
+            f.before_forward(f.done("load"))
             self.stats.scheduler_codec_seconds += time.perf_counter() - t0
         if references is not None:
             self._check(targets, references)
 
     def _check(self, targets: list[tuple[torch.Tensor, torch.Tensor]], references: list[tuple | None]) -> None:
-        """Debugging (``verify_restores``): restored rows against their blobs' decodes when they were made.
-        Synchronises with the device; counts ``verified_restores`` and ``verify_failures``."""
-        for (slots, _), ref in zip(targets, references, strict=True):
-            if ref is None:
-                continue
-            k, v = self.kv.gather(slots)  # [L, T, H, D] each
-            self.stats.verified_restores += 1
-            diff = max(float((a.cpu().float() - b.float()).abs().max()) for a, b in zip((k, v), ref, strict=True))
-            if diff > VERIFY_TOLERANCE:
-                self.stats.verify_failures += 1
-                logger.error("kvtc: a restored node of %d rows differs from its blob by %.3g", len(slots), diff)
+        """Debugging (``verify_restores``): restored rows, read on the load stream after the restore, against
+        their references (:meth:`_references`). Synchronises with the device; counts ``verified_restores`` and
+        ``verify_failures``."""
+        with self.fences.enter("load", ()):
+            for (slots, _), ref in zip(targets, references, strict=True):
+                if ref is None:
+                    continue
+                k, v = self.kv.gather(slots)  # [L, T, H, D] each
+                self.stats.verified_restores += 1
+                diff = max(float((a.cpu().float() - b.float()).abs().max()) for a, b in zip((k, v), ref, strict=True))
+                if diff > VERIFY_TOLERANCE:
+                    self.stats.verify_failures += 1
+                    logger.error(
+                        "kvtc: a restored node of %d rows differs from its reference by %.3g", len(slots), diff
+                    )

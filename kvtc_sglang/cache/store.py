@@ -14,17 +14,32 @@ check expects, and ``PrefillBudget`` may count them, as it counts evictable devi
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from ..devcopy import to_device
 
 
 @dataclass(frozen=True)
 class BlobHandle:
-    """Where one blob lives: block ids (ascending; ``slot position * 2L + buffer``) and its length."""
+    """Where one blob lives: block ids (ascending; ``slot position * 2L + buffer``) and its length; ``ready``:
+    an event after which its bytes are in the store (set by the controller on a GPU; ``None``: already)."""
 
     blocks: torch.Tensor  # [num_blocks] int64, CPU
     nbytes: int
+    ready: Any = None
+
+
+@dataclass(frozen=True)
+class PutPlan:
+    """Blocks reserved for one blob (:meth:`BlobStore.reserve`), not written yet: ``rows`` per buffer used."""
+
+    blocks: torch.Tensor  # [k] int64, CPU
+    nbytes: int
+    rows: list[tuple[int, torch.Tensor, torch.Tensor]]  # (buffer, positions in the blob [k_b], slots [k_b])
 
 
 class BlobStore:
@@ -93,7 +108,9 @@ class BlobStore:
         if slots is None:
             return False
         page = heapq.heappop(self._unused_pages)  # lowest unused page number
-        held = slots.to(torch.int64)
+        # a copy that owns its 8 * P bytes: at page size 1 ``alloc`` returns a view into the allocator's free
+        # list, and ``.to(int64)`` of an int64 view is that view (it kept the whole list alive, page by page)
+        held = slots.to(torch.int64, copy=True)
         self._page_slots[page] = held
         self._page_table[page] = held
         self.num_pages += 1
@@ -105,11 +122,15 @@ class BlobStore:
 
     def _release(self, page: int) -> None:
         slots = self._page_slots[page]
+        if slots is None:
+            raise RuntimeError(f"blob store page {page} is released twice")
         first = page * self.blocks_per_page
         self._free_set.difference_update(range(first, first + self.blocks_per_page))  # heap entries go lazily
         self._page_slots[page] = None
         heapq.heappush(self._unused_pages, page)
         self.num_pages -= 1
+        if slots.is_cuda:  # made on the store stream, read now by the allocator's free on the caller's stream
+            slots.record_stream(torch.cuda.current_stream(slots.device))
         self.allocator.free_segment(slots, start_pos=0)  # one whole page: sync-free
 
     def _pop_block(self) -> int:
@@ -119,60 +140,74 @@ class BlobStore:
                 self._free_set.discard(block)
                 return block
 
-    def _locate(self, blocks: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """``(buffer, positions in the blob [k_b], slot rows [k_b])`` per buffer the blob uses, both on device.
+    def _locate(self, ids: list[int]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(buffer, positions in the blob [k_b], slot rows [k_b])`` per buffer the blob's blocks ``ids`` use,
+        both on device.
 
-        One lookup in the device-side ``[max_pages, P]`` page table finds every block's slot; the blocks are
-        grouped by buffer with one sort on the host (block ids are host tensors), and the index tensors go to
-        the device once. Nothing comes back to the host.
+        The blocks are grouped by buffer on the host (plain integers), the index tensors go to the device through
+        pinned memory (no host wait), and one lookup in the device-side ``[max_pages, P]`` page table finds every
+        block's slot. Nothing comes back to the host.
         """
         nbuf = len(self._rows)
-        per_slot = blocks // nbuf  # slot position = page * P + offset
-        pages = per_slot // self.page_size
-        for page in torch.unique(pages).tolist():  # host tensor: no device sync
+        for page in {block // nbuf // self.page_size for block in ids}:
             if self._page_slots[page] is None:
                 raise RuntimeError(f"blob store page {page} is not held (a block points into a returned page)")
-        buf_ids = blocks % nbuf
-        order = torch.argsort(buf_ids, stable=True)  # positions in the blob, grouped by buffer, ascending
-        counts = torch.bincount(buf_ids, minlength=nbuf).tolist()
-        where = order.to(self.device)
-        rows = self._page_table.view(-1)[per_slot[order].to(self.device)]  # [k] slots, grouped by buffer
+        order = sorted(range(len(ids)), key=lambda i: ids[i] % nbuf)  # stable: positions grouped by buffer
+        where = to_device(torch.tensor(order, dtype=torch.int64), self.device)
+        per_slot = torch.tensor([ids[i] // nbuf for i in order], dtype=torch.int64)  # slot position = page * P + offset
+        rows = self._page_table.view(-1)[to_device(per_slot, self.device)]  # [k] slots, grouped by buffer
         out, at = [], 0
-        for b, n in enumerate(counts):
-            if n:
-                out.append((b, where[at : at + n], rows[at : at + n]))
-                at += n
+        counts = Counter(block % nbuf for block in ids)
+        for b in sorted(counts):
+            n = counts[b]
+            out.append((b, where[at : at + n], rows[at : at + n]))
+            at += n
         return out
 
     # ----- blobs -----
 
-    def put(self, blob: torch.Tensor, reserve_bytes: int = 0) -> BlobHandle | None:
-        """Store ``blob`` (``[nbytes]`` uint8) in the blocks of ``max(nbytes, reserve_bytes)`` bytes; ``None``
-        when no room can be borrowed. Under tensor parallelism every rank reserves the largest rank's size,
+    def reserve(self, nbytes: int, reserve_bytes: int = 0) -> PutPlan | None:
+        """Reserve blocks for a blob of ``nbytes`` in ``max(nbytes, reserve_bytes)`` bytes, borrowing pages as
+        needed; ``None`` when no room can be borrowed. Reads the allocator's free list and the page table, writes
+        no pool row (:meth:`write` does). Under tensor parallelism every rank reserves the largest rank's size,
         so the store's blocks and pages (what the tree decides on) are the same on every rank."""
-        if blob.dtype != torch.uint8 or blob.dim() != 1:
-            raise ValueError(f"blob must be a 1-D uint8 tensor, got {blob.dtype} with shape {list(blob.shape)}")
         if reserve_bytes < 0:
             raise ValueError(f"reserve_bytes must be >= 0, got {reserve_bytes}")
-        k = self.blocks_for(max(blob.numel(), reserve_bytes))
+        k = self.blocks_for(max(nbytes, reserve_bytes))
         while len(self._free_set) < k:
             if not self._grow():
                 return None
         ids = sorted(self._pop_block() for _ in range(k))
         for block in ids:
             self._page_used[block // self.blocks_per_page] += 1
-        blocks = torch.tensor(ids, dtype=torch.int64)
+        return PutPlan(torch.tensor(ids, dtype=torch.int64), nbytes, self._locate(ids))
+
+    def write(self, plan: PutPlan, blob: torch.Tensor) -> BlobHandle:
+        """Write ``blob`` (``[plan.nbytes]`` uint8 on the store's device) into its reserved blocks: device copies
+        only (no host sync)."""
+        if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() != plan.nbytes:
+            raise ValueError(
+                f"blob must be a 1-D uint8 tensor of {plan.nbytes} bytes, got {blob.dtype} {list(blob.shape)}"
+            )
+        k = plan.blocks.numel()
         padded = torch.zeros(k * self.row_bytes, dtype=torch.uint8, device=self.device)
-        padded[: blob.numel()] = blob.to(self.device)
+        padded[: blob.numel()] = to_device(blob, self.device)
         rows = padded.view(k, self.row_bytes)  # [k, row_bytes]
-        for b, sel, slot_rows in self._locate(blocks):
+        for b, sel, slot_rows in plan.rows:
             self._rows[b].index_copy_(0, slot_rows, rows[sel])
-        return BlobHandle(blocks, blob.numel())
+        return BlobHandle(plan.blocks, plan.nbytes)
+
+    def put(self, blob: torch.Tensor, reserve_bytes: int = 0) -> BlobHandle | None:
+        """Store ``blob`` (``[nbytes]`` uint8): :meth:`reserve` then :meth:`write`; ``None`` when no room."""
+        if blob.dtype != torch.uint8 or blob.dim() != 1:
+            raise ValueError(f"blob must be a 1-D uint8 tensor, got {blob.dtype} with shape {list(blob.shape)}")
+        plan = self.reserve(blob.numel(), reserve_bytes)
+        return None if plan is None else self.write(plan, blob)
 
     def get(self, handle: BlobHandle) -> torch.Tensor:
         """The stored bytes, ``[nbytes]`` uint8 on the store's device (a copy)."""
         out = torch.empty(handle.blocks.numel(), self.row_bytes, dtype=torch.uint8, device=self.device)
-        for b, sel, slot_rows in self._locate(handle.blocks):
+        for b, sel, slot_rows in self._locate(handle.blocks.tolist()):
             out[sel] = self._rows[b].index_select(0, slot_rows)
         return out.view(-1)[: handle.nbytes]
 

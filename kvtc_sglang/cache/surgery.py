@@ -112,7 +112,8 @@ class TreeSurgery(TreeEviction):
         try:  # every check runs before the first row is written: a bad blob leaves the slots untouched
             self.ctl.restore(
                 lambda: [self.store.get(e.handle) for e in entries], [e.header for e in entries], targets,
-                [e.reference for e in entries] if self.ctl.verify else None,
+                ready=[e.handle.ready for e in entries],
+                references=[e.reference for e in entries] if self.ctl.verify else None,
             )
         except BlobError as e:
             bad, error = e.blob_index or 0, e

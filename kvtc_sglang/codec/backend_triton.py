@@ -8,16 +8,20 @@ inputs (:class:`~kvtc_sglang.triton_kernels.RopeTables`, :class:`~kvtc_sglang.tr
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
 
+from ..devcopy import to_device
 from ..triton_kernels import DOT_PRECISIONS, LayerTable, RopeTables, StreamPlan, decode_into, project, quant_pack
 from .backend import DeviceStreams, decode_by_rows
 from .rope import RopeConfig, cos_sin
 from .spec import ModelSpec
 
 __all__ = ["DOT_PRECISIONS", "TritonBackend", "check_dot_precision", "rope_tables"]
+
+MAX_LAYER_TABLES = 8  # pointer tables kept per backend (a pool's buffers, plus a few decode() temporaries)
 
 
 def check_dot_precision(precision: str) -> str:
@@ -38,9 +42,10 @@ def rope_tables(rope: RopeConfig | Sequence[RopeConfig], positions: torch.Tensor
     per_layer = [rope] if isinstance(rope, RopeConfig) else list(rope)
     if len(ropes) == 1:
         per_layer = per_layer[:1]
-    tables = {r: cos_sin(positions.cpu(), r) for r in ropes}  # [T, 1, rotary/2] each
-    cos = torch.stack([tables[r][0][:, 0] for r in per_layer]).contiguous().to(device)  # [L', T, rotary/2]
-    sin = torch.stack([tables[r][1][:, 0] for r in per_layer]).contiguous().to(device)
+    host = to_device(positions, torch.device("cpu"))  # the cache's positions are host tensors: no copy
+    tables = {r: cos_sin(host, r) for r in ropes}  # [T, 1, rotary/2] each
+    cos = to_device(torch.stack([tables[r][0][:, 0] for r in per_layer]).contiguous(), device)  # [L', T, rotary/2]
+    sin = to_device(torch.stack([tables[r][1][:, 0] for r in per_layer]).contiguous(), device)  # pinned: no wait
     return RopeTables(cos, sin, ropes[0].rotary_dim, ropes[0].style == "gptj")
 
 
@@ -55,15 +60,31 @@ class TritonBackend:
         self.plans = tuple(
             StreamPlan.build(s.cal.allocation.coded_groups(), s.rank, device) for s in (streams.keys, streams.values)
         )
+        self._lock = threading.Lock()  # the encode worker and the scheduler thread share the table cache
+        self._layer_tables: dict[tuple, tuple[LayerTable, LayerTable]] = {}
 
     def _tables(self, k_layers: list[torch.Tensor], v_layers: list[torch.Tensor]) -> tuple[LayerTable, LayerTable]:
+        """The pointer tables of these buffers, made once per buffer set (the KV pool's are made at its first
+        encode or restore and reused: no pointer copy per call)."""
         s = self.spec
         if len(k_layers) != s.num_layers or len(v_layers) != s.num_layers:
             raise ValueError(f"need {s.num_layers} K and V layer buffers, got {len(k_layers)} and {len(v_layers)}")
+        key = tuple((b.data_ptr(), b.shape[0], b.stride(0), b.dtype) for b in (*k_layers, *v_layers))
+        with self._lock:
+            cached = self._layer_tables.get(key)
+        if cached is not None:
+            for table in cached:  # made on another stream, maybe; the cache may drop it while this stream reads it
+                if table.ptrs.is_cuda:
+                    table.ptrs.record_stream(torch.cuda.current_stream(table.ptrs.device))
+            return cached
         tk = LayerTable(k_layers, s.num_kv_heads, s.head_dim)
         tv = LayerTable(v_layers, s.num_kv_heads, s.head_dim)
         if tv.dtype != tk.dtype or tv.device != tk.device:
             raise ValueError(f"K and V buffers must match: {tk.dtype}/{tk.device} vs {tv.dtype}/{tv.device}")
+        with self._lock:
+            if len(self._layer_tables) >= MAX_LAYER_TABLES:  # temporary buffers (decode()) come and go
+                self._layer_tables.pop(next(iter(self._layer_tables)))
+            self._layer_tables[key] = (tk, tv)
         return tk, tv
 
     def encode_rows(

@@ -304,22 +304,54 @@ class KVTCCodec:
         checked either way.
         """
         check_layers(self.spec, k_layers, v_layers)
-        if len(targets) != len(blobs) or (headers is not None and len(headers) != len(blobs)):
-            raise ValueError(f"{len(blobs)} blobs need as many targets and headers, got {len(targets)} targets")
-        device = k_layers[0].device
         srcs = [_as_tensor(b) for b in blobs]
         heads = self._headers(srcs) if headers is None else headers
-        for i, (header, (slots, positions)) in enumerate(zip(heads, targets, strict=True)):
+        payloads = self.read_blobs(srcs, heads, targets, k_layers[0].device)
+        self.write_rows_many(payloads, heads, k_layers, v_layers, targets)
+
+    def read_blobs(
+        self,
+        blobs: Sequence[torch.Tensor | bytes],
+        headers: list[BlobHeader],
+        targets: list[tuple[torch.Tensor, torch.Tensor]],
+        device: torch.device,
+    ) -> list[torch.Tensor]:
+        """The first half of :meth:`decode_rows_many`: every check of every blob against its header and target
+        (positions, token count, CRC32s) and the inflate; raw payloads ``[payload_nbytes(T_i)]`` uint8 on
+        ``device``. Touches no pool row: on a GPU it needs only the blobs' bytes to be ready. Raises a
+        ``BlobError`` whose ``blob_index`` names the bad blob."""
+        if len(targets) != len(blobs) or len(headers) != len(blobs):
+            raise ValueError(f"{len(blobs)} blobs need as many targets and headers, got {len(targets)} targets")
+        srcs = [_as_tensor(b) for b in blobs]
+        for i, (header, (slots, positions)) in enumerate(zip(headers, targets, strict=True)):
             if not torch.equal(header.positions.cpu(), positions.cpu().to(header.positions.dtype)):
                 raise BlobPositionsError(
                     f"blob positions {header.positions[:1].tolist()}.. differ from {positions[:1].tolist()}.."
                 ).at(i)
-            if header.dtype != k_layers[0].dtype or slots.numel() != header.num_tokens:
+            if slots.numel() != header.num_tokens:
                 raise ValueError(
-                    f"blob holds {header.num_tokens} {header.dtype} tokens, destination is {slots.numel()} rows of "
-                    f"{k_layers[0].dtype} (blob {i} of {len(blobs)})"
+                    f"blob holds {header.num_tokens} tokens, destination is {slots.numel()} rows "
+                    f"(blob {i} of {len(blobs)})"
                 )
-        payloads = self._unwrap_many(srcs, heads, device)
-        backend = self.payload_backend(device)
-        for payload, header, (slots, _) in zip(payloads, heads, targets, strict=True):
+        return self._unwrap_many(srcs, headers, device)
+
+    def write_rows_many(
+        self,
+        payloads: list[torch.Tensor],
+        headers: list[BlobHeader],
+        k_layers: list[torch.Tensor],
+        v_layers: list[torch.Tensor],
+        targets: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """The second half of :meth:`decode_rows_many`: payloads from :meth:`read_blobs` into the pool rows
+        ``targets[i][0]``, in the buffers' dtype (which must be the blobs'). On CUDA: kernel launches and
+        asynchronous copies from pinned memory only, no host sync."""
+        check_layers(self.spec, k_layers, v_layers)
+        for i, header in enumerate(headers):
+            if header.dtype != k_layers[0].dtype:
+                raise ValueError(
+                    f"blob {i} of {len(headers)} holds {header.dtype} tokens, the pool is {k_layers[0].dtype}"
+                )
+        backend = self.payload_backend(k_layers[0].device)
+        for payload, header, (slots, _) in zip(payloads, headers, targets, strict=True):
             backend.decode_rows(payload, k_layers, v_layers, slots, header.positions)

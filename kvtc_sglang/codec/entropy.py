@@ -9,6 +9,7 @@ because nvCOMP's decoder assumes valid input.
 from __future__ import annotations
 
 import importlib.util
+import threading
 import zlib
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -93,7 +94,9 @@ class NvcompDeflate:
     Streams: nvCOMP runs on torch's *current* stream of the chunks' device (SGLang's scheduler runs
     under its own stream), so its kernels are ordered after the torch work that made the input and
     before the torch work that reads the output. An nvCOMP ``Codec`` is bound to one stream at
-    creation, so one is made per ``(device, stream)`` and kept (at most ``MAX_CODECS``, oldest dropped).
+    creation and holds scratch buffers, so one is made per ``(device, stream, thread)`` and kept (at most
+    ``MAX_CODECS``, oldest dropped): the encode worker and the scheduler thread never share one. The table
+    is guarded by a lock.
     """
 
     name = "nvcomp"
@@ -104,25 +107,28 @@ class NvcompDeflate:
 
         self._nvcomp = nvcomp
         self.algorithm_type = algorithm_type
-        self._codecs: dict[tuple[int, int], Any] = {}
+        self._codecs: dict[tuple[int, int, int], Any] = {}
+        self._lock = threading.Lock()
 
     def codec_for(self, device: torch.device) -> Any:
         """The nvCOMP codec for ``device`` (a CUDA device) on its current torch stream, made on first use."""
         if device.type != "cuda":
             raise ValueError(f"nvCOMP needs CUDA tensors, got a tensor on {device}")
         index = device.index if device.index is not None else torch.cuda.current_device()
-        key = (index, current_stream_handle(index))
-        if key not in self._codecs:
-            if len(self._codecs) >= self.MAX_CODECS:
-                del self._codecs[next(iter(self._codecs))]
-            self._codecs[key] = self._nvcomp.Codec(
-                algorithm="Deflate",
-                bitstream_kind=self._nvcomp.BitstreamKind.RAW,
-                algorithm_type=self.algorithm_type,
-                device_id=index,
-                cuda_stream=key[1],
-            )
-        return self._codecs[key]
+        key = (index, current_stream_handle(index), threading.get_ident())
+        with self._lock:
+            codec = self._codecs.get(key)
+            if codec is None:
+                if len(self._codecs) >= self.MAX_CODECS:
+                    del self._codecs[next(iter(self._codecs))]
+                codec = self._codecs[key] = self._nvcomp.Codec(
+                    algorithm="Deflate",
+                    bitstream_kind=self._nvcomp.BitstreamKind.RAW,
+                    algorithm_type=self.algorithm_type,
+                    device_id=index,
+                    cuda_stream=key[1],
+                )
+        return codec
 
     @staticmethod
     def _to_torch(arr: Any, device: torch.device) -> torch.Tensor:

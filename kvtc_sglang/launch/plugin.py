@@ -62,7 +62,7 @@ _OPTIONS = (  # (flag, dest, type, config field, help)
      "The codec's projection precision: auto (bf16 on a CPU with native bf16 GEMMs, else exact fp32; "
      "default), ieee, bf16 (CPU), tf32x3 or tf32 (GPU)."),
     ("--kvtc-verify-restores", "kvtc_verify_restores", _flag, "verify_restores",
-     "Debugging (0/1): check every restored row against a host copy of its blob's decode (default 0)."),
+     "Debugging (0/1): check every restored row against a re-encode of its rows made at commit (default 0)."),
 )
 
 

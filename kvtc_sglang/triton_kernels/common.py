@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..devcopy import tensor_on, to_device
 from ..payload_format import FP8_MAX, FP16_MAX
 
 # tl.dot input precision of the projections: "ieee" is exact fp32 (FMA units); "tf32x3" (about fp32
@@ -153,7 +154,7 @@ class LayerTable:
             if b.shape[0] != first.shape[0]:
                 raise ValueError(f"layer {i} buffer has {b.shape[0]} rows, layer 0 has {first.shape[0]}")
         self.buffers = list(buffers)
-        self.ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device=first.device)  # [L]
+        self.ptrs = tensor_on([b.data_ptr() for b in buffers], torch.int64, first.device)  # [L], no host wait
         self.row_stride = first.stride(0)
         self.num_rows = first.shape[0]
         self.num_heads = num_heads
@@ -168,11 +169,17 @@ class LayerTable:
         return self.num_layers * self.num_heads * self.head_dim
 
     def check_slots(self, slots: torch.Tensor) -> torch.Tensor:
-        """``slots [T]`` integer row indices on the buffers' device, each in ``[0, N)``, as int64."""
+        """``slots [T]`` integer row indices on the buffers' device, each in ``[0, N)``, as int64: checked on the
+        host for host tensors (``ValueError``), by a device-side assert for CUDA tensors (no host wait)."""
         if slots.dim() != 1 or slots.dtype.is_floating_point:
             raise ValueError(f"slots must be a 1-D integer tensor, got {slots.dtype} {list(slots.shape)}")
-        slots = slots.to(device=self.device, dtype=torch.int64)
-        if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= self.num_rows):
+        slots = to_device(slots, self.device).to(torch.int64)
+        if not slots.numel():
+            return slots
+        if slots.is_cuda:  # a bound check on the host would wait for the stream: a device-side assert instead
+            inside = ((slots >= 0) & (slots < self.num_rows)).all()
+            torch._assert_async(inside, f"slots must lie in [0, {self.num_rows})")
+        elif int(slots.min()) < 0 or int(slots.max()) >= self.num_rows:
             raise ValueError(f"slots must lie in [0, {self.num_rows}), got [{int(slots.min())}, {int(slots.max())}]")
         return slots
 

@@ -10,15 +10,18 @@ their :attr:`GroupKind.code`.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from ..devcopy import tensor_on
 from ..payload_format import GroupKind, group_nbytes
 
 _MAX_CACHED_T = 256  # token counts whose offset tables are kept per plan
+_LOCK = threading.Lock()  # the offset caches are shared by the encode worker and the scheduler thread
 
 
 class CodedGroup(Protocol):
@@ -104,12 +107,17 @@ class StreamPlan:
         return sum(group_nbytes(size, kind, num_tokens) for _, size, kind in self.spans)
 
     def group_offsets(self, num_tokens: int) -> torch.Tensor:
-        """``[G + 1]`` int64 byte offsets of each group in the payload for ``num_tokens`` tokens (cached)."""
-        cached = self._offsets.get(num_tokens)
-        if cached is None:
-            if len(self._offsets) >= _MAX_CACHED_T:
-                self._offsets.pop(next(iter(self._offsets)))
-            offsets = [0, *itertools.accumulate(group_nbytes(s, k, num_tokens) for _, s, k in self.spans)]
-            cached = torch.tensor(offsets, dtype=torch.int64, device=self.device)
-            self._offsets[num_tokens] = cached
+        """``[G + 1]`` int64 byte offsets of each group in the payload for ``num_tokens`` tokens (cached; safe from
+        several threads). On CUDA the table is copied without a host wait, and marked as used by the calling
+        stream each time it is handed out: the cache may drop it while a kernel of another stream reads it."""
+        with _LOCK:
+            cached = self._offsets.get(num_tokens)
+            if cached is None:
+                if len(self._offsets) >= _MAX_CACHED_T:
+                    self._offsets.pop(next(iter(self._offsets)))
+                offsets = [0, *itertools.accumulate(group_nbytes(s, k, num_tokens) for _, s, k in self.spans)]
+                cached = tensor_on(offsets, torch.int64, self.device)
+                self._offsets[num_tokens] = cached
+        if cached.is_cuda:
+            cached.record_stream(torch.cuda.current_stream(cached.device))
         return cached
