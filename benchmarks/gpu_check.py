@@ -1,33 +1,24 @@
-"""GPU evidence in one command: every GPU test and benchmark, one JSON and one markdown report.
+"""GPU evidence in one command, built for the lent machine (``benchmarks/gpu_image.py``): at most 8 minutes,
+the most valuable measurements first, a time budget per step and a timeout per test, one JSON and one
+markdown report in ``$OUT`` (else ``out/gpu_check/``), rewritten after every step.
 
-Whoever gets a GPU runs it first. Here (with the model; the bundle must fit the device's 64 MiB transfer)::
+Here (the CPU install): make the bundle, then prove the run with a dry run (also in CI)::
 
-    python benchmarks/gpu_bundle.py --artifact artifacts/smollm2-135m-instruct.r64.kvtc.safetensors --out gpu_bundle
+    python benchmarks/gpu_bundle.py --out gpu_bundle
+    bash scripts/gpu_check.sh gpu_bundle --dry-run
 
-There (the repository root, gpu_bundle beside it)::
+There (repository root, ``gpu_bundle`` carried)::
 
-    bash scripts/gpu_check.sh gpu_bundle          # -> $OUT/gpu_check.json and .md (else out/gpu_check/)
+    bash scripts/gpu_check.sh gpu_bundle
 
-Steps, each recorded (a failure is reported, the next step still runs):
-
-1. environment: device, torch, Triton, nvCOMP, FlashInfer, SGLang;
-2. tests, kernels compiled (``TRITON_INTERPRET`` unset), ``KVTC_GPU_BUNDLE`` pointing at the bundle:
-   ``test_triton_kernels`` and ``test_codec_triton`` (kernels against their torch references),
-   ``test_gpu`` (nvCOMP <-> zlib both ways, GPU decode = CPU decode), ``test_gpu_flashinfer`` (FlashInfer's
-   paged decode reading restored pages), ``test_crc`` (the torch CRC-32 on CUDA = zlib),
-   ``test_nvcomp_stream`` (nvCOMP and the codec inside a non-default ``torch.cuda.Stream`` = default
-   stream), ``test_stream_order`` (the controller's fence rules: every pool-row access of the codec ordered
-   after the forward stream), ``test_background`` (background encodes and one-call restores, real SGLang
-   classes),
-   ``test_server_race`` (a real kvtc server, overlap scheduler on, ``--page-size 16``, forced retraction
-   and priority preemption, every restored row checked against its reference: zero verify and checksum
-   failures); passed / failed / skipped per file, with the skip reasons;
-3. ``benchmarks/gpu_kernels.py`` once per dot precision at ``--tokens`` (1K/4K/8K/32K): encode/decode GB/s
-   and roofline fraction, restore vs prefill recompute, nvCOMP share.
-
-Without CUDA it refuses (exit 2). ``--smoke`` runs the same machinery on the CPU under
-``TRITON_INTERPRET=1`` at toy sizes (one test selection, one precision, T=16, no prefill) to check the
-script; its figures mean nothing. Exit status 1 if any test failed or any step broke, else 0.
+Steps, in :data:`PLAN` order, each in its own processes (a failure or a timeout is recorded and the next step
+still runs): the environment; Triton kernels against their torch references; kernel throughput against the
+roofline; nvCOMP <-> zlib interoperation; nvCOMP throughput; restore against prefill; the stream-race tests
+on SGLang's classes (these skip unless SGLang travels). ``--dry-run`` runs on a CPU: it checks the bundle
+(``gpu_bundle.validate``), imports what the run imports and collects every test file it runs under the
+image's import guard, and checks the plan's budgets. ``--smoke`` runs the real steps on the CPU under
+``TRITON_INTERPRET=1`` at toy sizes (figures meaningless). Exit 2: no CUDA, or not a bundle; 1: a step
+failed or ran out of time (or the dry run found a problem); else 0.
 """
 
 from __future__ import annotations
@@ -36,152 +27,215 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# a gpu_bundle/ folder in the checkout makes ruff sort gpu_bundle as first party: keep this order
+# isort: off
+import gpu_bundle  # noqa: E402
+import gpu_report  # noqa: E402
+
+# isort: on
+
 ROOT = Path(__file__).resolve().parent.parent
-GPU_TESTS = ("test_triton_kernels.py", "test_codec_triton.py", "test_gpu.py", "test_gpu_flashinfer.py",
-             "test_crc.py", "test_nvcomp_stream.py", "test_stream_order.py", "test_background.py",
-             "test_server_race.py")  # fmt: skip
-SMOKE_TESTS = ("test_triton_kernels.py::test_bad_inputs_are_refused_with_the_expected_values",)
+TOTAL_BUDGET_S = 480  # the whole command, setup included
+SETUP_S = 20  # scripts/gpu_check.sh: the carried wheels installed (pip --no-index --target), interpreter start
+TOKENS = (1024, 4096, 8192, 32768)
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+REQUIRED_CARRIED = ("nvidia.nvcomp",)  # the bundle must carry these (steps nvcomp, nvcomp_throughput, restore)
+SMOKE_SLACK = 4  # the CPU interpreter is slow: smoke budgets are this many times the device's
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    measures: str
+    budget_s: int
+    tests: tuple[str, ...] = ()  # test files under tests/, one pytest process each
+    test_timeout_s: int = 0  # pytest-timeout per test (the step's budget bounds the process anyway)
+    workers: int = 0  # pytest-xdist workers (Triton compiles on the CPU cores in parallel)
+    phase: str = ""  # benchmarks/gpu_kernels.py --phase
+    needs: tuple[str, ...] = ()  # modules without which there is nothing to measure (tests then skip)
+    imports: tuple[str, ...] = ()  # what its processes import beyond the tests (checked by the dry run)
+    smoke: tuple[str, ...] = ()  # --smoke: the test selection run on the CPU (none: tests not run)
+
+
+PLAN = (
+    Step("environment", "device name, memory, SMs, driver; Python, torch, CUDA, Triton; importable packages", 30,
+         imports=("torch", "triton")),
+    Step("kernels", "Triton kernels compiled (TRITON_INTERPRET unset) against their torch references: project, "
+         "quant_pack, decode_into, the codec's Triton path on paged pool rows; torch CRC-32 on CUDA = zlib", 150,
+         tests=("test_triton_kernels.py", "test_codec_triton.py", "test_crc.py"), test_timeout_s=60, workers=4,
+         smoke=("test_triton_kernels.py::test_bad_inputs_are_refused_with_the_expected_values",)),
+    Step("roofline", "encode / decode kernel ms, GB/s and fraction of the roofline at 1K-32K tokens, "
+         "dot precisions ieee, tf32x3, tf32", 60, phase="kernels", imports=("gpu_kernels",)),
+    Step("nvcomp", "nvCOMP's stream inflated by zlib and zlib's by nvCOMP, GPU payload = CPU payload, a corrupt "
+         "chunk caught before nvCOMP, nvCOMP on a side stream = default stream", 40,
+         tests=("test_gpu.py", "test_nvcomp_stream.py"), test_timeout_s=30, needs=("nvidia.nvcomp",),
+         smoke=("test_nvcomp_stream.py::test_one_codec_per_device_and_stream",)),
+    Step("nvcomp_throughput", "nvCOMP deflate / inflate GB/s of the payload, its ratio, its share of a whole "
+         "encode and a whole restore, 1K-32K tokens", 30, phase="nvcomp", needs=("nvidia.nvcomp",)),
+    Step("restore_vs_prefill", "restore (CRC, nvCOMP inflate, decode kernel into paged pool rows) against the "
+         "prefill of SmolLM2-135M's architecture (transformers, random weights, SDPA), 1K-32K tokens", 90,
+         phase="restore", needs=("nvidia.nvcomp",), imports=("transformers:LlamaForCausalLM",)),
+    Step("sglang_streams", "the stream-race tests on SGLang's classes: the controller's fence rules, background "
+         "encodes and restores, FlashInfer reading restored pages (skipped unless SGLang travels)", 50,
+         tests=("test_stream_order.py", "test_background.py", "test_gpu_flashinfer.py"), test_timeout_s=30,
+         needs=("sglang",)),
+)  # fmt: skip
+
+
+def plan_problems(plan: tuple[Step, ...] = PLAN) -> list[str]:
+    """Why the plan could not finish in :data:`TOTAL_BUDGET_S` (empty when it can)."""
+    total = SETUP_S + sum(s.budget_s for s in plan)
+    problems = [] if total <= TOTAL_BUDGET_S else [f"steps' budgets sum to {total} s, over {TOTAL_BUDGET_S} s"]
+    for s in plan:
+        if s.tests and not 0 < s.test_timeout_s <= s.budget_s:
+            problems.append(f"{s.name}: per-test timeout {s.test_timeout_s} s not within its {s.budget_s} s budget")
+        problems += [f"{s.name}: tests/{t} does not exist" for t in s.tests if not (ROOT / "tests" / t).is_file()]
+    return problems
 
 
 def environment() -> dict:
+    """What the machine is (run in its own process by the environment step)."""
+    import platform  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
     import torch  # noqa: PLC0415
 
-    have = {name: importlib.util.find_spec(mod) is not None for name, mod in
-            (("triton", "triton"), ("flashinfer", "flashinfer"), ("sglang", "sglang"))}  # fmt: skip
-    have["nvcomp"] = importlib.util.find_spec("nvidia") is not None and (
-        importlib.util.find_spec("nvidia.nvcomp") is not None
-    )
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "packages": have,
-        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
-    }
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cuda_available": torch.cuda.is_available(), "device": None,
+           "packages": {m: importlib.util.find_spec(m.split(".")[0]) is not None and importlib.util.find_spec(m)
+                        is not None for m in ("triton", "nvidia.nvcomp", "sglang", "flashinfer", "transformers",
+                                              "pytest_timeout", "xdist", "cupy", "jax")}}  # fmt: skip
+    env["packages"] = {k: bool(v) for k, v in env["packages"].items()}
+    if importlib.util.find_spec("triton"):
+        import triton  # noqa: PLC0415
+
+        env["triton"] = triton.__version__
+    if torch.cuda.is_available():
+        prop = torch.cuda.get_device_properties(0)
+        env |= {"device": prop.name, "memory_gib": round(prop.total_memory / (1 << 30), 1),
+                "sms": prop.multi_processor_count, "capability": f"{prop.major}.{prop.minor}"}  # fmt: skip
+        if shutil.which("nvidia-smi"):
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
+                                  "--format=csv,noheader"], capture_output=True, text=True, check=False)  # fmt: skip
+            env["nvidia_smi"] = smi.stdout.strip()
+    return env
 
 
-def run_tests(selection: tuple[str, ...], bundle: Path, out: Path, smoke: bool) -> list[dict]:
-    """Each test file (or node id) in its own pytest process: counts, failures and skip reasons."""
-    env = dict(os.environ, KVTC_GPU_BUNDLE=str(bundle.resolve()), PYTHONPATH=os.pathsep.join(
+def test_args(step: Step, smoke: bool) -> list[list[str]]:
+    """One pytest argument list per selection of ``step``."""
+    sels = step.smoke if smoke else step.tests
+    timeout = importlib.util.find_spec("pytest_timeout") is not None
+    xdist = step.workers and not smoke and importlib.util.find_spec("xdist") is not None
+    return [[*([f"--timeout={step.test_timeout_s}"] if timeout and step.test_timeout_s else []),
+             *(["-n", str(step.workers)] if xdist and "::" not in sel else []), str(ROOT / "tests" / sel)]
+            for sel in sels]  # fmt: skip
+
+
+def run_step(step: Step, args: argparse.Namespace, env: dict, out: Path, deadline: float) -> dict:
+    budget = step.budget_s * (SMOKE_SLACK if args.smoke else 1)
+    end = min(time.monotonic() + budget, deadline)
+    entry: dict = {"step": step.name, "measures": step.measures, "budget_s": budget}
+    t0 = time.monotonic()
+    missing = [m for m in step.needs if not env.get("packages", {}).get(m, False)]
+    if step.phase and missing and not args.smoke:
+        return entry | {"status": "skipped", "note": f"needs {', '.join(missing)} (not carried)", "seconds": 0.0}
+    if step.tests:
+        entry["tests"] = [gpu_report.run_pytest(a, env_vars(args), out, end) for a in test_args(step, args.smoke)]
+        if not entry["tests"]:
+            return entry | {"status": "not run", "note": "no smoke selection", "seconds": 0.0}
+    elif step.phase:
+        tokens, precisions = ([16], ["ieee"]) if args.smoke else (args.tokens, args.precisions)
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_kernels.py"), "--bundle", str(args.bundle), "--phase",
+               step.phase, "--tokens", *map(str, tokens), "--repeat", str(1 if args.smoke else args.repeat),
+               "--precision", *(precisions if step.phase == "kernels" else precisions[:1]),
+               *(["--smoke"] if args.smoke else [])]  # fmt: skip
+        entry["bench"] = gpu_report.run_bench(cmd, env_vars(args), out / f"bench-{step.phase}.json", end)
+    entry["seconds"] = round(time.monotonic() - t0, 1)
+    return entry | {"status": gpu_report.status(entry), **({"note": f"needs {', '.join(missing)}"} if missing else {})}
+
+
+def env_vars(args: argparse.Namespace) -> dict:
+    env = dict(os.environ, KVTC_GPU_BUNDLE=str(args.bundle.resolve()), HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))  # fmt: skip
-    if smoke:
+    if args.smoke:
         env["TRITON_INTERPRET"] = "1"
     else:
         env.pop("TRITON_INTERPRET", None)  # compiled kernels
-    results = []
-    for sel in selection:
-        xml = out / f"junit-{sel.split('::')[0].removesuffix('.py')}.xml"
-        t0 = time.perf_counter()
-        proc = subprocess.run(  # noqa: PLW1510 (the return code is recorded, not raised)
-            [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}",
-             str(ROOT / "tests" / sel)],
-            cwd=ROOT, env=env, capture_output=True, text=True,
-        )  # fmt: skip
-        entry = {"selection": sel, "returncode": proc.returncode, "seconds": round(time.perf_counter() - t0, 1)}
-        if xml.exists():
-            suite = ET.parse(xml).getroot()
-            suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-            counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-            entry |= counts | {"passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]}
-            entry["failed_cases"] = [c.get("name") for c in suite.iter("testcase")
-                                     if c.find("failure") is not None or c.find("error") is not None]  # fmt: skip
-            entry["skip_reasons"] = sorted({s.get("message", "") for s in suite.iter("skipped")})
-            xml.unlink()
-        entry["output_tail"] = (proc.stdout + proc.stderr)[-3000:]
-        results.append(entry)
-    return results
+    return env
 
 
-def run_benchmarks(bundle: Path, tokens: list[int], precisions: list[str], repeat: int, smoke: bool) -> list[dict]:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import gpu_kernels  # noqa: PLC0415
-
-    if smoke:
-        gpu_kernels.use_cpu_for_smoke()
-    results = []
-    for precision in precisions:
-        try:
-            res = gpu_kernels.run(bundle, tokens, repeat, precision=precision, prefill=not smoke)
-            results.append(res | {"markdown": gpu_kernels.markdown(res)})
-        except (RuntimeError, ValueError, OSError, ImportError) as e:  # recorded: the other precisions still run
-            results.append({"precision": precision, "error": f"{type(e).__name__}: {e}"})
-    return results
-
-
-def report_markdown(report: dict) -> str:
-    env = report["environment"]
-    lines = [
-        f"# GPU check ({'SMOKE: CPU interpreter, figures meaningless' if report['smoke'] else env['device']})",
-        "",
-        f"`{report['command']}`, {report['date']}; python {env['python']}, torch {env['torch']} (CUDA {env['cuda']}); "
-        + ", ".join(f"{k} {'yes' if v else 'MISSING'}" for k, v in env["packages"].items()),
-        "",
-        "## Tests (kernels compiled)" if not report["smoke"] else "## Tests (interpreter)",
-        "",
-        "| tests | passed | failed | skipped | s | skip reasons / failures |",
-        "|---|---|---|---|---|---|",
-    ]
-    for t in report["tests"]:
-        notes = "; ".join(t.get("failed_cases", []) + t.get("skip_reasons", [])) or ""
-        bad = t.get("failures", 0) + t.get("errors", 0) if "tests" in t else "?"
-        counts = f"{t.get('passed', '?')} | {bad} | {t.get('skipped', '?')}"
-        lines.append(f"| {t['selection']} | {counts} | {t['seconds']} | {notes} |")
-    lines += ["", "## Kernels: throughput, roofline, restore vs prefill, nvCOMP share", ""]
-    for b in report["benchmarks"]:
-        lines += [f"### {b['precision']}", "", b.get("markdown") or f"ERROR {b['error']}", ""]
-    lines.append(f"**{'OK' if report['ok'] else 'FAILED'}**")
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", type=Path, required=True, help="folder made by benchmarks/gpu_bundle.py")
-    p.add_argument("--out", type=Path, help="report folder (default: $OUT, else out/gpu_check)")
-    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 8192, 32768])
-    p.add_argument("--precisions", nargs="+", default=["ieee", "tf32x3", "tf32"])
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1, toy sizes: checks the script")
-    args = p.parse_args(argv)
-    if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
-    import torch  # noqa: PLC0415
-
-    if not args.smoke and not torch.cuda.is_available():
-        print("gpu_check needs a CUDA GPU and found none (torch.cuda.is_available() is False); "
-              "on a CPU, --smoke checks the script only", file=sys.stderr)  # fmt: skip
-        return 2
-    if not (args.bundle / "kv.safetensors").exists() or not list(args.bundle.glob("*.kvtc.safetensors")):
-        print(f"{args.bundle} is not a bundle (needs kv.safetensors and one *.kvtc.safetensors): "
-              "make it with benchmarks/gpu_bundle.py", file=sys.stderr)  # fmt: skip
-        return 2
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    start = float(os.environ.get("KVTC_GPU_CHECK_START") or time.time())  # set by scripts/gpu_check.sh
+    deadline = time.monotonic() + TOTAL_BUDGET_S * (SMOKE_SLACK if args.smoke else 1) - (time.time() - start)
     out = args.out or Path(os.environ.get("OUT") or ROOT / "out" / "gpu_check")
     out.mkdir(parents=True, exist_ok=True)
-    tokens, precisions = ([16], ["ieee"]) if args.smoke else (args.tokens, args.precisions)
-    report = {
-        "command": " ".join(["gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "smoke": args.smoke,
-        "environment": environment(),
-        "tests": run_tests(SMOKE_TESTS if args.smoke else GPU_TESTS, args.bundle, out, args.smoke),
-        "benchmarks": run_benchmarks(args.bundle, tokens, precisions, 1 if args.smoke else args.repeat, args.smoke),
-    }
-    report["ok"] = all(t["returncode"] == 0 and "tests" in t for t in report["tests"]) and not any(
-        "error" in b for b in report["benchmarks"]
-    )
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "gpu_check.md").write_text(report_markdown(report))
-    print(report_markdown(report))
+    env_cmd = [sys.executable, str(Path(__file__).resolve()), "--environment"]
+    first = gpu_report.run_environment(env_cmd, env_vars(args), PLAN[0].budget_s)
+    if not args.smoke and not first.get("environment", {}).get("cuda_available"):
+        print("gpu_check needs a CUDA GPU and found none (torch.cuda.is_available() is False); on a CPU, "
+              f"--dry-run checks the run and --smoke the script ({first.get('error', '')})",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    report = {"command": " ".join(["gpu_check.py", *argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC",
+              time.gmtime()), "mode": "smoke" if args.smoke else "gpu", "budget_s": TOTAL_BUDGET_S,
+              "environment": first.get("environment", {}), "steps": [first | {"step": PLAN[0].name,
+              "measures": PLAN[0].measures, "budget_s": PLAN[0].budget_s}]}  # fmt: skip
+    for step in PLAN[1:]:
+        if args.steps and step.name not in args.steps:
+            continue
+        if deadline - time.monotonic() < 5:
+            report["steps"].append({"step": step.name, "measures": step.measures, "budget_s": step.budget_s,
+                                    "status": "not run", "note": "out of time", "seconds": 0.0})  # fmt: skip
+        else:
+            report["steps"].append(run_step(step, args, report["environment"], out, deadline))
+        report["elapsed_s"] = round(time.time() - start, 1)
+        gpu_report.write(report, out)
+    report["ok"] = all(s["status"] in ("ok", "skipped", "not run") for s in report["steps"])
+    report["ok"] = report["ok"] and not any(s.get("note") == "out of time" for s in report["steps"])
+    gpu_report.write(report, out)
+    print((out / "gpu_check.md").read_text())
     print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
     return 0 if report["ok"] else 1
 
 
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, help="folder made by benchmarks/gpu_bundle.py")
+    p.add_argument("--out", type=Path, help="report folder (default: $OUT, else out/gpu_check)")
+    p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS))
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--steps", nargs="+", choices=[s.name for s in PLAN[1:]], help="only these steps (a rerun)")
+    p.add_argument("--dry-run", action="store_true", help="on a CPU: bundle, imports, collection, budgets")
+    p.add_argument("--budget-mib", type=float, default=gpu_bundle.TRANSFER_MIB, help="--dry-run: transfer limit")
+    p.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1, toy sizes: checks the script")
+    p.add_argument("--environment", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.environment:
+        print(json.dumps(environment()))
+        return 0
+    if args.bundle is None:
+        p.error("--bundle is required")
+    if args.dry_run:
+        import gpu_dryrun  # noqa: PLC0415
+
+        return gpu_dryrun.main(args.bundle, args.out, args.budget_mib)
+    missing = [n for n in gpu_bundle.REQUIRED if not (args.bundle / n).is_file()]
+    if missing or not list(args.bundle.glob("*.kvtc.safetensors")):
+        print(f"{args.bundle} is not a bundle (missing {', '.join(missing) or '*.kvtc.safetensors'}): make it with "
+              "python benchmarks/gpu_bundle.py", file=sys.stderr)  # fmt: skip
+        return 2
+    return run(args, argv)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -12,6 +12,8 @@ import importlib.util
 import pytest
 import torch
 
+pytest.importorskip("sglang")  # the cache imports SGLang; the GPU image lacks it unless it travels
+
 from kvtc_sglang.cache.config import KVTCCacheConfig
 from kvtc_sglang.codec import KVTCCodec, nvcomp_available
 from kvtc_sglang.workloads.replay import BankKV, Driver, build_cache, build_pool
