@@ -65,11 +65,13 @@ def inv_freq(cfg: RopeConfig) -> torch.Tensor:
 
 
 def cos_sin(positions: torch.Tensor, cfg: RopeConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin ``[T, 1, rotary_dim / 2]`` float32 for absolute ``positions [T]``."""
-    angles = positions.to(torch.float64).cpu()[:, None] * inv_freq(cfg)[None, :]  # [T, D/2]
-    cos = angles.cos().to(torch.float32)[:, None, :].to(positions.device)
-    sin = angles.sin().to(torch.float32)[:, None, :].to(positions.device)
-    return cos, sin
+    """cos, sin ``[T, 1, rotary_dim / 2]`` float32 for absolute ``positions [T]``, on their device (computed on
+    the host: host positions, the cache's, move nowhere)."""
+    on_host = positions.device.type == "cpu"
+    angles = (positions if on_host else positions.cpu()).to(torch.float64)[:, None] * inv_freq(cfg)[None, :]  # [T, D/2]
+    cos = angles.cos().to(torch.float32)[:, None, :]
+    sin = angles.sin().to(torch.float32)[:, None, :]
+    return (cos, sin) if on_host else (cos.to(positions.device), sin.to(positions.device))
 
 
 def _rotate(
