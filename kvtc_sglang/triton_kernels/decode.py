@@ -9,6 +9,8 @@ restored node lands directly in the pages FlashInfer reads.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -26,12 +28,16 @@ from .common import (
     rope_args,
     rotate_ref,
     tiles,
-    tl_dtype,
 )
+from .meta import PoolGeometry, RopeGeometry, geometry_constexprs
 from .plan import StreamPlan
 from .quant_pack import dequant_ref
 
 DECODE_TILES = {"cuda": Tiles(block_t=64, block_r=64), "interpreter": Tiles(block_t=128, block_r=512)}
+# Warps of a compiled launch (the interpreter ignores them): with 4, the 64 x 64 tile spilled 0.2-31 KB per
+# thread on sm_90 and sm_100; with 8 nothing at head_dim 64, at most 320 bytes at 128 or with partial
+# rotary (BENCHMARKS.md, benchmarks/aot_compile.py).
+DECODE_NUM_WARPS = 8
 _FP8_CODE: tl.constexpr = tl.constexpr(GroupKind.FP8.code)
 
 
@@ -147,6 +153,15 @@ def _decode_kernel(
         tl.store(head + dim_c[None, :], xc.to(DTYPE), mask=t_ok[:, None] & c_ok[None, :])
 
 
+def decode_meta(pool: PoolGeometry, rope: RopeGeometry, tile: Tiles, precision: str) -> dict[str, Any]:
+    """Meta-parameters and options :func:`decode_into` launches ``_decode_kernel`` with (also the AOT list's)."""
+    meta = {**geometry_constexprs(pool, rope), "BLOCK_T": tile.block_t, "BLOCK_R": tile.block_r}
+    meta["PRECISION"] = check_precision(precision)
+    meta["enable_fp_fusion"] = False  # lo + code * step rounds as torch does (no FMA contraction)
+    meta["num_warps"] = DECODE_NUM_WARPS
+    return meta
+
+
 def decode_into(
     payload: torch.Tensor,
     plan: StreamPlan,
@@ -191,10 +206,7 @@ def decode_into(
         dec_basis, mean, ra.cos, ra.sin, table.ptrs, slots,
         num_t, plan.rank,
         table.row_stride, ra.stride,
-        L=table.num_layers, H=table.num_heads, D=table.head_dim, DTYPE=tl_dtype(table.dtype),
-        HALF=ra.half, HALF_P=ra.half_p, REST_P=ra.rest_p, ROTATE=ra.rotate, GPTJ=ra.gptj,
-        BLOCK_T=tile.block_t, BLOCK_R=tile.block_r, PRECISION=precision,
-        enable_fp_fusion=False,  # lo + code * step rounds as torch does (no FMA contraction)
+        **decode_meta(table, ra, tile, precision),
     )  # fmt: skip
 
 

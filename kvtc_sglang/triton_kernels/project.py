@@ -7,6 +7,8 @@ K/V is ever made. The quantize-and-pack kernel (:mod:`.quant_pack`) turns the co
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -22,10 +24,14 @@ from .common import (
     rope_args,
     rotate_ref,
     tiles,
-    tl_dtype,
 )
+from .meta import PoolGeometry, RopeGeometry, geometry_constexprs
 
 PROJECT_TILES = {"cuda": Tiles(block_t=64, block_r=64), "interpreter": Tiles(block_t=128, block_r=256)}
+# Warps of a compiled launch (the interpreter ignores them): with 4, the 64 x 64 tile spilled 230-850 bytes
+# per thread at head_dim 64 on sm_90 and sm_100, with 8 at most 44 (92 with partial rotary; head_dim 128
+# still spills up to 1 KB: BENCHMARKS.md, benchmarks/aot_compile.py).
+PROJECT_NUM_WARPS = 8
 
 
 @triton.jit
@@ -98,6 +104,13 @@ def _project_kernel(
     tl.store(out, acc, mask=t_ok[:, None] & r_ok[None, :])
 
 
+def project_meta(pool: PoolGeometry, rope: RopeGeometry, tile: Tiles, precision: str) -> dict[str, Any]:
+    """Meta-parameters :func:`project` launches ``_project_kernel`` with (also the AOT compile list's)."""
+    tiling = {"BLOCK_T": tile.block_t, "BLOCK_R": tile.block_r, "PRECISION": check_precision(precision),
+              "num_warps": PROJECT_NUM_WARPS}  # fmt: skip
+    return {**geometry_constexprs(pool, rope), **tiling}
+
+
 def project(
     table: LayerTable,
     slots: torch.Tensor,
@@ -139,9 +152,7 @@ def project(
         table.ptrs, slots, ra.cos, ra.sin, mean, basis, out,
         num_t, rank,
         table.row_stride, ra.stride,
-        L=table.num_layers, H=table.num_heads, D=table.head_dim, DTYPE=tl_dtype(table.dtype),
-        HALF=ra.half, HALF_P=ra.half_p, REST_P=ra.rest_p, ROTATE=ra.rotate, GPTJ=ra.gptj,
-        BLOCK_T=tile.block_t, BLOCK_R=tile.block_r, PRECISION=precision,
+        **project_meta(table, ra, tile, precision),
     )  # fmt: skip
     return out
 

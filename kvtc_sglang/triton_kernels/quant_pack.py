@@ -10,6 +10,8 @@ coefficients (``torch.equal``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -27,9 +29,11 @@ from .common import (
 )
 from .plan import StreamPlan
 
-# block_t: tokens per program (a multiple of 8: whole bytes of every code width); block_r: unused here,
-# the column block follows the class's largest group (16 to 256).
-QUANT_PACK_TILES = {"cuda": Tiles(block_t=64, block_r=0), "interpreter": Tiles(block_t=256, block_r=0)}
+# block_t: tokens per program (a multiple of 8: whole bytes of every code width); block_r: the largest
+# column block (the block follows the class's largest group, 16 up to this; bigger groups loop over
+# blocks, which gives the same bytes). On CUDA, 32: 64-256 spilled up to 2.7 KB per thread (int8 at 64 on
+# sm_100 already 88 bytes), 32 spills nothing on sm_90 and sm_100 (benchmarks/aot_compile.py).
+QUANT_PACK_TILES = {"cuda": Tiles(block_t=64, block_r=32), "interpreter": Tiles(block_t=256, block_r=256)}
 
 
 @triton.jit
@@ -106,6 +110,13 @@ def _quant_pack_kernel(
             tl.store(dst, packed.to(tl.uint8), mask=(c < size)[:, None] & (byte_idx < row_bytes)[None, :])
 
 
+def quant_pack_meta(kind: GroupKind, max_size: int, tile: Tiles) -> dict[str, Any]:
+    """Meta-parameters :func:`quant_pack` launches ``_quant_pack_kernel`` with for a class of ``kind`` groups
+    of at most ``max_size`` components (also the AOT compile list's): the column block follows the size."""
+    block_c = min(tile.block_r, max(16, triton.next_power_of_2(max_size)))
+    return {"BITS": kind.bits, "IS_FP8": kind is GroupKind.FP8, "BLOCK_T": tile.block_t, "BLOCK_C": block_c}
+
+
 def quant_pack(
     coeffs: torch.Tensor, plan: StreamPlan, fp8_scale: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -134,12 +145,11 @@ def quant_pack(
     tile = tiles(QUANT_PACK_TILES, _quant_pack_kernel)
     offsets = plan.group_offsets(num_t)
     for cls in plan.classes:
-        block_c = min(256, max(16, triton.next_power_of_2(cls.max_size)))
         grid = (cls.group_ids.numel(), triton.cdiv(num_t, tile.block_t))
         _quant_pack_kernel[grid](
             coeffs, out, fp8_scale, cls.group_ids, plan.group_start, plan.group_size, offsets,
             num_t, plan.rank,
-            BITS=cls.kind.bits, IS_FP8=cls.kind is GroupKind.FP8, BLOCK_T=tile.block_t, BLOCK_C=block_c,
+            **quant_pack_meta(cls.kind, cls.max_size, tile),
         )  # fmt: skip
     return out
 
