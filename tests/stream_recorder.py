@@ -132,7 +132,7 @@ def check_rules(entries: list[tuple], ops: RecordingOps, kinds: tuple[str, ...] 
             assert _waited(entries, stream, forward, last_batch, i), (
                 f"{kind} on {stream} at {i} did not wait on the forward stream after batch {last_batch}"
             )
-        if kind in (*ROW_KINDS, "reserve") and schedule is not forward:  # rule 1: after what the scheduler made
+        if kind in (*ROW_KINDS, "reserve"):  # rule 1: after what the scheduler made (the forward: normal loop)
             produced = max((j for j in range(issued) if entries[j][0] == "produce" and entries[j][1] is schedule),
                            default=-1)  # fmt: skip
             assert produced < 0 or _waited(entries, stream, schedule, produced, i), (

@@ -126,7 +126,7 @@ class KVTCController:
         if f.ops is None:
             return store.put(blob, reserve_bytes)
         issued = f.issued()
-        with f.enter("store", issued[1:]):
+        with f.enter("store", issued[-1:]):  # the producer's event: the schedule stream's (the forward's when same)
             plan = store.reserve(blob.numel(), reserve_bytes)
         if plan is None:
             return None

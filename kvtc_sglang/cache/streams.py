@@ -98,7 +98,8 @@ class StreamFences:
     def issued(self) -> tuple[Any, ...]:
         """Events for work issued now by the scheduler thread: the forward stream after everything issued on it
         (rule 1's ``fence``) and, when it is another stream, the schedule stream after what it produced this
-        tick (``produced``). Empty on the CPU."""
+        tick (``produced``); the last one is always the producer's (the fence in the normal loop, where the
+        scheduler's stream is the forward stream). Empty on the CPU."""
         if self.ops is None:
             return ()
         forward, current = self.forward_stream(), self.ops.current(self.device)
