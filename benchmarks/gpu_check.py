@@ -73,16 +73,19 @@ PLAN = (
     Step("roofline", "encode / decode kernel ms, GB/s and fraction of the roofline at 1K-32K tokens, "
          "dot precisions ieee, tf32x3, tf32", 60, phase="kernels", imports=("gpu_kernels",)),
     Step("nvcomp", "nvCOMP's stream inflated by zlib and zlib's by nvCOMP, GPU payload = CPU payload, a corrupt "
-         "chunk caught before nvCOMP, nvCOMP on a side stream = default stream", 40,
-         tests=("test_gpu.py", "test_nvcomp_stream.py"), test_timeout_s=30, needs=("nvidia.nvcomp",),
+         "chunk caught before nvCOMP, nvCOMP on a side stream = default stream; the stream rules on real streams "
+         "without SGLang (a restore and a put beside a sleeping forward: its late writes lose, its next read "
+         "waits, neither call waits on it, no host sync in their row writes)", 60,
+         tests=("test_gpu.py", "test_nvcomp_stream.py", "test_gpu_streams.py"), test_timeout_s=30,
+         needs=("nvidia.nvcomp",),
          smoke=("test_nvcomp_stream.py::test_one_codec_per_device_and_stream",)),
     Step("nvcomp_throughput", "nvCOMP deflate / inflate GB/s of the payload, its ratio, its share of a whole "
          "encode and a whole restore, 1K-32K tokens", 30, phase="nvcomp", needs=("nvidia.nvcomp",)),
     Step("restore_vs_prefill", "restore (CRC, nvCOMP inflate, decode kernel into paged pool rows) against the "
-         "prefill of SmolLM2-135M's architecture (transformers, random weights, SDPA), 1K-32K tokens", 90,
+         "prefill of SmolLM2-135M's architecture (transformers, random weights, SDPA), 1K-32K tokens", 80,
          phase="restore", needs=("nvidia.nvcomp",), imports=("transformers:LlamaForCausalLM",)),
     Step("sglang_streams", "the stream-race tests on SGLang's classes: the controller's fence rules, background "
-         "encodes and restores, FlashInfer reading restored pages (skipped unless SGLang travels)", 50,
+         "encodes and restores, FlashInfer reading restored pages (skipped unless SGLang travels)", 40,
          tests=("test_stream_order.py", "test_background.py", "test_gpu_flashinfer.py"), test_timeout_s=30,
          needs=("sglang",)),
 )  # fmt: skip

@@ -1,0 +1,117 @@
+"""The stream rules on a real GPU, without SGLang (it does not travel to the lent machine's image): kvtc's
+controller, blob store and codec on CUDA pool buffers, a forward stream and a schedule stream of our own.
+
+Reference first: the rows a restore must leave are ``codec.decode(blob)`` (computed after a full synchronize).
+A "forward" that sleeps and then writes garbage into slots already given to the restore stands for SGLang's
+overlap scheduler (a batch in flight still writing freed slots):
+
+- the restore's rows end as the reference: the load stream waited on the forward (rule 1);
+- a read of those rows issued on the forward stream after the restore sees them: the forward waited (rule 3);
+- ``restore`` and ``put`` return while the forward still sleeps: the scheduler thread never waited on it;
+- their row writes run under ``torch.cuda.set_sync_debug_mode("error")``: no host sync at all.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kvtc_sglang.cache.controller import KVTCController
+from kvtc_sglang.cache.kv_io import PoolKV
+from kvtc_sglang.cache.stats import KVTCStats
+from kvtc_sglang.cache.store import BlobStore
+from kvtc_sglang.cache.streams import CudaStreamOps
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+SLEEP_CYCLES = 2_000_000_000  # ~1 s of torch.cuda._sleep: far longer than a restore's host work
+N, P = 4096, 16  # pool slots, page size
+
+
+class PageAllocator:
+    """SGLang's allocator interface (``alloc``/``free``/``free_segment``/``available_size``) over device pages."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.free_pages = list(torch.arange(N, device=device).view(-1, P).unbind(0))[::-1]
+        self.free_group = None
+
+    def available_size(self) -> int:
+        return len(self.free_pages) * P
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        if n % P or n > self.available_size():
+            return None
+        return torch.cat([self.free_pages.pop() for _ in range(n // P)])
+
+    def free(self, slots: torch.Tensor) -> None:
+        self.free_pages += list(slots.view(-1, P).unbind(0))
+
+    def free_segment(self, slots: torch.Tensor, *, start_pos: int) -> None:
+        self.free(slots)
+
+
+@contextmanager
+def no_sync():
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _no_sync(obj, name: str, monkeypatch) -> None:
+    fn = getattr(obj, name)
+
+    def wrapped(*args, **kwargs):
+        with no_sync():
+            return fn(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, wrapped)
+
+
+def test_restore_and_put_on_cuda_follow_the_stream_rules(codec, kv_bank, monkeypatch):
+    dev = torch.device("cuda")
+    k_bank, v_bank = (x.to(dev) for x in kv_bank)  # [L, 1024, H, D] bf16
+    num_l, _, heads, dim = k_bank.shape
+    pool = SimpleNamespace(
+        k_buffer=[torch.zeros(N, heads, dim, dtype=k_bank.dtype, device=dev) for _ in range(num_l)],
+        v_buffer=[torch.zeros(N, heads, dim, dtype=k_bank.dtype, device=dev) for _ in range(num_l)],
+    )
+    kv, allocator = PoolKV(pool, num_l, heads, dim), PageAllocator(dev)
+    store = BlobStore(kv.buffers, allocator, P, 1024)
+    ctl = KVTCController(codec, kv, KVTCStats(), background=False, stream_ops=CudaStreamOps())
+    forward, schedule = torch.cuda.Stream(), torch.cuda.Stream()
+    ctl.bind_forward_stream(forward)
+    num_t = 256
+    with torch.cuda.stream(schedule):  # the scheduler thread's current stream, as under the overlap scheduler
+        a = allocator.alloc(num_t)
+        kv.scatter(a, k_bank[:, :num_t], v_bank[:, :num_t])
+        job = ctl.encode_now([(None, a, 0)])
+        (blob, header), = job.results
+        handle = ctl.put(store, blob)
+        torch.cuda.synchronize()
+        ref_k, ref_v, _ = codec.decode(blob)  # the reference: [L, T, H, D]
+        b = allocator.alloc(num_t)  # slots a batch in flight still writes
+        with torch.cuda.stream(forward):
+            forward.wait_stream(schedule)  # as SGLang's forward waits on its schedule stream
+            torch.cuda._sleep(SLEEP_CYCLES)
+            for buf in kv.buffers:
+                buf[b] = 7.0
+            slept = torch.cuda.Event()
+            slept.record(forward)
+        _no_sync(codec, "write_rows_many", monkeypatch)
+        _no_sync(store, "write", monkeypatch)
+        ctl.restore(lambda: [store.get(handle)], [header], [(b, torch.arange(num_t))], ready=[handle.ready])
+        assert not slept.query(), "restore waited for the forward in flight"
+        second = ctl.put(store, blob)  # a put while the forward sleeps: no host wait either
+        assert second is not None and not slept.query(), "put waited for the forward in flight"
+        with torch.cuda.stream(forward):  # the next batch reads the restored pages
+            seen = kv.buffers[0][b].clone()
+        torch.cuda.synchronize()
+    k, v = kv.gather(b)
+    assert torch.equal(k, ref_k) and torch.equal(v, ref_v), "the forward's late writes won over the restore"
+    assert torch.equal(seen, ref_k[0]), "the next batch read the pages before the restore wrote them"
+    assert torch.equal(store.get(second), blob)
