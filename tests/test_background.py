@@ -237,7 +237,7 @@ def test_a_restore_that_raises_frees_its_slots_and_recomputes(codec, bank, monke
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(codec, "decode_rows_many", oom)
+    monkeypatch.setattr(codec, "write_rows_many", oom)
     n, k, _ = drv.read_prefix(seq)
     assert n == 4 and torch.equal(k, bank.k[:, :4])  # the match stops before the node: recompute
     assert cache.stats.restore_failures == 1 and cache.stats.load_back_failures == 1 and cache.io.entries
@@ -257,13 +257,13 @@ def test_one_codec_call_restores_every_compressed_node_of_a_request(codec, bank,
     assert len(cache.io.entries) >= 2
     calls = []
     restores = cache.stats.restores
-    real = codec.decode_rows_many
+    real = codec.write_rows_many
 
-    def counted(blobs, *args, **kwargs):
-        calls.append(len(blobs))
-        return real(blobs, *args, **kwargs)
+    def counted(payloads, *args, **kwargs):
+        calls.append(len(payloads))
+        return real(payloads, *args, **kwargs)
 
-    monkeypatch.setattr(codec, "decode_rows_many", counted)
+    monkeypatch.setattr(codec, "write_rows_many", counted)
     n, k, v = drv.read_prefix(turns[-1])
     assert n == 600 and calls == [cache.stats.restores - restores] and calls[0] >= 2
     assert rel_err(k, bank.k[:, :600]) <= 1.2 * codec_err and rel_err(v, bank.v[:, :600]) <= 1.2 * codec_err

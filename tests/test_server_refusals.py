@@ -24,9 +24,8 @@ def _launch(args: list[str]) -> subprocess.CompletedProcess:
     [
         (["--kvtc-calibration", "/nonexistent/x.kvtc.safetensors"], "x.kvtc.safetensors"),
         (["--backend", "vanilla", "--kvtc-idle-seconds", "5"], "--kvtc-idle-seconds given without --kv-backend"),
-        (["--disaggregation-mode", "prefill"], "--disaggregation-mode prefill is not supported by kvtc"),
     ],
-    ids=["missing-calibration", "kvtc-flag-on-vanilla", "pd-disaggregation"],
+    ids=["missing-calibration", "kvtc-flag-on-vanilla"],
 )
 def test_refused_at_start_up(args, message):
     done = _launch(["--model-path", hf_model(), *args])
@@ -34,3 +33,14 @@ def test_refused_at_start_up(args, message):
     errors = [line for line in done.stderr.splitlines() if line.startswith("kvtc: error:")]
     assert len(errors) == 1, done.stderr[-2000:]
     assert message in errors[0]
+
+
+def test_pd_disaggregation_is_refused_at_start_up(artifact_path):
+    """A prefill server sends pages as the forward writes them; kvtc never marks what SGLang's early-send check
+    reads, so P/D disaggregation is refused before any model is loaded."""
+    done = _launch(["--model-path", hf_model(), "--kvtc-calibration", str(artifact_path),
+                    "--disaggregation-mode", "prefill"])  # fmt: skip
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("kvtc: error:")]
+    assert len(errors) == 1, done.stderr[-2000:]
+    assert "--disaggregation-mode prefill is not supported by kvtc" in errors[0]
