@@ -14,10 +14,10 @@ check expects, and ``PrefillBudget`` may count them, as it counts evictable devi
 from __future__ import annotations
 
 import heapq
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..devcopy import to_device
@@ -140,28 +140,28 @@ class BlobStore:
                 self._free_set.discard(block)
                 return block
 
-    def _locate(self, ids: list[int]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """``(buffer, positions in the blob [k_b], slot rows [k_b])`` per buffer the blob's blocks ``ids`` use,
-        both on device.
+    def _locate(self, ids: np.ndarray) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(buffer, positions in the blob [k_b], slot rows [k_b])`` per buffer the blob's blocks ``ids`` (``[k]``
+        int64, host) use, both on device.
 
-        The blocks are grouped by buffer on the host (plain integers), the index tensors go to the device through
-        pinned memory (no host wait), and one lookup in the device-side ``[max_pages, P]`` page table finds every
-        block's slot. Nothing comes back to the host.
+        The blocks are grouped by buffer on the host (numpy: no torch op, nothing to wait for), the index tensors
+        go to the device through pinned memory (no host wait), and one lookup in the device-side
+        ``[max_pages, P]`` page table finds every block's slot. Nothing comes back to the host.
         """
         nbuf = len(self._rows)
-        for page in {block // nbuf // self.page_size for block in ids}:
+        per_slot = ids // nbuf  # slot position = page * P + offset
+        for page in np.unique(per_slot // self.page_size):
             if self._page_slots[page] is None:
                 raise RuntimeError(f"blob store page {page} is not held (a block points into a returned page)")
-        order = sorted(range(len(ids)), key=lambda i: ids[i] % nbuf)  # stable: positions grouped by buffer
-        where = to_device(torch.tensor(order, dtype=torch.int64), self.device)
-        per_slot = torch.tensor([ids[i] // nbuf for i in order], dtype=torch.int64)  # slot position = page * P + offset
-        rows = self._page_table.view(-1)[to_device(per_slot, self.device)]  # [k] slots, grouped by buffer
+        buf_ids = ids % nbuf
+        order = np.argsort(buf_ids, kind="stable")  # positions in the blob, grouped by buffer, ascending
+        where = to_device(torch.from_numpy(order), self.device)
+        rows = self._page_table.view(-1)[to_device(torch.from_numpy(per_slot[order]), self.device)]  # [k] slots
         out, at = [], 0
-        counts = Counter(block % nbuf for block in ids)
-        for b in sorted(counts):
-            n = counts[b]
-            out.append((b, where[at : at + n], rows[at : at + n]))
-            at += n
+        for b, n in enumerate(np.bincount(buf_ids, minlength=nbuf)):
+            if n:
+                out.append((b, where[at : at + n], rows[at : at + n]))
+                at += n
         return out
 
     # ----- blobs -----
@@ -180,7 +180,8 @@ class BlobStore:
         ids = sorted(self._pop_block() for _ in range(k))
         for block in ids:
             self._page_used[block // self.blocks_per_page] += 1
-        return PutPlan(torch.tensor(ids, dtype=torch.int64), nbytes, self._locate(ids))
+        blocks = np.asarray(ids, dtype=np.int64)
+        return PutPlan(torch.from_numpy(blocks), nbytes, self._locate(blocks))
 
     def write(self, plan: PutPlan, blob: torch.Tensor) -> BlobHandle:
         """Write ``blob`` (``[plan.nbytes]`` uint8 on the store's device) into its reserved blocks: device copies
@@ -207,7 +208,7 @@ class BlobStore:
     def get(self, handle: BlobHandle) -> torch.Tensor:
         """The stored bytes, ``[nbytes]`` uint8 on the store's device (a copy)."""
         out = torch.empty(handle.blocks.numel(), self.row_bytes, dtype=torch.uint8, device=self.device)
-        for b, sel, slot_rows in self._locate(handle.blocks.tolist()):
+        for b, sel, slot_rows in self._locate(handle.blocks.numpy()):
             out[sel] = self._rows[b].index_select(0, slot_rows)
         return out.view(-1)[: handle.nbytes]
 
