@@ -14,6 +14,7 @@ from .errors import (
     BlobTruncatedError,
     BlobVersionError,
 )
+from .raw import RawCodec, raw_artifact_id
 from .rope import RopeConfig, apply_rope, remove_rope
 from .spec import ModelSpec
 
@@ -35,6 +36,7 @@ __all__ = [
     "KVTCCodec",
     "ModelSpec",
     "NvcompDeflate",
+    "RawCodec",
     "RopeConfig",
     "StreamCalibration",
     "ZlibDeflate",
@@ -42,6 +44,7 @@ __all__ = [
     "default_entropy_coder",
     "load_artifact",
     "nvcomp_available",
+    "raw_artifact_id",
     "read_header",
     "remove_rope",
 ]
