@@ -75,7 +75,7 @@ class RecordingOps:
         self.kvtc: dict[str, FakeStream] = {}
 
     def stream(self, device):
-        names = ("encode", "inline", "store", "read", "load")
+        names = ("encode", "inline", "store", "read", "load", "host")
         s = FakeStream(self.log, names[len(self.kvtc)])
         self.kvtc[s.name] = s
         return s

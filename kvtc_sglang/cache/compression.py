@@ -110,10 +110,11 @@ class TreeCompression(TreeSurgery):
         return busy
 
     def _worth_storing(self, spans: list[Span]) -> list[Span]:
-        """Spans whose blobs the store can take without dropping a more recently used blob."""
+        """Spans whose blobs the store can take without dropping a more recently used blob (all of them with a
+        host tier: the store's older blobs move to host memory)."""
         est = self._blob_bytes_estimate(sum(hi - lo for _, _, lo, hi in spans))
-        if est <= self.store.room_bytes:
-            return spans
+        if est <= self.store.room_bytes or self.placement.has_host:
+            return spans  # (with a host tier the store's older blobs move there rather than being dropped)
         stamps = [s for s in (self.policy.encoded.oldest_stamp(), self.policy.compressed.oldest_stamp()) if s]
         oldest = min(stamps, default=float("inf"))
         return [s for s in spans if s[0].last_access_time > oldest]

@@ -76,6 +76,7 @@ def refused_tp(idle_seconds: float, tp_size: int | None) -> str | None:
     return None
 
 
+CODECS = ("kvtc", "raw")  # what the cache stores: KVTC blobs, or raw KV bytes (the uncompressed baseline)
 ENCODE_MODES = ("auto", "background", "inline")  # auto: resolve_encode_mode(pool device)
 
 
@@ -142,6 +143,12 @@ class KVTCCacheConfig:
         dot_precision: the codec's projection precision (:class:`~kvtc_sglang.codec.KVTCCodec`): ``auto``
             (bf16 on a CPU with native bf16 GEMMs, else exact fp32), ``ieee``, ``bf16`` (the torch backend,
             CPU), ``tf32x3`` or ``tf32`` (the Triton kernels, GPU).
+        host_bytes: the host tier's budget (:mod:`~kvtc_sglang.cache.placement`): a compressed node whose blob
+            must leave the pool's store moves to host memory (pinned on a GPU) instead of being dropped, up to
+            this many bytes (host memory's least recently used blobs then go with their nodes); 0: no host tier.
+        codec: ``kvtc`` (transform coding, the product) or ``raw`` (:class:`~kvtc_sglang.codec.RawCodec`: the
+            same cache storing raw KV bytes, ~1x; the uncompressed baseline of the tier benchmarks; the
+            calibration is still checked against the model, not used).
     """
 
     calibration: str
@@ -158,8 +165,14 @@ class KVTCCacheConfig:
     protect_wanted: bool = True
     max_waste_share: float = 0.75
     dot_precision: str = "auto"
+    host_bytes: int = 0
+    codec: str = "kvtc"
 
     def __post_init__(self) -> None:
+        if self.codec not in CODECS:
+            raise ValueError(f"codec must be one of {CODECS}, got {self.codec!r}")
+        if not isinstance(self.host_bytes, int) or isinstance(self.host_bytes, bool) or self.host_bytes < 0:
+            raise ValueError(f"host_bytes must be an integer >= 0, got {self.host_bytes!r}")
         if not isinstance(self.protect_wanted, bool):
             raise ValueError(f"protect_wanted must be a bool, got {self.protect_wanted!r}")
         if not isinstance(self.verify_restores, bool):

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..codec import KVTCCodec
+from ..codec import KVTCCodec, RawCodec
 from ..codec.blob import BlobHeader
 from .kv_io import PoolKV
 from .ranks import DecisionDigest, LocalAgreement
@@ -85,7 +85,7 @@ class KVTCController:
 
     def __init__(
         self,
-        codec: KVTCCodec,
+        codec: KVTCCodec | RawCodec,
         kv: PoolKV,
         stats: KVTCStats,
         *,

@@ -16,14 +16,24 @@ class TreeEviction(RadixCache):
     # ----- blobs -----
 
     def _holds(self, node: TreeNode, kept: bool) -> bool:
-        return node in (self.io.retained if kept else self.io.entries)
-
-    def _drop_blob(self, node: TreeNode, kept: bool) -> int:
-        """Drop a kept blob (no KV lost) or a compressed node with its subtree; returns device slots freed."""
+        """Holds that kind of blob (a compressed node's only in the store: those in host memory hold no pool)."""
         if kept:
+            return node in self.io.retained
+        entry = self.io.entries.get(node)
+        return entry is not None and not entry.handle.on_host
+
+    def _drop_blob(self, node: TreeNode, kept: bool, spared: set[TreeNode] | None = None) -> int:
+        """Drop a kept blob (no KV lost) or a compressed node with its subtree; returns device slots freed. A
+        compressed node's blob moves to host memory instead when the placement can take it (the node stays);
+        a kept blob already in host memory holds no store room and stays."""
+        if kept:
+            if self.io.retained[node].handle.on_host:
+                return 0
             self.io.drop_retained(node)
             if node.lock_ref > 0:
                 self._spilled.add(node)  # not encoded again until its request ends (no encode/drop churn)
+            return 0
+        if self.placement.demote_node(node, spared or self._protect, self._drop_subtree):
             return 0
         return self._drop_subtree(node)
 
@@ -39,7 +49,7 @@ class TreeEviction(RadixCache):
         target = store.max_pages - pages
 
         def drop(node: TreeNode, kept: bool) -> bool:
-            self._drop_blob(node, kept)
+            self._drop_blob(node, kept, spared)
             return store.num_pages <= target
 
         if store.num_pages > target:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..codec import ArtifactError, KVTCCodec, load_artifact
+from ..codec import ArtifactError, KVTCCodec, RawCodec, load_artifact
 from ..codec.spec import spec_from_config
 from ..codec.tp import rank_artifact_path, rank_spec
 from .config import (
@@ -97,11 +97,15 @@ def build_kvtc_cache(ctx: Any) -> KVTCRadixCache:
         raise ValueError(f"kvtc: {e}") from e
     agreement = agreement_for(ctx.params.tp_cache_group, tp_rank, tp_size)
     precision = resolve_dot_precision(config.dot_precision, layout, cpu_has_native_bf16())
-    codec = KVTCCodec(artifact, chunk_bytes=config.chunk_bytes, dot_precision=precision)
+    codec: KVTCCodec | RawCodec
+    if config.codec == "raw":  # the uncompressed baseline: the artifact was only checked against the model
+        codec = RawCodec(artifact.spec, chunk_bytes=config.chunk_bytes)
+    else:
+        codec = KVTCCodec(artifact, chunk_bytes=config.chunk_bytes, dot_precision=precision)
     cache = KVTCRadixCache(ctx.params, codec, config, agreement=agreement)
     logger.info(
         "kvtc: rank %d of %d, calibration %s (%.0fx target), compressed store up to %d slots (borrowed on "
-        "demand), sinks %d, window %d, %s projections, %s encodes",
+        "demand), sinks %d, window %d, %s projections, %s encodes, %s codec, host tier %d bytes",
         tp_rank,
         tp_size,
         path.name,
@@ -111,6 +115,8 @@ def build_kvtc_cache(ctx: Any) -> KVTCRadixCache:
         config.window_tokens,
         precision,
         cache.encode_mode,
+        config.codec,
+        config.host_bytes,
     )
     return cache
 

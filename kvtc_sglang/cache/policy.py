@@ -9,7 +9,9 @@ Three LRU indexes (:class:`~kvtc_sglang.cache.lru.LruIndex`):
   taken, when it turns out to have no span (its window covers it), or when it leaves the tree. A lock or
   unlock of one path touches only that path: nothing invalidates the whole index.
 - ``encoded``: device nodes holding a kept blob. ``evict`` frees their slots first (no encode, no wait).
-- ``compressed``: nodes whose only copy is a blob; with ``encoded``, the store's victims.
+- ``compressed``: nodes whose only copy is a blob in the store; with ``encoded``, the store's victims.
+- ``host``: nodes whose only copy is a blob in host memory (:mod:`~kvtc_sglang.cache.placement`): the host
+  tier's victims. A kept blob stays in ``encoded`` wherever it is (``free_encoded`` finds it there).
 """
 
 from __future__ import annotations
@@ -80,9 +82,10 @@ class CompressionPolicy:
         self.candidates = LruIndex()
         self.encoded = LruIndex()
         self.compressed = LruIndex()
+        self.host = LruIndex()
 
     def clear(self) -> None:
-        for index in (self.candidates, self.encoded, self.compressed):
+        for index in (self.candidates, self.encoded, self.compressed, self.host):
             index.clear()
 
     # ----- candidates -----
@@ -136,14 +139,23 @@ class CompressionPolicy:
 
     # ----- blobs -----
 
-    def index_blob(self, node: TreeNode, kept: bool) -> None:
-        """``node`` holds a blob now: a kept one (device node, ``kept``) or its only copy (compressed)."""
-        (self.compressed if kept else self.encoded).discard(node)
-        (self.encoded if kept else self.compressed).add(node)
+    def index_blob(self, node: TreeNode, kept: bool, on_host: bool = False) -> None:
+        """``node`` holds a blob now: a kept one (device node, ``kept``) or its only copy (compressed), in the
+        store or (``on_host``) in host memory."""
+        self.unindex_blob(node)
+        (self.encoded if kept else self.host if on_host else self.compressed).add(node)
 
     def unindex_blob(self, node: TreeNode) -> None:
         self.encoded.discard(node)
         self.compressed.discard(node)
+        self.host.discard(node)
+
+    def offer_host(
+        self, spared: set[TreeNode], holds: Callable[[TreeNode, bool], bool], drop: Callable[[TreeNode, bool], bool]
+    ) -> None:
+        """Offer compressed nodes whose blobs are in host memory to ``drop(node, False)``, leaves (LRU) before
+        inner nodes, until it returns ``True``; the rest stay indexed."""
+        self._offer(((self.host, False),), spared, holds, drop)
 
     def offer_blobs(
         self,
@@ -158,10 +170,20 @@ class CompressionPolicy:
         takes its subtree along). ``holds(node, kept)`` tells whether a node still holds that kind of blob
         (entries go stale when a node is restored or dropped); nodes passed over or not dropped are
         indexed again. ``kept_only``: kept blobs only (dropping them loses no KV)."""
+        kinds = ((self.encoded, True),) if kept_only else ((self.encoded, True), (self.compressed, False))
+        self._offer(kinds, spared, holds, drop)
+
+    def _offer(
+        self,
+        kinds: tuple[tuple[LruIndex, bool], ...],
+        spared: set[TreeNode],
+        holds: Callable[[TreeNode, bool], bool],
+        drop: Callable[[TreeNode, bool], bool],
+    ) -> None:
         back: list[tuple[TreeNode, bool]] = []
         inner: list[TreeNode] = []
+        home = kinds[-1][0]  # where compressed nodes passed over go back
         try:
-            kinds = ((self.encoded, True),) if kept_only else ((self.encoded, True), (self.compressed, False))
             for index, kept in kinds:
                 while (node := index.pop()) is not None:
                     if not holds(node, kept):
@@ -180,4 +202,4 @@ class CompressionPolicy:
         finally:
             for node, kept in [*back, *((n, False) for n in inner)]:
                 if node.parent is not None and holds(node, kept):
-                    (self.encoded if kept else self.compressed).add(node)
+                    (self.encoded if kept else home).add(node)

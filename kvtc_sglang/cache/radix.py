@@ -1,7 +1,8 @@
 """``KVTCRadixCache``: SGLang's ``RadixCache`` whose cold nodes are transform-coded in place.
 
 A node is *device* (``node.value`` holds KV-pool slots, as in SGLang), *encoded* (slots and a kept blob) or
-*compressed* (``node.value is None``; its blob is in :class:`~kvtc_sglang.cache.store.BlobStore`). The tree
+*compressed* (``node.value is None``; its blob is in :class:`~kvtc_sglang.cache.store.BlobStore` or, with a
+host tier, in host memory: :class:`~kvtc_sglang.cache.placement.BlobPlacement` decides where and moves it). The tree
 classes do the surgery; the :class:`~kvtc_sglang.cache.controller.KVTCController` runs every codec call (the
 background encoder, restores, streams and fences), the :class:`~kvtc_sglang.cache.transcode.Transcoder`
 keeps the books, and the :class:`~kvtc_sglang.cache.policy.CompressionPolicy` orders the work. How it
@@ -48,12 +49,13 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
 from sglang.srt.utils.rank_consensus_checker import rank_consensus
 
-from ..codec import KVTCCodec
+from ..codec import KVTCCodec, RawCodec
 from .compression import TreeCompression
 from .config import KVTCCacheConfig, resolve_encode_mode
 from .controller import CudaStreamOps, KVTCController
 from .governor import WINDOW_POOLS, EncodeGovernor
 from .kv_io import PoolKV
+from .placement import BlobPlacement
 from .policy import CompressionPolicy
 from .ranks import LocalAgreement
 from .report import KVTCReporter
@@ -80,7 +82,7 @@ class KVTCRadixCache(TreeCompression):
     def __init__(
         self,
         params: CacheInitParams,
-        codec: KVTCCodec,
+        codec: KVTCCodec | RawCodec,
         config: KVTCCacheConfig,
         stream_ops: CudaStreamOps | None = None,
         agreement: LocalAgreement | None = None,
@@ -99,12 +101,14 @@ class KVTCRadixCache(TreeCompression):
         self.store_max_tokens = max(ps, int(allocator.size * config.store_fraction) // ps * ps)
         self.store = BlobStore(kv.buffers, allocator, ps, self.store_max_tokens)
         self.policy = CompressionPolicy(config, ps)
-        self.io = Transcoder(kv, self.store, self.stats, self.policy)
         self.encode_mode = resolve_encode_mode(config.encode, kv.device.type)  # auto: by the pool's device
         self.ctl = KVTCController(
             codec, kv, self.stats, background=self.encode_mode == "background", verify=config.verify_restores,
             stream_ops=stream_ops, agreement=agreement,
         )
+        self.placement = BlobPlacement(self.store, self.ctl.fences, self.stats, config.host_bytes)
+        self.io = Transcoder(kv, self.placement, self.stats, self.policy)
+        self.placement.attach(self.io, self.policy)
         self._protect: set[TreeNode] = set()
         self._pending = {}
         self.wanted = WantedBlobs(config.protect_wanted)  # blobs admission may not take (opt-in)

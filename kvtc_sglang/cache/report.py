@@ -51,6 +51,13 @@ _COUNTERS = (
      "Scheduler passes wanted blobs were admission room because a request had waited too long."),
     ("encode_pauses", "encode_pauses", "Times kvtc paused encoding because its blobs were dropped unused."),
     ("restore_no_memory", "restore_no_memory", "Restores given up for lack of free KV slots."),
+    ("host_demotions", "host_demotions", "Compressed blobs moved from the KV pool's store to host memory."),
+    ("host_demoted_bytes", "host_demoted_bytes", "Bytes of compressed blobs moved to host memory."),
+    ("host_restores", "host_hits", "Compressed radix nodes restored from host memory."),
+    ("host_restored_tokens", "host_hit_tokens", "Tokens restored from host memory."),
+    ("host_dropped_tokens", "host_dropped_tokens", "Compressed tokens dropped from host memory for room."),
+    ("host_full", "host_full", "Blobs that could not move to host memory (no room) and were dropped."),
+    ("host_seconds", "host_seconds", "Scheduler-thread seconds spent moving blobs to host memory."),
 )
 # Current values become Gauges.
 _GAUGES = (
@@ -60,6 +67,8 @@ _GAUGES = (
     ("resident_raw_bytes", "resident_raw_bytes", "Uncompressed size of the KV held compressed now."),
     ("ratio", "compression_ratio", "Achieved compression ratio of the resident compressed KV."),
     ("store_use", "store_usage", "Share of the compressed store in use (0..1)."),
+    ("host_resident_tokens", "host_resident_tokens", "Tokens held compressed in host memory now."),
+    ("host_resident_bytes", "host_resident_bytes", "Host-tier bytes in use now."),
 )
 PREFIX = "sglang:kvtc_"
 
@@ -77,7 +86,11 @@ def format_line(c: Mapping[str, float]) -> str:
         f"#encoded-token: {int(c.get('encoded_tokens', 0))}, "
         f"scheduler-codec-ms: {1e3 * c.get('scheduler_codec_seconds', 0.0):.1f}, "
         f"#checksum-failure: {int(c.get('checksum_failures', 0))}, "
-        f"#dropped-token: {int(c.get('dropped_tokens', 0))}"
+        f"#dropped-token: {int(c.get('dropped_tokens', 0))}, "
+        f"#host-token: {int(c.get('host_resident_tokens', 0))}, "
+        f"host: {c.get('host_resident_bytes', 0) / 2**20:.2f} MiB, "
+        f"#host-hit-token: {int(c.get('host_restored_tokens', 0))}, "
+        f"#host-dropped-token: {int(c.get('host_dropped_tokens', 0))}"
     )
 
 
@@ -142,7 +155,7 @@ class KVTCReporter:
         """Called once per scheduler iteration with ``KVTCStats.as_dict()`` and the store's capacity."""
         now = time.monotonic() if now is None else now
         c = dict(counters)
-        c["store_use"] = c.get("resident_blob_bytes", 0) / store_capacity_bytes if store_capacity_bytes else 0.0
+        c["store_use"] = c.get("resident_store_bytes", 0) / store_capacity_bytes if store_capacity_bytes else 0.0
         since = now - self._last_time
         changed = self._last_logged is None or any(c[k] != self._last_logged.get(k) for k in c if k != "store_use")
         if since < self.config.min_interval:

@@ -49,6 +49,19 @@ class KVTCStats:
     dropped_kept_tokens: int = 0  # tokens of kept blobs dropped (a later compression of the node encodes again)
     starving_passes: int = 0  # passes in which a request matched had waited STARVE_TICKS: wanted slots are room
     encode_pauses: int = 0  # times encoding paused because blobs were being dropped unused (governor.py)
+    # the host tier (placement.py): blobs that left the store for host memory instead of being dropped
+    host_resident_nodes: int = 0
+    host_resident_tokens: int = 0
+    host_resident_raw_bytes: int = 0
+    host_resident_bytes: int = 0  # host budget in use (blobs' store-block sizes)
+    host_demotions: int = 0
+    host_demoted_bytes: int = 0
+    host_demoted_tokens: int = 0
+    host_full: int = 0  # blobs that could not move to host memory (no room) and were dropped
+    host_restores: int = 0  # nodes restored from host memory
+    host_restored_tokens: int = 0
+    host_dropped_tokens: int = 0  # compressed tokens dropped from host memory
+    host_seconds: float = 0.0  # scheduler-thread seconds of demotions (on a GPU: issuing the copies)
 
     @property
     def ratio(self) -> float:
@@ -59,7 +72,8 @@ class KVTCStats:
     def store_ratio(self) -> float:
         """Raw KV bytes / store bytes of what is resident now: :attr:`ratio` with the blobs' block rounding (and
         the ranks' largest blob under tensor parallelism), the same on every rank; what tree decisions use."""
-        return self.resident_raw_bytes / self.resident_store_bytes if self.resident_store_bytes else 0.0
+        pool_raw = self.resident_raw_bytes - self.host_resident_raw_bytes  # blobs in host memory hold no store bytes
+        return pool_raw / self.resident_store_bytes if self.resident_store_bytes else 0.0
 
     def as_dict(self) -> dict:
         return {**asdict(self), "ratio": round(self.ratio, 3)}
@@ -71,4 +85,9 @@ class KVTCStats:
             f"compressions={self.compressions} reused_blobs={self.reused_blobs} restores={self.restores} "
             f"restore_ms={1e3 * self.restore_seconds:.1f} checksum_failures={self.checksum_failures} "
             f"dropped_tokens={self.dropped_tokens}"
+            + (
+                f" host_tokens={self.host_resident_tokens} host_mib={self.host_resident_bytes / 2**20:.1f} "
+                f"host_restored_tokens={self.host_restored_tokens}"
+                if self.host_demotions else ""
+            )
         )

@@ -26,11 +26,21 @@ from ..devcopy import to_device
 @dataclass(frozen=True)
 class BlobHandle:
     """Where one blob lives: block ids (ascending; ``slot position * 2L + buffer``) and its length; ``ready``:
-    an event after which its bytes are in the store (set by the controller on a GPU; ``None``: already)."""
+    an event after which its bytes are there (set by the controller on a GPU; ``None``: already).
 
-    blocks: torch.Tensor  # [num_blocks] int64, CPU
+    A blob in host memory (:mod:`~kvtc_sglang.cache.placement`) has no blocks and its bytes in ``host``
+    (``[nbytes]`` uint8, pinned on a GPU server); ``charge``: the host bytes it counts against the host
+    budget (its store blocks' size when it left the pool: equal on every tensor-parallel rank)."""
+
+    blocks: torch.Tensor  # [num_blocks] int64, CPU; [0] for a blob in host memory
     nbytes: int
     ready: Any = None
+    host: torch.Tensor | None = None  # [nbytes] uint8, CPU
+    charge: int = 0
+
+    @property
+    def on_host(self) -> bool:
+        return self.host is not None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ Three producers matter on a GPU under SGLang's overlap scheduler:
 - the **forward stream** may still write slots the scheduler has already freed (the batch in flight);
 - the **schedule stream** (the scheduler thread's current stream) makes, in the same tick, the tensors kvtc
   reads: the allocator's free list and the slots ``alloc`` returns, the ``node.value`` copies of a split;
-- kvtc's own streams (encode, inline encode, store, load) write pool rows the next batch reads or reuses.
+- kvtc's own streams (encode, inline encode, store, load, host) read or write pool rows the next batch reads
+  or reuses.
 
 The rules (:meth:`StreamFences.enter`, :meth:`StreamFences.before_forward`):
 
@@ -15,7 +16,9 @@ The rules (:meth:`StreamFences.enter`, :meth:`StreamFences.before_forward`):
 2. work that reads only blobs (a restore's store reads, CRC checks, inflate) waits only on the events of the
    puts that wrote them (``BlobHandle.ready``): its host syncs never wait on the forward in flight;
 3. the forward stream waits on kvtc's event before any later batch once that work's rows may be read or
-   reused (``before_forward``), whether the work succeeded or not.
+   reused (``before_forward``), whether the work succeeded or not; rows kvtc frees while a copy still
+   reads them (a blob leaving the store for host memory) are also waited on by kvtc's writing streams
+   (``freed``).
 
 The scheduler thread never waits on a stream: only events are recorded and waited on by streams. On the CPU
 there are no streams and every rule holds by construction (``ops`` is ``None``; every method is a no-op).
@@ -66,8 +69,9 @@ class StreamFences:
         ops: the stream API; ``None`` on the CPU (no streams, no events).
     """
 
-    # background encodes, inline encodes, blob puts, a restore's blob reads (CRC, inflate), a restore's row writes
-    NAMES = ("encode", "inline", "store", "read", "load")
+    # background encodes, inline encodes, blob puts, a restore's blob reads (CRC, inflate), a restore's row
+    # writes, copies of blobs between the store and host memory
+    NAMES = ("encode", "inline", "store", "read", "load", "host")
 
     def __init__(self, device: torch.device, ops: CudaStreamOps | None) -> None:
         self.device = device
@@ -125,6 +129,15 @@ class StreamFences:
         """Make every later batch of the forward stream wait on ``event`` (rule 3; no host sync)."""
         if event is not None:
             self.forward_stream().wait_event(event)
+
+    def freed(self, event: Any) -> None:
+        """Pool rows read by work that ends at ``event`` are free from now on (a blob copied out of the store):
+        the kvtc streams that write rows (puts, restores) and every later batch wait on it (no host sync)."""
+        if event is None:
+            return
+        for name in ("store", "load"):
+            self.streams[name].wait_event(event)
+        self.before_forward(event)
 
     def keep(self, name: str, *tensors: torch.Tensor) -> None:
         """``tensors`` (made on another stream) are used on kvtc's stream ``name``."""

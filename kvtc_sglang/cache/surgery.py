@@ -111,7 +111,7 @@ class TreeSurgery(TreeEviction):
         error: Exception | None = None
         try:  # every check runs before the first row is written: a bad blob leaves the slots untouched
             self.ctl.restore(
-                lambda: [self.store.get(e.handle) for e in entries], [e.header for e in entries], targets,
+                lambda: [self.placement.fetch(e.handle) for e in entries], [e.header for e in entries], targets,
                 ready=[e.handle.ready for e in entries],
                 references=[e.reference for e in entries] if self.ctl.verify else None,
             )
@@ -145,6 +145,7 @@ class TreeSurgery(TreeEviction):
                 self.ctl.digest.mix("restore_failed", total, len(nodes))
             return False
         self.ctl.digest.mix("restore", total, len(nodes))
+        self.placement.count_restored(entries)
         for node, entry, part in zip(nodes, entries, parts, strict=True):
             self.io.pop(node)
             if entry.skip:

@@ -6,6 +6,9 @@ A node's blob is in one of two books:
 - ``entries``: *compressed* nodes (``node.value is None``); the blob is the only copy of their KV;
 - ``retained``: *device* nodes that still hold their blob (restored, or adopted by an insert). Going cold
   again only frees their slots: already-lossy KV is never re-encoded, and no encode work is repeated.
+
+A blob is in the pool's store or in host memory (:class:`~kvtc_sglang.cache.placement.BlobPlacement` frees it
+where it is; :meth:`Transcoder.rehome` records a move).
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from dataclasses import dataclass, replace
 
 from ..codec.blob import BlobHeader
 from .kv_io import PoolKV
+from .placement import BlobPlacement
 from .policy import CompressionPolicy
 from .stats import KVTCStats
-from .store import BlobHandle, BlobStore
+from .store import BlobHandle
 from .tree_walk import TreeNode
 
 
@@ -40,11 +44,12 @@ class CompressedNode:
 
 
 class Transcoder:
-    """Args: ``kv``: the pool's buffers (for the raw size of a token); ``store``: where blobs live; ``stats``;
-    ``policy``: its blob indexes (victim order) follow these books."""
+    """Args: ``kv``: the pool's buffers (for the raw size of a token); ``placement``: where blobs live (the
+    store, host memory); ``stats``; ``policy``: its blob indexes (victim order) follow these books."""
 
-    def __init__(self, kv: PoolKV, store: BlobStore, stats: KVTCStats, policy: CompressionPolicy) -> None:
-        self.store = store
+    def __init__(self, kv: PoolKV, placement: BlobPlacement, stats: KVTCStats, policy: CompressionPolicy) -> None:
+        self.placement = placement
+        self.store = placement.store
         self.stats = stats
         self.policy = policy
         self.entries: dict[TreeNode, CompressedNode] = {}
@@ -62,25 +67,32 @@ class Transcoder:
     def add(self, node: TreeNode, entry: CompressedNode) -> None:
         """``node`` is compressed now; ``entry`` is its blob."""
         self.entries[node] = entry
-        self.policy.index_blob(node, kept=False)
+        self.policy.index_blob(node, kept=False, on_host=entry.handle.on_host)
+        self._count(entry, 1)
+
+    def _count(self, entry: CompressedNode, sign: int) -> None:
         s = self.stats
-        s.resident_nodes += 1
-        s.resident_tokens += entry.node_tokens
-        s.resident_raw_bytes += entry.raw_bytes
-        s.resident_blob_bytes += entry.handle.nbytes
-        s.resident_store_bytes += entry.handle.blocks.numel() * self.store.row_bytes
+        s.resident_nodes += sign
+        s.resident_tokens += sign * entry.node_tokens
+        s.resident_raw_bytes += sign * entry.raw_bytes
+        s.resident_blob_bytes += sign * entry.handle.nbytes
+        s.resident_store_bytes += sign * self.placement.store_bytes(entry.handle)
+        if entry.handle.on_host:
+            s.host_resident_nodes += sign
+            s.host_resident_tokens += sign * entry.node_tokens
+            s.host_resident_raw_bytes += sign * entry.raw_bytes
 
     def pop(self, node: TreeNode) -> CompressedNode:
         """Take ``node`` out of the compressed book (its blob stays stored)."""
         entry = self.entries.pop(node)
         self.policy.unindex_blob(node)
-        s = self.stats
-        s.resident_nodes -= 1
-        s.resident_tokens -= entry.node_tokens
-        s.resident_raw_bytes -= entry.raw_bytes
-        s.resident_blob_bytes -= entry.handle.nbytes
-        s.resident_store_bytes -= entry.handle.blocks.numel() * self.store.row_bytes
+        self._count(entry, -1)
         return entry
+
+    def rehome(self, node: TreeNode, handle: BlobHandle) -> None:
+        """Compressed ``node``'s blob moved (the store to host memory): ``handle`` is where it is now."""
+        entry = self.pop(node)
+        self.add(node, replace(entry, handle=handle))
 
     def narrow(self, node: TreeNode, head_tokens: int) -> None:
         """The first ``head_tokens`` of compressed ``node`` left it (an insert took them)."""
@@ -90,7 +102,7 @@ class Transcoder:
     def retain(self, node: TreeNode, entry: CompressedNode) -> None:
         """Keep ``entry`` for device ``node`` if the blob covers exactly the node; else free it."""
         if entry.skip:
-            self.store.free(entry.handle)
+            self.placement.free(entry.handle)
             return
         self.retained[node] = entry
         self.policy.index_blob(node, kept=True)
@@ -105,7 +117,7 @@ class Transcoder:
     def drop_retained(self, node: TreeNode) -> None:
         if node in self.retained:
             entry = self.take_retained(node)
-            self.store.free(entry.handle)
+            self.placement.free(entry.handle)
             self.stats.dropped_kept_tokens += entry.num_tokens
             if not entry.restored:
                 self.stats.discarded_encoded_tokens += entry.num_tokens
@@ -113,8 +125,10 @@ class Transcoder:
     def free_dropped(self, node: TreeNode) -> CompressedNode:
         """Compressed ``node`` leaves the tree: its blob is freed and counted as dropped."""
         entry = self.pop(node)
-        self.store.free(entry.handle)
+        self.placement.free(entry.handle)
         s = self.stats
+        if entry.handle.on_host:
+            s.host_dropped_tokens += entry.node_tokens
         s.dropped_nodes += 1
         s.dropped_tokens += entry.node_tokens
         if not entry.restored:
@@ -124,10 +138,11 @@ class Transcoder:
     def clear(self) -> None:
         """Forget every blob and give the store's pages back."""
         for entry in [*self.entries.values(), *self.retained.values()]:
-            self.store.free(entry.handle)
+            self.placement.free(entry.handle)
         self.entries, self.retained = {}, {}
         self.policy.clear()
         s = self.stats
         s.resident_nodes = s.resident_tokens = s.resident_raw_bytes = s.resident_blob_bytes = 0
         s.resident_store_bytes = 0
+        s.host_resident_nodes = s.host_resident_tokens = s.host_resident_raw_bytes = 0
         s.retained_tokens = 0

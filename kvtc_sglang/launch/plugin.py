@@ -34,6 +34,23 @@ def _flag(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected 0 or 1, got {value!r}")
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _bytes(value: str) -> int:
+    """A byte count: an integer with an optional K/M/G/T suffix (powers of 1024; ``KiB``/``KB`` alike)."""
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in _UNITS and text[-1:] else ""
+    number = text[: len(text) - len(unit)]
+    try:
+        n = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a byte count such as 4G or 1048576, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a byte count >= 0, got {value!r}")
+    return int(n * _UNITS[unit])
+
+
 TARGET_STEP = "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run"
 _OPTIONS = (  # (flag, dest, type, config field, help)
     ("--kvtc-calibration", "kvtc_calibration", str, "calibration", "Calibration artifact (*.kvtc.safetensors)."),
@@ -61,6 +78,12 @@ _OPTIONS = (  # (flag, dest, type, config field, help)
     ("--kvtc-dot-precision", "kvtc_dot_precision", str, "dot_precision",
      "The codec's projection precision: auto (bf16 on a CPU with native bf16 GEMMs, else exact fp32; "
      "default), ieee, bf16 (CPU), tf32x3 or tf32 (GPU)."),
+    ("--kvtc-host-bytes", "kvtc_host_bytes", _bytes, "host_bytes",
+     "Host-memory tier for compressed blobs that must leave the KV pool (e.g. 4G; default 0: none): they move "
+     "to host memory instead of being dropped, and a match restores them from there."),
+    ("--kvtc-codec", "kvtc_codec", str, "codec",
+     "What the cache stores: kvtc (transform-coded blobs; default) or raw (raw KV bytes: the uncompressed "
+     "baseline for benchmarks)."),
     ("--kvtc-verify-restores", "kvtc_verify_restores", _flag, "verify_restores",
      "Debugging (0/1): check every restored row against a re-encode of its rows made at commit (default 0)."),
 )
