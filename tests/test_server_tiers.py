@@ -3,15 +3,22 @@
 (a) One server with a host tier: a session whose KV was pushed out of the pool and out of the compressed store
 comes back from host memory on its next turn (cached tokens in ``usage``, host hits on ``/metrics``). The
 reference is the same server without the tier, where that turn recomputes the session.
+(b) Two replicas sharing a real Mooncake store: a prefix served by one is restored on the other without prefill.
+(c) A restart with the directory tier: a fresh server on the same directory restores the session's chunks
+(a fresh server has nothing cached: every cached token came from the directory).
 """
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
+from mooncake_support import mooncake_master, requires_mooncake  # noqa: F401 (the fixture)
 from serve_support import hf_model, kvtc_metrics, scheduler_errors, start
 
 from kvtc_sglang.serve.launcher import ServerSpec
+from kvtc_sglang.serve.server import SGLangServer
 from kvtc_sglang.serve.workload import WorkloadConfig, _excerpts, chat
 
 pytestmark = [pytest.mark.server, pytest.mark.model]
@@ -22,39 +29,107 @@ SESSIONS = 6  # each first turn ~700-900 tokens: session 0 leaves the pool, then
 TIER_FLAGS = ("--kvtc-store-fraction", "0.05", "--kvtc-window-tokens", "64")
 
 
-def _sessions(server_flags: tuple[str, ...], calibration: str, log_dir) -> tuple[int, int, dict, str]:
-    """Every session's first turn, one at a time, then session 0's second turn; returns (session 0's first
-    prompt tokens, its second turn's cached tokens, the kvtc metrics, the log)."""
-    extra = ["--enable-cache-report", "--enable-metrics", "--disable-overlap-schedule", *TIER_FLAGS, *server_flags]
-    srv = start(ServerSpec("kvtc", hf_model(), calibration, max_total_tokens=POOL, extra=extra), log_dir / "s.log")
+def _server(calibration: str, log, flags: tuple[str, ...] = ()) -> SGLangServer:
+    extra = ["--enable-cache-report", "--enable-metrics", "--disable-overlap-schedule", *TIER_FLAGS, *flags]
+    return start(ServerSpec("kvtc", hf_model(), calibration, max_total_tokens=POOL, extra=extra), log)
+
+
+def _client(srv: SGLangServer):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+
+
+def _first_turns(srv: SGLangServer) -> list[list[dict]]:
+    """Every session's first turn, one at a time; returns the conversations (with the answers)."""
+    client = _client(srv)
+    files = _excerpts(WL.seed, SESSIONS, 3000, "code")
+    convs = [[{"role": "system", "content": f"You are agent #{i}."},
+              {"role": "user", "content": f"Read this file:\n{f}"}] for i, f in enumerate(files)]  # fmt: skip
+    for i, msgs in enumerate(convs):
+        r = chat(client, "default", f"s{i}/t0", list(msgs), WL)
+        assert not r.error, r.error
+        msgs.append({"role": "assistant", "content": r.text or "(no answer)"})
+        msgs.append({"role": "user", "content": "What does the first function do?"})
+        msgs.insert(0, {"prompt_tokens": r.prompt_tokens})  # type: ignore[arg-type]
+    return convs
+
+
+def _next_turn(srv: SGLangServer, conv: list[dict]) -> tuple[int, int]:
+    """``(the first turn's prompt tokens, this turn's cached tokens)``."""
+    r = chat(_client(srv), "default", "s0/t1", conv[1:], WL)
+    assert not r.error, r.error
+    return int(conv[0]["prompt_tokens"]), r.cached_tokens
+
+
+def _run(calibration: str, log, flags: tuple[str, ...] = ()) -> tuple[int, int, dict, str]:
+    srv = _server(calibration, log, flags)
     try:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
-        files = _excerpts(WL.seed, SESSIONS, 3000, "code")
-        convs = [[{"role": "system", "content": f"You are agent #{i}."},
-                  {"role": "user", "content": f"Read this file:\n{f}"}] for i, f in enumerate(files)]  # fmt: skip
-        first = []
-        for i, msgs in enumerate(convs):
-            r = chat(client, "default", f"s{i}/t0", list(msgs), WL)
-            assert not r.error, r.error
-            msgs.append({"role": "assistant", "content": r.text or "(no answer)"})
-            first.append(r)
-        convs[0].append({"role": "user", "content": "What does the first function do?"})
-        again = chat(client, "default", "s0/t1", convs[0], WL)
-        assert not again.error, again.error
+        convs = _first_turns(srv)
+        prompt, cached = _next_turn(srv, convs[0])
         metrics = kvtc_metrics(srv)
     finally:
         srv.stop()
-    return first[0].prompt_tokens, again.cached_tokens, metrics, srv.log_text()
+    return prompt, cached, metrics, srv.log_text()
 
 
 def test_a_session_pushed_out_of_pool_and_store_comes_back_from_host_memory(artifact_path, tmp_path):
-    prompt, cached_without, m_without, log = _sessions((), str(artifact_path), tmp_path / "none")
+    prompt, cached_without, m_without, log = _run(str(artifact_path), tmp_path / "none.log")
     assert not scheduler_errors(log)
     assert m_without.get("host_hits_total", 0) == 0 and m_without.get("dropped_tokens_total", 0) > 0
-    prompt, cached_with, m_with, log = _sessions(("--kvtc-host-bytes", "256M"), str(artifact_path), tmp_path / "host")
+    prompt, cached_with, m_with, log = _run(str(artifact_path), tmp_path / "host.log", ("--kvtc-host-bytes", "256M"))
     assert not scheduler_errors(log)
     seen = {k: v for k, v in m_with.items() if v}
     assert m_with["host_demotions_total"] > 0 and m_with["host_hits_total"] >= 1, seen
     assert m_with["host_hit_tokens_total"] >= prompt // 2, seen
     assert cached_with >= prompt - 200 > cached_without, seen  # restored, not recomputed (sinks/window aside)
     assert "#host-hit-token" in log
+
+
+def test_a_restarted_server_restores_from_the_directory_tier(artifact_path, tmp_path):
+    config = json.dumps({"path": str(tmp_path / "l3"), "chunk_tokens": 256})
+    flags = ("--kvtc-host-bytes", "256M", "--kvtc-l3", "directory", "--kvtc-l3-config", config)
+    srv = _server(str(artifact_path), tmp_path / "before.log", flags)
+    try:
+        convs = _first_turns(srv)
+        written = kvtc_metrics(srv)
+    finally:
+        srv.stop()
+    assert written.get("l3_put_objects_total", 0) >= 2, {k: v for k, v in written.items() if v}
+    srv = _server(str(artifact_path), tmp_path / "after.log", flags)  # the restart: an empty tree
+    try:
+        prompt, cached = _next_turn(srv, convs[0])
+        m = kvtc_metrics(srv)
+    finally:
+        srv.stop()
+    seen = {k: v for k, v in m.items() if v}
+    assert not scheduler_errors(srv.log_text())
+    assert m["l3_hit_tokens_total"] >= 256 and m["restored_tokens_total"] >= 256, seen
+    assert cached >= 256, seen  # a fresh server's cache is empty: these came from the directory
+
+
+@requires_mooncake
+def test_a_prefix_served_by_one_replica_is_restored_on_another_through_mooncake(
+    artifact_path, tmp_path, mooncake_master  # noqa: F811 (the fixture)
+):
+    """(b) Two replicas sharing a real Mooncake store (the master started by the fixture): replica A serves the
+    sessions (its encodes write whole chunks), replica B, which never saw them, restores session 0's prefix."""
+    config = json.dumps({"master_server_address": mooncake_master.address, "chunk_tokens": 256,
+                         "global_segment_size": "256mb", "local_buffer_size": "64mb"})  # fmt: skip
+    flags = ("--kvtc-host-bytes", "256M", "--kvtc-l3", "mooncake", "--kvtc-l3-config", config)
+    a = _server(str(artifact_path), tmp_path / "a.log", flags)
+    try:
+        b = _server(str(artifact_path), tmp_path / "b.log", flags)
+        try:
+            convs = _first_turns(a)
+            written = kvtc_metrics(a)
+            prompt, cached = _next_turn(b, convs[0])
+            m = kvtc_metrics(b)
+        finally:
+            b.stop()
+    finally:
+        a.stop()
+    assert written.get("l3_put_objects_total", 0) >= 2, {k: v for k, v in written.items() if v}
+    seen = {k: v for k, v in m.items() if v}
+    assert not scheduler_errors(a.log_text()) and not scheduler_errors(b.log_text())
+    assert m["l3_hit_tokens_total"] >= 256 and m["restored_tokens_total"] >= 256, seen
+    assert cached >= 256, seen  # B never served this session: these came from A through Mooncake
+    assert prompt > cached

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from sglang.srt.mem_cache.radix_cache import TreeNode
 
 from .controller import EncodeJob
 from .governor import EncodeGovernor
-from .policy import Span
+from .policy import Span, split_at_chunks
 from .store import BlobHandle
 from .surgery import TreeSurgery
 from .tree_walk import subtree_postorder
@@ -36,6 +37,7 @@ class TreeCompression(TreeSurgery):
     wanted: WantedBlobs  # blobs admission may not take (radix.py)
     governor: EncodeGovernor  # pauses encoding while its blobs are dropped unused (radix.py)
     _ticks: int
+    l3: Any  # the L3 tier (l3_tier.py) or None
 
     def _busy(self, node: TreeNode) -> bool:
         """Its slots may not be freed now: locked, being restored, or read by the encoder."""
@@ -123,7 +125,7 @@ class TreeCompression(TreeSurgery):
         """Split each span's node so that one node covers exactly ``[lo, hi)``: ``(node, lo)``. The parts keep
         the node's stamp (a cut is no access: the LRU order stays as it was)."""
         out = []
-        for cand, start, lo, hi in spans:
+        for cand, start, lo, hi in split_at_chunks(spans, self.l3.chunk if self.l3 is not None else 0):
             if cand.parent is None or cand.value is None:
                 continue  # compressed or dropped while making room for an earlier span
             stamp = cand.last_access_time
@@ -182,6 +184,8 @@ class TreeCompression(TreeSurgery):
                     digest.mix("store_full", len(slots), lo)
                     continue  # the store is full of more recently used blobs
                 entry = self.io.make_entry(handle, lo, len(slots), header, ref)
+                if self.l3 is not None:  # write-through: a blob of a whole chunk goes to the shared store
+                    self.l3.offer(node, lo, len(slots), blob)
                 self.stats.encodes += 1
                 self.stats.encoded_tokens += len(slots)
                 digest.mix("encode", len(slots), lo)

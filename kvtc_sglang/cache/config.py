@@ -65,9 +65,11 @@ def refused_window(window_tokens: int, page_size: int | None, overlap: bool) -> 
     return None
 
 
-def refused_tp(idle_seconds: float, tp_size: int | None) -> str | None:
+def refused_tp(idle_seconds: float, tp_size: int | None, l3: str = "") -> str | None:
     """Why these options cannot run at ``tp_size`` ranks, or ``None``: ranks must take every decision alike,
-    and an idle time is each rank's own clock."""
+    and an idle time is each rank's own clock; the L3 tier's prefetches finish on each rank's own clock."""
+    if tp_size not in (None, 1) and l3:
+        return f"--kvtc-l3 {l3} runs on one rank only for now; use --tp-size 1"
     if tp_size not in (None, 1) and idle_seconds > 0:
         return (
             f"--kvtc-idle-seconds {idle_seconds:g} reads each rank's own clock, so tensor-parallel ranks would "
@@ -76,6 +78,7 @@ def refused_tp(idle_seconds: float, tp_size: int | None) -> str | None:
     return None
 
 
+L3_BACKENDS = ("", "directory", "mooncake")  # the shared store (l3_tier.py): none, a local directory, Mooncake
 CODECS = ("kvtc", "raw")  # what the cache stores: KVTC blobs, or raw KV bytes (the uncompressed baseline)
 ENCODE_MODES = ("auto", "background", "inline")  # auto: resolve_encode_mode(pool device)
 
@@ -149,6 +152,11 @@ class KVTCCacheConfig:
         codec: ``kvtc`` (transform coding, the product) or ``raw`` (:class:`~kvtc_sglang.codec.RawCodec`: the
             same cache storing raw KV bytes, ~1x; the uncompressed baseline of the tier benchmarks; the
             calibration is still checked against the model, not used).
+        l3: the shared store of whole-chunk blobs (:mod:`~kvtc_sglang.cache.l3_tier`): ``directory`` or
+            ``mooncake``; ``""``: none. Needs ``host_bytes`` (fetched blobs wait in host memory).
+        l3_config: its JSON object: the backend's keys (``path``, ``max_bytes`` for a directory; SGLang's
+            Mooncake keys ``master_server_address``, ``local_hostname``, ``protocol``, ...) and kvtc's
+            (``chunk_tokens``, ``prefetch_timeout_s``, ``write_queue_depth``, ``secret_file``, ``min_chunks``).
     """
 
     calibration: str
@@ -167,8 +175,21 @@ class KVTCCacheConfig:
     dot_precision: str = "auto"
     host_bytes: int = 0
     codec: str = "kvtc"
+    l3: str = ""
+    l3_config: str = "{}"
 
     def __post_init__(self) -> None:
+        if self.l3 not in L3_BACKENDS:
+            raise ValueError(f"l3 must be one of {L3_BACKENDS} ('' for none), got {self.l3!r}")
+        try:
+            extra = json.loads(self.l3_config)
+        except (TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"l3_config must be a JSON object, got {self.l3_config!r}: {e}") from e
+        if not isinstance(extra, dict):
+            raise ValueError(f"l3_config must be a JSON object, got {self.l3_config!r}")
+        if self.l3 and not self.host_bytes:
+            raise ValueError("an L3 tier (--kvtc-l3) needs a host tier for the blobs it fetches: "
+                             "give --kvtc-host-bytes")
         if self.codec not in CODECS:
             raise ValueError(f"codec must be one of {CODECS}, got {self.codec!r}")
         if not isinstance(self.host_bytes, int) or isinstance(self.host_bytes, bool) or self.host_bytes < 0:

@@ -271,8 +271,10 @@ class KVTCController:
         fetch: Callable[[], list[torch.Tensor]],
         headers: list[BlobHeader],
         targets: list[tuple[torch.Tensor, torch.Tensor]],
+        *,
         ready: list[Any] | None = None,
         references: list[tuple | None] | None = None,
+        codec: Any = None,
     ) -> None:
         """Decode the blobs ``fetch()`` reads from the store into pool rows ``targets[i] = (slots [T_i] int64,
         positions [T_i])``, one codec call, on the scheduler thread (SGLang's ``init_load_back`` is synchronous).
@@ -281,7 +283,9 @@ class KVTCController:
         (``ready``: their handles' events), then the rows on the load stream after the schedule stream (the
         slots were allocated this tick) and the forward's fence, with no host sync; the next batch waits on both
         whether the restore succeeded or not (the caller frees the slots on failure). Raises ``BlobError`` (its
-        ``blob_index`` names the blob) before any row is written."""
+        ``blob_index`` names the blob) before any row is written. ``codec``: another codec for these blobs (the
+        raw sink rows of an L3 object); default the cache's."""
+        codec = self.codec if codec is None else codec
         f = self.fences
         t0 = time.perf_counter()
         for slots, positions in targets:
@@ -289,10 +293,10 @@ class KVTCController:
         issued = f.issued()
         try:
             with f.enter("read", ready or []):  # never after the forward: its host syncs wait on the puts only
-                payloads = self.codec.read_blobs(fetch(), headers, targets, self.kv.device)
+                payloads = codec.read_blobs(fetch(), headers, targets, self.kv.device)
             f.keep("load", *payloads)
             with f.enter("load", (*issued, f.done("read"))):
-                self.codec.write_rows_many(payloads, headers, self.kv.k_buffers, self.kv.v_buffers, targets)
+                codec.write_rows_many(payloads, headers, self.kv.k_buffers, self.kv.v_buffers, targets)
         finally:  # success or not: the store pages read and the rows written come before the next batch
             f.before_forward(f.done("read"))
             f.before_forward(f.done("load"))

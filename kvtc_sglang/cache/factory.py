@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import replace
@@ -12,6 +13,9 @@ import torch
 from ..codec import ArtifactError, KVTCCodec, RawCodec, load_artifact
 from ..codec.spec import spec_from_config
 from ..codec.tp import rank_artifact_path, rank_spec
+from ..tiers.keys import KeyScheme, scheme_digest
+from ..tiers.l3 import backend_from_config
+from ..tiers.l3_client import L3Client
 from .config import (
     ENV_VAR,
     KVTCCacheConfig,
@@ -20,6 +24,7 @@ from .config import (
     refused_window,
     resolve_dot_precision,
 )
+from .l3_tier import L3Tier, split_options
 from .radix import KVTCRadixCache
 from .ranks import LocalAgreement, RankAgreement
 
@@ -75,7 +80,7 @@ def build_kvtc_cache(ctx: Any) -> KVTCRadixCache:
     overlap = server_args is not None and not getattr(server_args, "disable_overlap_schedule", True)
     tp_size, tp_rank = int(getattr(ctx, "tp_size", 1) or 1), int(getattr(ctx, "tp_rank", 0) or 0)
     refused = refused_window(config.window_tokens, ctx.params.page_size, overlap) or refused_tp(
-        config.idle_seconds, tp_size
+        config.idle_seconds, tp_size, config.l3
     )
     if refused:
         raise ValueError(f"kvtc: {refused}")
@@ -103,6 +108,9 @@ def build_kvtc_cache(ctx: Any) -> KVTCRadixCache:
     else:
         codec = KVTCCodec(artifact, chunk_bytes=config.chunk_bytes, dot_precision=precision)
     cache = KVTCRadixCache(ctx.params, codec, config, agreement=agreement)
+    if config.l3:
+        cache.l3 = build_l3(cache, config, artifact.spec, str(getattr(model_config, "model_path", "model")),
+                            tp_size=tp_size, tp_rank=tp_rank)  # fmt: skip
     logger.info(
         "kvtc: rank %d of %d, calibration %s (%.0fx target), compressed store up to %d slots (borrowed on "
         "demand), sinks %d, window %d, %s projections, %s encodes, %s codec, host tier %d bytes",
@@ -134,3 +142,23 @@ def agreement_for(group: Any, tp_rank: int, tp_size: int) -> LocalAgreement:
     if len(ranks) != tp_size:
         raise ValueError(f"kvtc: SGLang's TP process group has {len(ranks)} ranks, --tp-size is {tp_size}")
     return RankAgreement(dist.new_group(ranks, backend="gloo"), tp_rank, tp_size)
+
+
+def build_l3(cache: KVTCRadixCache, config: KVTCCacheConfig, spec: Any, model_path: str, *, tp_size: int,
+             tp_rank: int) -> L3Tier:  # fmt: skip
+    """The L3 tier of ``config.l3``: its backend and client, keys named by the calibration, the model's
+    directory name, the KV dtype, the codec and the tensor-parallel layout (replicas must serve the same model
+    from a directory of the same name to share objects)."""
+    options, extra = split_options(json.loads(config.l3_config))
+    try:
+        backend = backend_from_config(config.l3, extra)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"kvtc: --kvtc-l3 {config.l3} could not start: {e}") from e
+    client = L3Client(backend, write_queue_depth=options.write_queue_depth, timeout_s=options.prefetch_timeout_s)
+    digest = scheme_digest(cache.codec.artifact_id, model=os.path.basename(model_path.rstrip("/")),
+                           kv_dtype=spec.dtype, tp_size=tp_size, tp_rank=tp_rank, chunk_tokens=options.chunk_tokens,
+                           codec=config.codec)  # fmt: skip
+    tier = L3Tier(cache, client, KeyScheme(options.chunk_tokens, digest), options, RawCodec(spec))
+    logger.info("kvtc: L3 %s (%s chunks of %d tokens, key digest %s%s)", config.l3, type(backend).__name__,
+                options.chunk_tokens, digest, ", MAC on" if tier.secret else "")  # fmt: skip
+    return tier

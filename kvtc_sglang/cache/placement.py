@@ -152,26 +152,41 @@ class BlobPlacement:
         if entry is None or entry.handle.on_host or not self.has_host:
             return False
         keep = spared_path(node, spared)
-
-        def holds(n: TreeNode, _kept: bool) -> bool:
-            e = self.books.entries.get(n)
-            return e is not None and e.handle.on_host
-
-        def make_room(nbytes: int) -> bool:
-            def drop(victim: TreeNode, _kept: bool) -> bool:
-                drop_subtree(victim)
-                return self.host.free_bytes >= nbytes
-
-            if nbytes <= self.host.max_bytes:
-                self.policy.offer_host(keep, holds, drop)
-            return self.host.free_bytes >= nbytes
-
-        handle = self.demote(entry.handle, make_room)
+        handle = self.demote(entry.handle, lambda nbytes: self._make_room(nbytes, keep, drop_subtree))
         if handle is None:
             return False
         self.books.rehome(node, handle)
         self.stats.host_demoted_tokens += entry.node_tokens
         return True
+
+    def _make_room(self, nbytes: int, keep: set[TreeNode], drop_subtree: Callable[[TreeNode], int]) -> bool:
+        """Drop host blobs' nodes (not ``keep``), LRU leaves first, until ``nbytes`` fit; whether they do."""
+
+        def holds(n: TreeNode, _kept: bool) -> bool:
+            e = self.books.entries.get(n)
+            return e is not None and e.handle.on_host
+
+        def drop(victim: TreeNode, _kept: bool) -> bool:
+            drop_subtree(victim)
+            return self.host.free_bytes >= nbytes
+
+        if self.host.free_bytes < nbytes <= self.host.max_bytes:
+            self.policy.offer_host(keep, holds, drop)
+        return self.host.free_bytes >= nbytes
+
+    def admit(
+        self, blob: torch.Tensor, node: TreeNode, spared: set[TreeNode], drop_subtree: Callable[[TreeNode], int]
+    ) -> BlobHandle | None:
+        """A blob fetched from L3 (``[nbytes]`` uint8 on the host) into host memory, for a node to hang under
+        ``node``; ``None`` when it does not fit (nothing is dropped from ``node``'s path or ``spared``)."""
+        charge = blob.numel()
+        if not self.has_host or not self._make_room(charge, spared_path(node, spared), drop_subtree):
+            self.stats.host_full += 1
+            return None
+        data = blob.pin_memory() if self.store.device.type == "cuda" else blob
+        self.host.take(charge)
+        self.stats.host_resident_bytes = self.host.used_bytes
+        return BlobHandle(torch.empty(0, dtype=torch.int64), charge, host=data, charge=charge)
 
     def count_restored(self, entries: list[Any]) -> None:
         """Restored blobs: count the host tier's hits."""

@@ -50,6 +50,19 @@ def shallowest_leaf_end(node: TreeNode, end: int) -> int:
             heapq.heappush(frontier, (child_end + len(c.key), id(c), c))
 
 
+def split_at_chunks(spans: list[Span], chunk: int) -> list[Span]:
+    """``spans`` cut at multiples of ``chunk`` positions (0: unchanged), in order; each later piece of a span
+    names the node as it will be after the earlier pieces are cut off (it then starts at the piece's ``lo``)."""
+    if chunk <= 0:
+        return spans
+    out: list[Span] = []
+    for node, start, lo, hi in spans:
+        cuts = [lo, *range((lo // chunk + 1) * chunk, hi, chunk), hi]
+        out.append((node, start, cuts[0], cuts[1]))
+        out.extend((node, a, a, b) for a, b in zip(cuts[1:-1], cuts[2:], strict=True))
+    return out
+
+
 class CompressionPolicy:
     """Least-recently-used everywhere; kept blobs of device nodes go before compressed nodes when the store
     needs room (dropping them loses no cached KV), compressed leaves before compressed inner nodes.

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from typing import Any
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
@@ -118,6 +119,7 @@ class KVTCRadixCache(TreeCompression):
         self._last_evict_tick = -(1 << 30)
         self.stream_bound = False  # the plugin binds SGLang's forward stream at the first scheduler tick
         self.reporter = KVTCReporter()
+        self.l3: Any = None  # the L3 tier (:mod:`~kvtc_sglang.cache.l3_tier`), attached by the factory
         super().__init__(params)  # calls reset()
 
     # ----- accounting -----
@@ -313,12 +315,16 @@ class KVTCRadixCache(TreeCompression):
         self.update_eviction_metrics(freed, start)
         return EvictResult(num_tokens_evicted=freed)
 
-    def scheduler_tick(self) -> None:
+    def scheduler_tick(self, waiting: list | None = None) -> None:
         """Once per scheduler loop iteration, outside free groups: commit finished background encodes, queue
-        the next one, report the counters."""
+        the next one, graft finished L3 prefetches and park new requests of SGLang's ``waiting`` queue for
+        theirs (:mod:`~kvtc_sglang.cache.l3_tier`), report the counters."""
         if self.disable:
             return
         self._ticks += 1
+        if self.l3 is not None:
+            self.l3.tick(waiting)
+            vars(self.stats).update(self.l3.counters())
         self.wanted.on_tick(self._ticks, self.protected_size_ > 0, self.io.entries)
         self.governor.on_tick(self.stats, busy=self.protected_size_ > 0)
         self._commit(self.ctl.take_ready())

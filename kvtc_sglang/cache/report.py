@@ -58,6 +58,21 @@ _COUNTERS = (
     ("host_dropped_tokens", "host_dropped_tokens", "Compressed tokens dropped from host memory for room."),
     ("host_full", "host_full", "Blobs that could not move to host memory (no room) and were dropped."),
     ("host_seconds", "host_seconds", "Scheduler-thread seconds spent moving blobs to host memory."),
+    ("l3_offered", "l3_offered", "Whole-chunk blobs offered to the L3 store at commit."),
+    ("l3_put_objects", "l3_put_objects", "Objects written to the L3 store."),
+    ("l3_put_bytes", "l3_put_bytes", "Bytes written to the L3 store."),
+    ("l3_put_dropped", "l3_put_dropped", "L3 writes dropped because the write queue was full."),
+    ("l3_put_failed", "l3_put_failed", "L3 writes the store refused or failed."),
+    ("l3_put_seconds", "l3_put_seconds", "Seconds the L3 writer spent in the store's put."),
+    ("l3_parked", "l3_parked", "Requests held back while their chunks were looked up in L3."),
+    ("l3_hits", "l3_hits", "Chunks grafted into the radix tree from L3."),
+    ("l3_hit_tokens", "l3_hit_tokens", "Tokens grafted into the radix tree from L3."),
+    ("l3_get_objects", "l3_get_objects", "Objects read from the L3 store."),
+    ("l3_get_bytes", "l3_get_bytes", "Bytes read from the L3 store."),
+    ("l3_get_seconds", "l3_get_seconds", "Seconds the L3 readers spent in the store."),
+    ("l3_get_errors", "l3_get_errors", "L3 reads that failed (store down or erroring)."),
+    ("l3_rejected", "l3_rejected", "L3 objects refused by a check (CRC, MAC, calibration, positions): misses."),
+    ("l3_prefetch_timeouts", "l3_prefetch_timeouts", "L3 prefetches cut short by their deadline."),
 )
 # Current values become Gauges.
 _GAUGES = (

@@ -62,6 +62,22 @@ class KVTCStats:
     host_restored_tokens: int = 0
     host_dropped_tokens: int = 0  # compressed tokens dropped from host memory
     host_seconds: float = 0.0  # scheduler-thread seconds of demotions (on a GPU: issuing the copies)
+    # the L3 tier (l3_tier.py; l3_put_*/l3_get_* mirror its client's counters)
+    l3_offered: int = 0  # objects built at commits (queued or dropped)
+    l3_parked: int = 0  # requests held back while their chunks were looked up
+    l3_hits: int = 0  # chunks grafted into the tree from L3
+    l3_hit_tokens: int = 0
+    l3_rejected: int = 0  # objects that failed a check (frame, MAC, calibration, positions): a miss
+    l3_prefetch_timeouts: int = 0
+    l3_put_objects: int = 0
+    l3_put_bytes: int = 0
+    l3_put_dropped: int = 0  # writes dropped: the queue was full (back-pressure)
+    l3_put_failed: int = 0
+    l3_put_seconds: float = 0.0
+    l3_get_objects: int = 0
+    l3_get_bytes: int = 0
+    l3_get_errors: int = 0
+    l3_get_seconds: float = 0.0
 
     @property
     def ratio(self) -> float:

@@ -8,14 +8,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from typing import Any
 
 import torch
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams
 from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
 from sglang.srt.mem_cache.utils import split_node_hash_value
 
 from ..codec import BlobError
 from .eviction import TreeEviction
+from .policy import node_start
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +157,64 @@ class TreeSurgery(TreeEviction):
             self.stats.restores += 1
             self.stats.restored_tokens += entry.node_tokens
         return True
+
+    # ----- L3 chunks -----
+
+    def graft_chunks(self, key: RadixKey, pieces: list[tuple], chunk: int, raw_codec: Any) -> tuple[int, int]:
+        """Hang chunks fetched from L3 (``(j, raw sink blob, its header, kvtc blob [n] uint8 CPU, header)``,
+        consecutive) under ``key``'s path as compressed nodes whose blobs are in host memory; when the tree
+        lacks the sinks, chunk 0's raw rows are written into fresh slots and inserted first. Chunks the tree
+        already covers are skipped (a chunk the match ends inside keeps its blob for the tail: ``skip``).
+        Returns ``(nodes, tokens)`` grafted."""
+        ps, sink_end = self.page_size, self.policy.sink_end
+        key = key.page_aligned(ps)
+        device_len, _, host_len, node = self._match(key)
+        m = device_len + host_len
+        if node is not self.root_node and node_start(node) + len(node.key) != m:
+            return 0, 0  # the match ends inside a compressed node
+        if m < sink_end:
+            j, raw, raw_header, _, _ = pieces[0]
+            if j != 0 or raw_header is None or (node := self._graft_sinks(key, raw, raw_header, raw_codec)) is None:
+                return 0, 0
+            m = sink_end
+        count = tokens = 0
+        for j, _, _, blob, header in pieces:
+            lo, hi = max(j * chunk, sink_end), (j + 1) * chunk
+            if hi <= m:
+                continue
+            if lo > m:
+                break
+            handle = self.placement.admit(blob, node, self._protect, self._drop_subtree)
+            if handle is None:
+                break
+            child = TreeNode(priority=node.priority)
+            child.parent, child.key, child.value = node, key[m:hi], None
+            node.children[child.key.child_key(ps)] = child
+            self.kv_events.record_store(child)
+            self.io.add(child, replace(self.io.make_entry(handle, lo, hi - lo, header), skip=m - lo))
+            self.wanted.mark(child, self._ticks)
+            self._update_leaf_status(node)
+            count, tokens = count + 1, tokens + hi - m
+            node, m = child, hi
+        return count, tokens
+
+    def _graft_sinks(self, key: RadixKey, raw: bytes, raw_header: Any, raw_codec: Any) -> TreeNode | None:
+        """Write the sinks' raw rows into fresh slots and insert them; the node ending the sinks, or ``None``."""
+        sink_end = self.policy.sink_end
+        slots = self._alloc_slots(sink_end)
+        if slots is None:
+            return None
+        try:
+            self.ctl.restore(lambda: [raw], [raw_header], [(slots, torch.arange(sink_end))], codec=raw_codec)
+        except (BlobError, RuntimeError, ValueError) as e:
+            logger.warning("kvtc: L3 sink rows refused (%s): a miss", e)
+            self._free_slots(slots)
+            return None
+        result = super().insert(InsertParams(key=key[:sink_end], value=slots))
+        if result.prefix_len:
+            self._free_slots(slots[: result.prefix_len])  # already in the tree (duplicates)
+        _, _, _, node = self._match(key[:sink_end], split=False)
+        return node
 
     # ----- insert -----
 

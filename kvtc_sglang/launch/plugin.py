@@ -84,6 +84,13 @@ _OPTIONS = (  # (flag, dest, type, config field, help)
     ("--kvtc-codec", "kvtc_codec", str, "codec",
      "What the cache stores: kvtc (transform-coded blobs; default) or raw (raw KV bytes: the uncompressed "
      "baseline for benchmarks)."),
+    ("--kvtc-l3", "kvtc_l3", str, "l3",
+     "A store shared by replicas and restarts for whole-chunk blobs: directory or mooncake (default: none; "
+     "needs --kvtc-host-bytes)."),
+    ("--kvtc-l3-config", "kvtc_l3_config", str, "l3_config",
+     "JSON for --kvtc-l3: the backend's keys ({\"path\": DIR} for a directory; SGLang's Mooncake keys such as "
+     "{\"master_server_address\": \"HOST:PORT\"}) and kvtc's (chunk_tokens, prefetch_timeout_s, "
+     "write_queue_depth, secret_file, min_chunks)."),
     ("--kvtc-verify-restores", "kvtc_verify_restores", _flag, "verify_restores",
      "Debugging (0/1): check every restored row against a re-encode of its rows made at commit (default 0)."),
 )
@@ -126,7 +133,7 @@ def config_from_namespace(ns: argparse.Namespace) -> KVTCCacheConfig | None:
         raise ValueError(f"--kvtc-calibration: {e}") from e
     refused = refused_server_option(lambda name: getattr(ns, name, None)) or refused_window(
         config.window_tokens, getattr(ns, "page_size", None), not getattr(ns, "disable_overlap_schedule", False)
-    ) or refused_tp(config.idle_seconds, getattr(ns, "tp_size", None))
+    ) or refused_tp(config.idle_seconds, getattr(ns, "tp_size", None), config.l3)
     if refused:
         raise ValueError(refused)
     _check_model(ns, header, config.calibration)
@@ -197,7 +204,7 @@ def before_get_next_batch_to_run(*args: object, **kwargs: object) -> None:
     if isinstance(cache, KVTCRadixCache):
         if not cache.stream_bound:
             cache.bind_forward_stream(forward_stream_of(scheduler))
-        cache.scheduler_tick()
+        cache.scheduler_tick(getattr(scheduler, "waiting_queue", None))
 
 
 def forward_stream_of(scheduler: object) -> object | None:

@@ -1,0 +1,136 @@
+"""The L3 tier in the tree (``cache/l3_tier.py``) on the real SGLang pool, allocator and RadixCache (CPU) with
+real SmolLM2 K/V and the directory backend: one cache writes whole-chunk blobs at its commits, a second cache
+(another replica, or the same server after a restart: an empty tree, its own pool) parks a request, prefetches
+its chunks and restores them through the one-call restore.
+
+Reference first: the second cache without the objects (an empty directory) matches nothing and the request
+prefills; every damaged or foreign object is a miss.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import rel_err
+
+from kvtc_sglang.cache.config import KVTCCacheConfig
+from kvtc_sglang.cache.factory import build_l3
+from kvtc_sglang.workloads.invariants import check_invariants
+from kvtc_sglang.workloads.replay import Driver, build_cache, build_pool
+
+FUTURE = 1e9
+CHUNK = 64
+SEQ = [9000] + list(range(299))  # 300 tokens: chunks [4, 64), [64, 128), [128, 192), [192, 256) are whole
+
+
+@dataclass
+class Req:
+    """The fields of SGLang's ``Req`` the L3 tier reads (a waiting request before its first prefill)."""
+
+    rid: str
+    origin_input_ids: list[int]
+    extra_key: str | None = None
+    cache_salt: str | None = None
+    is_retracted: bool = False
+    output_ids: list[int] = field(default_factory=list)
+
+
+def make(codec, artifact, directory: Path, model: str = "smollm2", **cfg):
+    _, allocator = build_pool(artifact.spec, 2048, 1)
+    config = KVTCCacheConfig(calibration="unused-in-tests", l3="directory", host_bytes=64 << 20, **{
+        "encode": "inline", "window_tokens": 8,
+        "l3_config": f'{{"path": "{directory}", "chunk_tokens": {CHUNK}, "prefetch_timeout_s": 5}}', **cfg,
+    })  # fmt: skip
+    cache = build_cache(allocator, 1, codec, config)
+    cache.l3 = build_l3(cache, config, artifact.spec, model, tp_size=1, tp_rank=0)
+    return cache
+
+
+def write_session(codec, artifact, bank, directory: Path):
+    cache = make(codec, artifact, directory)
+    drv = Driver(cache, bank)
+    drv.finish(drv.start(SEQ))
+    cache.compress_idle(now=FUTURE)
+    assert cache.l3.client.flush(10.0)
+    cache.scheduler_tick([])  # the client's counters are mirrored at ticks
+    return cache
+
+
+def prefetch(cache, req: Req) -> list:
+    """Ticks until the parked request is back in the waiting queue; returns the queue."""
+    waiting = [req]
+    cache.scheduler_tick(waiting)
+    end = time.monotonic() + 10
+    while not waiting and time.monotonic() < end:
+        time.sleep(0.01)
+        cache.scheduler_tick(waiting)
+    return waiting
+
+
+def test_another_cache_restores_a_session_from_l3_without_prefill(codec, artifact, bank, codec_err, tmp_path):
+    # reference: nothing stored, nothing matched
+    empty = make(codec, artifact, tmp_path / "empty")
+    assert prefetch(empty, Req("r0", [*SEQ, 5]))
+    assert Driver(empty, bank).read_prefix(SEQ)[0] == 0 and empty.stats.l3_hits == 0
+
+    writer = write_session(codec, artifact, bank, tmp_path / "l3")
+    assert writer.stats.l3_put_objects == 4 and writer.stats.l3_put_dropped == 0
+    reader = make(codec, artifact, tmp_path / "l3")
+    waiting = prefetch(reader, Req("r1", [*SEQ, 5]))
+    assert len(waiting) == 1 and reader.stats.l3_parked == 1
+    assert reader.stats.l3_hits == 4 and reader.stats.l3_hit_tokens == 4 * CHUNK - 4
+    check_invariants(reader)
+    drv = Driver(reader, bank)
+    n, k, v = drv.read_prefix(SEQ)
+    assert n == 4 * CHUNK and reader.stats.restores == 4 and reader.stats.host_restored_tokens == 4 * CHUNK - 4
+    assert torch.equal(k[:, :4], bank.k[:, :4]) and torch.equal(v[:, :4], bank.v[:, :4])  # sinks: raw, exact
+    assert rel_err(k, bank.k[:, :n]) <= 1.2 * codec_err and rel_err(v, bank.v[:, :n]) <= 1.2 * codec_err
+    check_invariants(reader)
+
+
+def test_a_request_already_matched_is_not_parked(codec, artifact, bank, tmp_path):
+    writer = write_session(codec, artifact, bank, tmp_path / "l3")
+    writer.l3.client.lookup("probe", [])  # nothing in flight for the real request
+    waiting = [Req("r2", [*SEQ, 5])]
+    writer.scheduler_tick(waiting)
+    assert waiting and writer.stats.l3_parked == 0  # its chunks are in the tree (compressed): no lookup
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "foreign_model", "secret"])
+def test_a_damaged_or_foreign_object_is_a_miss(codec, artifact, bank, tmp_path, damage):
+    directory = tmp_path / "l3"
+    write_session(codec, artifact, bank, directory)
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    assert len(files) == 4
+    first = min(files, key=lambda p: p.stat().st_mtime_ns)  # chunk 1 ([64, 128)) is written ... in order
+    if damage == "flip":
+        data = bytearray(first.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        first.write_bytes(bytes(data))
+    elif damage == "truncate":
+        first.write_bytes(first.read_bytes()[:-100])
+    reader_model = "another-model" if damage == "foreign_model" else "smollm2"
+    with pytest.MonkeyPatch.context() as mp:
+        if damage == "secret":
+            mp.setenv("KVTC_L3_SECRET", "s3cret")  # the reader wants MACs the writer never made
+        reader = make(codec, artifact, directory, model=reader_model)
+    assert prefetch(reader, Req("r3", [*SEQ, 5]))
+    n = Driver(reader, bank).read_prefix(SEQ)[0]
+    if damage == "foreign_model":
+        assert n == 0 and reader.stats.l3_hits == 0  # other keys: nothing found
+    else:
+        assert reader.stats.l3_rejected >= 1 and n < 4 * CHUNK  # the damaged chunk and those after it prefill
+    check_invariants(reader)
+
+
+def test_l3_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="needs a host tier"):
+        KVTCCacheConfig(calibration="x", l3="directory", l3_config=f'{{"path": "{tmp_path}"}}')
+    with pytest.raises(ValueError, match="l3 must be one of"):
+        KVTCCacheConfig(calibration="x", l3="s3", host_bytes=1)
+    with pytest.raises(ValueError, match="JSON object"):
+        KVTCCacheConfig(calibration="x", l3="directory", host_bytes=1, l3_config="[1]")
