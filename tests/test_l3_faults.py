@@ -17,7 +17,7 @@ from test_l3_tier import CHUNK, SEQ, Req, write_session
 
 from kvtc_sglang.cache.config import KVTCCacheConfig
 from kvtc_sglang.cache.factory import build_l3
-from kvtc_sglang.cache.l3_tier import pack_payload, unpack_payload
+from kvtc_sglang.cache.l3_objects import KVTC, RAW, Segment, pack_segments, unpack_segments
 from kvtc_sglang.codec import RawCodec
 from kvtc_sglang.tiers.frame import pack_object, unpack_object
 from kvtc_sglang.tiers.l3_mooncake import MooncakeBackend
@@ -76,7 +76,7 @@ def test_a_dead_master_is_a_miss_and_never_stalls_a_tick(codec, artifact, bank, 
     assert second.stats.l3_put_objects == 4, vars(second.stats)
     third = mooncake_cache(codec, artifact, mooncake_master, timeout_s=5.0)
     waiting, _ = timed_prefetch(third, Req("alive", [*SEQ, 5]))
-    assert waiting and third.stats.l3_hits == 4
+    assert waiting and third.stats.l3_hits == 5  # the sinks' rows raw, then 4 blobs
     assert Driver(third, bank).read_prefix(SEQ)[0] == 4 * CHUNK
     check_invariants(third)
 
@@ -86,7 +86,7 @@ def model_parts(codec, artifact, bank):
     return codec, artifact, bank
 
 
-def _damaged(damage: str, key: str, data: bytes, *, digest: str, raw: RawCodec, bank, sink_end: int) -> bytes:
+def _damaged(damage: str, key: str, data: bytes, *, digest: str, raw: RawCodec, bank) -> bytes:
     """A damaged copy of a valid object of ``key``, as a faulty or hostile writer would put it."""
     if damage == "flip":
         out = bytearray(data)
@@ -94,14 +94,14 @@ def _damaged(damage: str, key: str, data: bytes, *, digest: str, raw: RawCodec, 
         return bytes(out)
     if damage == "truncate":
         return data[: len(data) // 2]
-    if damage == "foreign_calibration":  # a well-framed object whose blob another codec made
+    if damage == "foreign_calibration":  # well-framed objects whose kvtc segments another codec made
         j = next(j for j in range(4) if _opens(data, key, digest, j))
-        lo, hi = max(j * CHUNK, sink_end), (j + 1) * CHUNK
-        sinks, _ = unpack_payload(unpack_object(data, key=key, digest=digest, start=j * CHUNK, num_tokens=CHUNK,
-                                                secret=None))  # fmt: skip
-        k, v = bank.k[:, lo:hi].contiguous(), bank.v[:, lo:hi].contiguous()
-        alien = raw.encode(k, v, torch.arange(lo, hi)).numpy().tobytes()
-        return pack_object(pack_payload(sinks, alien), key=key, digest=digest, start=j * CHUNK, num_tokens=CHUNK,
+        payload = unpack_object(data, key=key, digest=digest, start=j * CHUNK, num_tokens=CHUNK, secret=None)
+        segments = [seg if seg.kind == RAW else Segment(KVTC, seg.lo, seg.hi, raw.encode(
+            bank.k[:, seg.lo:seg.hi].contiguous(), bank.v[:, seg.lo:seg.hi].contiguous(),
+            torch.arange(seg.lo, seg.hi)).numpy().tobytes()) for seg in unpack_segments(payload, j * CHUNK,
+                                                                                      (j + 1) * CHUNK)]  # fmt: skip
+        return pack_object(pack_segments(segments), key=key, digest=digest, start=j * CHUNK, num_tokens=CHUNK,
                            secret=None)  # fmt: skip
     return data  # unauthenticated: intact, but without the MAC the readers require
 
@@ -119,8 +119,7 @@ def test_objects_written_straight_into_the_store_are_refused(model_parts, tmp_pa
     store = MooncakeBackend(mooncake_master.address, global_segment_bytes=64 << 20, local_buffer_bytes=32 << 20)
     try:
         for key, data in files.items():
-            assert store.put(key, _damaged(damage, key, data, digest=digest, raw=raw, bank=bank,
-                                           sink_end=source.policy.sink_end))
+            assert store.put(key, _damaged(damage, key, data, digest=digest, raw=raw, bank=bank))
         with pytest.MonkeyPatch.context() as mp:
             if damage == "unauthenticated":
                 mp.setenv("KVTC_L3_SECRET", "fleet-secret")  # the readers require MACs; these objects have none

@@ -82,7 +82,7 @@ def test_another_cache_restores_a_session_from_l3_without_prefill(codec, artifac
     reader = make(codec, artifact, tmp_path / "l3")
     waiting = prefetch(reader, Req("r1", [*SEQ, 5]))
     assert len(waiting) == 1 and reader.stats.l3_parked == 1
-    assert reader.stats.l3_hits == 4 and reader.stats.l3_hit_tokens == 4 * CHUNK - 4
+    assert reader.stats.l3_hits == 5 and reader.stats.l3_hit_tokens == 4 * CHUNK  # the sinks' node raw, 4 blobs
     check_invariants(reader)
     drv = Driver(reader, bank)
     n, k, v = drv.read_prefix(SEQ)
@@ -134,3 +134,25 @@ def test_l3_options_are_checked(tmp_path):
         KVTCCacheConfig(calibration="x", l3="s3", host_bytes=1)
     with pytest.raises(ValueError, match="JSON object"):
         KVTCCacheConfig(calibration="x", l3="directory", host_bytes=1, l3_config="[1]")
+
+
+def test_a_chunk_across_a_shared_head_is_written_and_restored(codec, artifact, bank, codec_err, tmp_path):
+    """Chat sessions share a template head shorter than anything the encoder takes: chunk 0 of each session is
+    that head's rows raw plus the session's blob, and another cache restores it."""
+    head = [9000 + i for i in range(10)]
+    seqs = [head + [20000 + 1000 * s + i for i in range(290)] for s in range(2)]
+    writer = make(codec, artifact, tmp_path / "l3")
+    drv = Driver(writer, bank)
+    for seq in seqs:
+        drv.finish(drv.start(seq))
+    writer.compress_idle(now=FUTURE)
+    assert writer.l3.client.flush(10.0)
+    writer.scheduler_tick([])
+    assert writer.stats.l3_put_objects == 8  # 4 whole chunks per session
+    reader = make(codec, artifact, tmp_path / "l3")
+    assert prefetch(reader, Req("r", [*seqs[1], 5]))
+    assert reader.stats.l3_hit_tokens == 4 * CHUNK
+    n, k, v = Driver(reader, bank).read_prefix(seqs[1])
+    assert n == 4 * CHUNK and torch.equal(k[:, :10], bank.k[:, :10])  # the head: raw, exact
+    assert rel_err(k, bank.k[:, :n]) <= 1.2 * codec_err and rel_err(v, bank.v[:, :n]) <= 1.2 * codec_err
+    check_invariants(reader)

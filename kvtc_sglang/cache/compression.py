@@ -184,8 +184,6 @@ class TreeCompression(TreeSurgery):
                     digest.mix("store_full", len(slots), lo)
                     continue  # the store is full of more recently used blobs
                 entry = self.io.make_entry(handle, lo, len(slots), header, ref)
-                if self.l3 is not None:  # write-through: a blob of a whole chunk goes to the shared store
-                    self.l3.offer(node, lo, len(slots), blob)
                 self.stats.encodes += 1
                 self.stats.encoded_tokens += len(slots)
                 digest.mix("encode", len(slots), lo)
@@ -193,6 +191,8 @@ class TreeCompression(TreeSurgery):
                     self._count_compression(node, entry)
                 else:
                     self.io.retain(node, entry)
+                if self.l3 is not None:  # write-through: the chunk of this blob, once blobs cover it
+                    self.l3.offer(node, lo)
 
     def _count_compression(self, node: TreeNode, entry) -> None:
         self.ctl.digest.mix("compress", entry.node_tokens, entry.start + entry.skip)

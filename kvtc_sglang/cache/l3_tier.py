@@ -1,18 +1,19 @@
 """The L3 tier: kvtc blobs of whole token chunks in a store that replicas and restarts share (Mooncake, a
 directory), written off the scheduler thread and prefetched before a request is admitted.
 
-**Objects.** Token positions are cut into chunks of ``chunk_tokens`` (``C``); when an L3 is configured the
-tree cuts its encode spans at chunk boundaries, so a committed blob that covers a whole chunk
-``[max(jC, sink_end), (j+1)C)`` becomes one object, keyed by the chunk's hash chain over every token from
-position 0 (:mod:`kvtc_sglang.tiers.keys`; SGLang's namespace seed of ``extra_key``/``cache_salt`` first) and
-a digest of the calibration, model, KV dtype, codec and tensor-parallel layout, so that any replica, or this
-one after a restart, names the same tokens alike and a mismatch misses. Chunk 0 also carries the sinks' rows
-raw (:class:`~kvtc_sglang.codec.RawCodec`): a replica with an empty tree can start from it. Objects are
-framed with a CRC and, with a shared secret, an HMAC (:mod:`kvtc_sglang.tiers.frame`, its threat model).
+**Objects.** Token positions are cut into chunks of ``chunk_tokens`` (``C``); with an L3 the tree cuts its
+encode spans at chunk boundaries. When a commit leaves a chunk ``[jC, (j+1)C)`` of a radix path covered by
+blobs (and short device parts, the sinks or a chat template's shared head, carried raw:
+:mod:`~kvtc_sglang.cache.l3_objects`), that chunk becomes one object, keyed by its hash chain over every token
+from position 0 (:mod:`kvtc_sglang.tiers.keys`; SGLang's namespace seed of ``extra_key``/``cache_salt`` first)
+and a digest of the calibration, model, KV dtype, codec and tensor-parallel layout, so that any replica, or
+this one after a restart, names the same tokens alike and a mismatch misses. Objects are framed with a CRC
+and, with a shared secret, an HMAC (:mod:`kvtc_sglang.tiers.frame`, its threat model).
 
-**Writes** (write-through at commit): the object is built on the scheduler thread from bytes already on the
-host (on a GPU, a copy on kvtc's host stream after the encode's event, which has fired by commit) and queued
-to the client's writer thread; a full queue drops the write (counted): serving never waits for the store.
+**Writes** (write-through at commit): the scheduler thread only issues copies (on a GPU, to pinned memory on
+kvtc's host stream after the blobs' puts; raw rows after the forward's fence) and queues a function to the
+client's writer thread, which waits for the copies and builds the object; a full queue drops the write
+(counted): serving never waits for the store or a stream.
 
 **Reads**: at each scheduler tick, a new waiting request whose prompt has whole chunks beyond what the tree
 matches is *parked* (taken out of SGLang's waiting queue) while the client probes the store for the longest
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 from array import array
 from dataclasses import dataclass
 from typing import Any
@@ -41,12 +41,11 @@ from ..codec import BlobError
 from ..tiers.frame import FrameError, pack_object, unpack_object
 from ..tiers.keys import KeyScheme, chunk_keys, namespace_seed
 from ..tiers.l3_client import L3Client
+from .l3_objects import KVTC, RAW, Segment, chunk_ends, chunk_layout, pack_segments, path_tokens, unpack_segments
 from .tree_walk import TreeNode
 
 logger = logging.getLogger(__name__)
 
-_PAYLOAD = struct.Struct("<4sI")  # magic, bytes of the raw sink blob (0 after chunk 0); then the kvtc blob
-_PAYLOAD_MAGIC = b"KVP1"
 KVTC_KEYS = {"chunk_tokens", "prefetch_timeout_s", "write_queue_depth", "secret_file", "min_chunks"}
 
 
@@ -90,48 +89,6 @@ def split_options(extra: dict) -> tuple[L3Options, dict]:
     return L3Options(**ours), {k: v for k, v in extra.items() if k not in KVTC_KEYS}
 
 
-def pack_payload(raw: bytes, blob: bytes) -> bytes:
-    return _PAYLOAD.pack(_PAYLOAD_MAGIC, len(raw)) + raw + blob
-
-
-def unpack_payload(data: bytes) -> tuple[bytes, bytes]:
-    """``(raw sink blob, kvtc blob)``; ``ValueError`` when it is not a payload of this format."""
-    if len(data) < _PAYLOAD.size:
-        raise ValueError(f"L3 payload of {len(data)} bytes, expected at least {_PAYLOAD.size}")
-    magic, n = _PAYLOAD.unpack_from(data)
-    if magic != _PAYLOAD_MAGIC or _PAYLOAD.size + n > len(data):
-        raise ValueError(f"L3 payload magic {magic!r} / raw part {n} bytes of {len(data)}, expected {_PAYLOAD_MAGIC!r}")
-    return data[_PAYLOAD.size : _PAYLOAD.size + n], data[_PAYLOAD.size + n :]
-
-
-def path_tokens(node: TreeNode) -> tuple[np.ndarray, Any]:
-    """``(token ids from position 0 to the end of node [depth] int64, the root child's RadixKey)``."""
-    parts, up, key = [], node, node.key
-    while up is not None and up.parent is not None:
-        parts.append(np.asarray(up.key.token_ids[: len(up.key)], dtype=np.int64))
-        key = up.key
-        up = up.parent
-    return (np.concatenate(parts[::-1]) if parts else np.zeros(0, np.int64)), key
-
-
-def path_slots(node: TreeNode, end: int) -> torch.Tensor | None:
-    """Slots of the first ``end`` tokens of ``node``'s path, ``None`` if any of them has no slots."""
-    path = []
-    up = node
-    while up is not None and up.parent is not None:
-        path.append(up)
-        up = up.parent
-    out, have = [], 0
-    for n in reversed(path):
-        if have >= end:
-            break
-        if n.value is None:
-            return None
-        out.append(n.value[: end - have])
-        have += min(len(n.key), end - have)
-    return torch.cat(out) if out and have >= end else None
-
-
 class L3Tier:
     """The L3 tier of one cache (the cache owns it and calls :meth:`offer` at commits and :meth:`tick` at ticks).
 
@@ -140,7 +97,7 @@ class L3Tier:
         client: the store's asynchronous client.
         scheme: chunk size and digest of this deployment's keys.
         options: the kvtc options of the L3.
-        raw_codec: codes the sinks' rows of chunk 0.
+        raw_codec: codes the raw segments (short device parts: the sinks, a shared template head).
     """
 
     def __init__(self, cache: Any, client: L3Client, scheme: KeyScheme, options: L3Options, raw_codec: Any) -> None:
@@ -161,41 +118,75 @@ class L3Tier:
 
     # ----- writes -----
 
-    def offer(self, node: TreeNode, start: int, num_tokens: int, blob: torch.Tensor) -> bool:
-        """Queue the object of a blob committed for ``node`` (positions ``[start, start + num_tokens)``) if it
-        covers a whole chunk; ``True`` when queued."""
-        c, sink_end = self.chunk, self.cache.policy.sink_end
-        end = start + num_tokens
-        j = end // c - 1
-        if end % c or j < 0 or start != max(j * c, sink_end):
-            return False
-        tokens, head = path_tokens(node)
-        if len(tokens) != end:
-            return False
-        raw = b""
-        if j == 0:
-            slots = path_slots(node, sink_end)
-            if slots is None:
-                return False
-            raw = self._raw_rows(slots)
-        seed = namespace_seed(head.extra_key, getattr(head, "cache_salt", None))
-        key = chunk_keys(tokens, self.scheme, start_chunk=0, prev_hash=seed)[j]
-        data = blob.detach().to("cpu").numpy().tobytes()  # at commit the encode has finished (its event fired)
-        obj = pack_object(pack_payload(raw, data), key=key, digest=self.scheme.digest, start=j * c,
-                          num_tokens=c, secret=self.secret)  # fmt: skip
-        queued = self.client.put_async(key, obj)
-        self.cache.stats.l3_offered += 1
+    def offer(self, node: TreeNode, start: int) -> int:
+        """A blob was committed for ``node`` (its first position ``start``; chunk-cut, so within one chunk):
+        queue the object of its chunk on every path through it that now ends the chunk with blobs (and short
+        raw parts) only. Returns the objects queued. Only copies are issued here; the writer thread waits for
+        them and builds the object."""
+        c = self.chunk
+        j = start // c
+        lo, hi = j * c, (j + 1) * c
+        queued = 0
+        books = self.cache.io
+        for end_node in chunk_ends(node, start + len(node.key), hi):
+            layout = chunk_layout(end_node, lo, hi, lambda n: books.entries.get(n) or books.retained.get(n))
+            if layout is None:
+                continue
+            tokens, head = path_tokens(end_node)
+            seed = namespace_seed(head.extra_key, getattr(head, "cache_salt", None))
+            key = chunk_keys(tokens, self.scheme, start_chunk=0, prev_hash=seed)[j]
+            parts = [(kind, s_lo, s_hi, self._blob_to_host(what.handle) if kind == KVTC else self._rows(what))
+                     for kind, s_lo, s_hi, what in layout]  # fmt: skip
+            self.cache.stats.l3_offered += 1
+            queued += self.client.put_async(key, self._builder(key, lo, parts))
         return queued
 
-    def _raw_rows(self, slots: torch.Tensor) -> bytes:
-        """The sinks' rows as a raw blob (read on the inline stream after the forward's fence)."""
+    def _builder(self, key: str, lo: int, parts: list[tuple[int, int, int, tuple]]) -> Any:
+        secret, digest, raw_codec, c = self.secret, self.scheme.digest, self.raw_codec, self.chunk
+
+        def build() -> bytes:  # on the writer thread: waits for the copies, codes raw rows, frames the object
+            segments = []
+            for kind, s_lo, s_hi, (tensors, copied) in parts:
+                if copied is not None:
+                    copied.synchronize()
+                if kind == KVTC:
+                    data = tensors[0].numpy().tobytes()
+                else:
+                    data = raw_codec.encode(*tensors, torch.arange(s_lo, s_hi)).numpy().tobytes()
+                segments.append(Segment(kind, s_lo, s_hi, data))
+            return pack_object(pack_segments(segments), key=key, digest=digest, start=lo, num_tokens=c,
+                               secret=secret)  # fmt: skip
+
+        return build
+
+    def _blob_to_host(self, handle: Any) -> tuple[tuple[torch.Tensor], Any]:
+        """A blob's bytes on the host and the event of their copy (``None``: there already). On a GPU the store
+        rows are read on kvtc's host stream after the blob's put and copied to pinned memory."""
+        placement, fences = self.cache.placement, self.cache.ctl.fences
+        if handle.on_host or not self.cache.store.device.type == "cuda":
+            return (placement.fetch(handle),), (handle.ready if handle.on_host else None)
+        with fences.enter("host", [handle.ready]):
+            dev = placement.fetch(handle)
+            host = torch.empty(dev.numel(), dtype=torch.uint8, pin_memory=True)
+            host.copy_(dev, non_blocking=True)
+        return (host,), fences.done("host")
+
+    def _rows(self, slots: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], Any]:
+        """Device rows' K/V ``[L, S, H, D]`` each on the host (on a GPU: read on the host stream after the
+        forward's fence, copied to pinned memory; the next batch waits on the read), and the copies' event."""
         ctl = self.cache.ctl
-        kv = ctl.kv
-        with ctl.fences.enter("inline", ctl.fences.issued()):
-            [blob] = self.raw_codec.encode_rows_many(kv.k_buffers, kv.v_buffers, [(slots, torch.arange(len(slots)))])
-            data = blob.to("cpu").numpy().tobytes()
-        ctl.fences.before_forward(ctl.fences.done("inline"))
-        return data
+        fences = ctl.fences
+        with fences.enter("host", fences.issued()):
+            k, v = ctl.kv.gather(slots)  # [L, S, H, D] each
+            if k.is_cuda:
+                k_host = torch.empty(k.shape, dtype=k.dtype, pin_memory=True)
+                v_host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+                k_host.copy_(k, non_blocking=True)
+                v_host.copy_(v, non_blocking=True)
+                k, v = k_host, v_host
+        done = fences.done("host")
+        fences.before_forward(done)
+        return (k, v), done
 
     # ----- reads -----
 
@@ -245,31 +236,32 @@ class L3Tier:
         return True
 
     def _graft(self, req: Any, tokens: np.ndarray, first: int, keys: list[str], objects: list[bytes]) -> None:
-        c, sink_end, stats = self.chunk, self.cache.policy.sink_end, self.cache.stats
-        pieces = []
+        c, stats = self.chunk, self.cache.stats
+        items = []
         for i, (key, data) in enumerate(zip(keys, objects, strict=True)):
-            j = first + i
-            lo = max(j * c, sink_end)
+            lo = (first + i) * c
             try:
-                raw, blob = unpack_payload(unpack_object(data, key=key, digest=self.scheme.digest, start=j * c,
-                                                         num_tokens=c, secret=self.secret))  # fmt: skip
-                header = self.cache.codec.read_header(blob)
-                if header.num_tokens != (j + 1) * c - lo or int(header.positions[0]) != lo:
-                    raise ValueError(f"blob positions {int(header.positions[0])}+{header.num_tokens}, "
-                                     f"expected {lo}+{(j + 1) * c - lo}")  # fmt: skip
-                raw_header = self.raw_codec.read_header(raw) if j == 0 else None
-                if raw_header is not None and raw_header.num_tokens != sink_end:
-                    raise ValueError(f"sink rows for {raw_header.num_tokens} tokens, expected {sink_end}")
+                payload = unpack_object(data, key=key, digest=self.scheme.digest, start=lo, num_tokens=c,
+                                        secret=self.secret)  # fmt: skip
+                items += [self._checked(seg) for seg in unpack_segments(payload, lo, lo + c)]
             except (FrameError, BlobError, ValueError) as e:
                 stats.l3_rejected += 1
-                logger.warning("kvtc: L3 object %s refused (%s): a miss, the request prefills", key, e)
+                logger.warning("kvtc: L3 object %s refused (%s): a miss, the request prefills from there", key, e)
                 break
-            pieces.append((j, torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else None, raw_header,
-                           torch.frombuffer(bytearray(blob), dtype=torch.uint8), header))
-        if pieces:
-            grafted = self.cache.graft_chunks(self._key_of(req, tokens), pieces, c, self.raw_codec)
+        if items:
+            grafted = self.cache.graft_chunks(self._key_of(req, tokens), items, self.raw_codec)
             stats.l3_hits += grafted[0]
             stats.l3_hit_tokens += grafted[1]
+
+    def _checked(self, seg: Segment) -> tuple[int, int, int, torch.Tensor, Any]:
+        """``(kind, lo, hi, blob [n] uint8 CPU, header)`` of a segment whose blob names this deployment's codec
+        (calibration) and exactly its positions; ``BlobError``/``ValueError`` otherwise."""
+        codec = self.raw_codec if seg.kind == RAW else self.cache.codec
+        header = codec.read_header(seg.data)
+        if header.num_tokens != seg.hi - seg.lo or int(header.positions[0]) != seg.lo:
+            raise ValueError(f"blob positions {int(header.positions[0])}+{header.num_tokens}, expected "
+                             f"{seg.lo}+{seg.hi - seg.lo}")  # fmt: skip
+        return seg.kind, seg.lo, seg.hi, torch.frombuffer(bytearray(seg.data), dtype=torch.uint8), header
 
     def counters(self) -> dict[str, float]:
         c = self.client.counters

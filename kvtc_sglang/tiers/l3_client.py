@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from kvtc_sglang.tiers.l3 import L3Backend, check_data, check_key
@@ -85,7 +86,7 @@ class L3Client:
         self.close_timeout_s = float(close_timeout_s)
         self._lock = threading.Lock()
         self._counters = L3Counters()
-        self._writes: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=write_queue_depth)
+        self._writes: queue.Queue[tuple[str, bytes | Callable[[], bytes]]] = queue.Queue(maxsize=write_queue_depth)
         self._lookups: queue.Queue[_Prefetch] = queue.Queue(maxsize=prefetch_queue_depth)
         self._prefetches: dict[str, _Prefetch] = {}
         self._stop = threading.Event()
@@ -108,9 +109,11 @@ class L3Client:
 
     # ---- writes
 
-    def put_async(self, key: str, data: bytes) -> bool:
-        """Queues a write; ``False`` (dropped, counted) when the queue is full or the client is closed."""
-        item = (check_key(key), check_data(data))
+    def put_async(self, key: str, data: bytes | Callable[[], bytes]) -> bool:
+        """Queues a write; ``False`` (dropped, counted) when the queue is full or the client is closed. ``data``
+        may be a function the writer thread calls for the bytes (work the caller's thread must not wait for,
+        e.g. a device-to-host copy to synchronize with); its ``RuntimeError``/``ValueError`` fails the put."""
+        item = (check_key(key), data if callable(data) else check_data(data))
         if self._stop.is_set():
             self._add(put_dropped=1)
             return False
@@ -143,10 +146,13 @@ class L3Client:
             self._writing = 1
             t0 = time.perf_counter()
             try:
+                if callable(data):
+                    data = check_data(data())
                 ok = self.backend.put(key, data)
             except _BACKEND_ERRORS as e:
                 logger.warning("L3 put of %s raised %s: %s", key, type(e).__name__, e)
                 ok = False
+                data = b""
             seconds = time.perf_counter() - t0
             if ok:
                 self._add(put_objects=1, put_bytes=len(data), put_seconds=seconds)
