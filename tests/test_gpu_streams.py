@@ -115,3 +115,51 @@ def test_restore_and_put_on_cuda_follow_the_stream_rules(codec, kv_bank, monkeyp
     assert torch.equal(k, ref_k) and torch.equal(v, ref_v), "the forward's late writes won over the restore"
     assert torch.equal(seen, ref_k[0]), "the next batch read the pages before the restore wrote them"
     assert torch.equal(store.get(second), blob)
+
+
+def test_a_blob_moved_to_host_memory_is_fenced_against_the_reuse_of_its_pages(codec, kv_bank):
+    """The host tier on CUDA (``cache/placement.py``): the copy to pinned memory runs on the host stream after
+    the blob's put, the store page it read is freed at once, and a batch that writes that page must wait for
+    the copy; a restore from host memory then writes the rows the blob decodes to."""
+    from kvtc_sglang.cache.placement import BlobPlacement
+
+    dev = torch.device("cuda")
+    k_bank, v_bank = (x.to(dev) for x in kv_bank)  # [L, 1024, H, D] bf16
+    num_l, _, heads, dim = k_bank.shape
+    pool = SimpleNamespace(
+        k_buffer=[torch.zeros(N, heads, dim, dtype=k_bank.dtype, device=dev) for _ in range(num_l)],
+        v_buffer=[torch.zeros(N, heads, dim, dtype=k_bank.dtype, device=dev) for _ in range(num_l)],
+    )
+    kv, allocator = PoolKV(pool, num_l, heads, dim), PageAllocator(dev)
+    store = BlobStore(kv.buffers, allocator, P, 1024)
+    stats = KVTCStats()
+    ctl = KVTCController(codec, kv, stats, background=False, stream_ops=CudaStreamOps())
+    placement = BlobPlacement(store, ctl.fences, stats, host_bytes=64 << 20)
+    forward, schedule = torch.cuda.Stream(), torch.cuda.Stream()
+    ctl.bind_forward_stream(forward)
+    num_t = 256
+    with torch.cuda.stream(schedule):
+        a = allocator.alloc(num_t)
+        kv.scatter(a, k_bank[:, :num_t], v_bank[:, :num_t])
+        (blob, header), = ctl.encode_now([(None, a, 0)]).results
+        torch.cuda.synchronize()
+        ref_k, ref_v, _ = codec.decode(blob)
+        with torch.cuda.stream(forward):
+            forward.wait_stream(schedule)
+            torch.cuda._sleep(SLEEP_CYCLES)  # a batch in flight: the put (after its fence) and the copy wait
+        handle = ctl.put(store, blob)
+        pages_before = allocator.available_size()
+        moved = placement.demote(handle)
+        assert moved is not None and allocator.available_size() > pages_before  # its pages went back at once
+        reused = allocator.alloc(allocator.available_size() - pages_before)
+        with torch.cuda.stream(forward):  # the next batch writes the freed pages
+            for buf in kv.buffers:
+                buf[reused] = 7.0
+        torch.cuda.synchronize()
+    assert torch.equal(moved.host.to(dev), blob), "the batch overwrote the page before the copy read it"
+    b = allocator.alloc(num_t)
+    with torch.cuda.stream(schedule):
+        ctl.restore(lambda: [placement.fetch(moved)], [header], [(b, torch.arange(num_t))], ready=[moved.ready])
+        torch.cuda.synchronize()
+    k, v = kv.gather(b)
+    assert torch.equal(k, ref_k) and torch.equal(v, ref_v)
