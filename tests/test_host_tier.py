@@ -154,3 +154,25 @@ def test_a_demotion_copy_is_fenced(artifact):
     assert copy_done is not None and copy_done.stream is host
     for s in (ops.kvtc["store"], ops.kvtc["load"], ops.forward):
         assert any(e[1] is s and e[2] is copy_done for e in waits), f"{s} does not wait on the copy"
+
+
+def test_a_blob_the_store_cannot_take_starts_in_host_memory(artifact, bank):
+    """Raw blobs (``RawCodec``, 1x) are larger than the whole 40-slot store: without a host tier the encode is
+    wasted and the session stays uncompressed; with one, the blob is kept in host memory from the start and
+    the session comes back from it bit for bit."""
+    from kvtc_sglang.codec import RawCodec
+
+    raw = RawCodec(artifact.spec)
+    for host in (0, 64 << 20):
+        cache = make(raw, artifact, host_bytes=host)
+        seq = sessions(1)[0]
+        drv = compress_sessions(cache, bank, [seq])
+        s = cache.stats
+        if not host:
+            assert s.store_full_tokens > 0 and s.compressed_tokens == 0
+            continue
+        assert s.host_adopted == 1 and s.compressed_tokens == SESSION_TOKENS - 12 and s.host_resident_nodes == 1
+        n, k, v = drv.read_prefix([*seq, 5])
+        assert n == SESSION_TOKENS and s.host_restored_tokens == SESSION_TOKENS - 12
+        assert torch.equal(k, bank.k[:, :n]) and torch.equal(v, bank.v[:, :n])  # raw: exact
+        check_invariants(cache)

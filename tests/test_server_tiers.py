@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.server, pytest.mark.model]
 WL = WorkloadConfig(seed=11, max_tokens=4, timeout=300.0)
 POOL = 2048
 SESSIONS = 6  # each first turn ~700-900 tokens: session 0 leaves the pool, then the store (~1.5 sessions' blobs)
+L3_SESSIONS = 3  # enough to push session 0 out of the pool (so it is encoded, and its chunks written)
 TIER_FLAGS = ("--kvtc-store-fraction", "0.05", "--kvtc-window-tokens", "64")
 
 
@@ -38,10 +39,10 @@ def _client(srv: SGLangServer):
     return openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
 
 
-def _first_turns(srv: SGLangServer) -> list[list[dict]]:
+def _first_turns(srv: SGLangServer, sessions: int = SESSIONS) -> list[list[dict]]:
     """Every session's first turn, one at a time; returns the conversations (with the answers)."""
     client = _client(srv)
-    files = _excerpts(WL.seed, SESSIONS, 3000, "code")
+    files = _excerpts(WL.seed, sessions, 3000, "code")
     convs = [[{"role": "system", "content": f"You are agent #{i}."},
               {"role": "user", "content": f"Read this file:\n{f}"}] for i, f in enumerate(files)]  # fmt: skip
     for i, msgs in enumerate(convs):
@@ -89,7 +90,7 @@ def test_a_restarted_server_restores_from_the_directory_tier(artifact_path, tmp_
     flags = ("--kvtc-host-bytes", "256M", "--kvtc-l3", "directory", "--kvtc-l3-config", config)
     srv = _server(str(artifact_path), tmp_path / "before.log", flags)
     try:
-        convs = _first_turns(srv)
+        convs = _first_turns(srv, L3_SESSIONS)
         written = kvtc_metrics(srv)
     finally:
         srv.stop()
@@ -119,7 +120,7 @@ def test_a_prefix_served_by_one_replica_is_restored_on_another_through_mooncake(
     try:
         b = _server(str(artifact_path), tmp_path / "b.log", flags)
         try:
-            convs = _first_turns(a)
+            convs = _first_turns(a, L3_SESSIONS)
             written = kvtc_metrics(a)
             prompt, cached = _next_turn(b, convs[0])
             m = kvtc_metrics(b)

@@ -179,6 +179,9 @@ class TreeCompression(TreeSurgery):
                     self.policy.touch_path(node if node.parent is not None else None)
                     continue
                 handle = self._store_blob(node, blob, size)
+                if handle is None and self.placement.has_host:  # the store cannot take it: host memory may
+                    handle = self.placement.adopt(blob, job.done_event, max(size, blob.numel()), node,
+                                                  spared=self._protect, drop_subtree=self._drop_subtree)
                 if handle is None:
                     self.stats.store_full_tokens += len(slots)
                     digest.mix("store_full", len(slots), lo)

@@ -8,6 +8,10 @@ has its own LRU order of blobs (``CompressionPolicy.host``): a blob that must le
 (and subtree), as a blob leaving the store did before. One LRU order across tiers: the store's oldest blob
 moves to host, host memory's oldest is dropped.
 
+A new blob the store cannot take at all (larger than its cap, or the store full of blobs admission protects;
+always so for the raw codec's 1x blobs) starts in host memory (:meth:`BlobPlacement.adopt`) rather than being
+thrown away.
+
 Costs: a demotion copies the blob once (on a GPU, an asynchronous copy to pinned memory on kvtc's ``host``
 stream after the blob's put; the store rows it read are freed at once and every kvtc stream that writes rows,
 and the next batch, wait on the copy: ``StreamFences.freed``); a restore from host memory reads the pinned
@@ -187,6 +191,30 @@ class BlobPlacement:
         self.host.take(charge)
         self.stats.host_resident_bytes = self.host.used_bytes
         return BlobHandle(torch.empty(0, dtype=torch.int64), charge, host=data, charge=charge)
+
+    def adopt(
+        self, blob: torch.Tensor, ready: Any, charge: int, node: TreeNode, *, spared: set[TreeNode],
+        drop_subtree: Callable[[TreeNode], int],
+    ) -> BlobHandle | None:
+        """A new blob the store could not take (``[n]`` uint8 where it was made, ready after ``ready``) straight
+        into host memory, charged ``charge`` bytes (the ranks' agreed size); ``None`` when it does not fit."""
+        if not self._make_room(charge, spared_path(node, spared), drop_subtree):
+            self.stats.host_full += 1
+            return None
+        f = self.fences
+        done = None
+        if blob.is_cuda:
+            with f.enter("host", [ready]):
+                data = torch.empty(blob.numel(), dtype=torch.uint8, pin_memory=True)
+                data.copy_(blob, non_blocking=True)
+            f.keep("host", blob)
+            done = f.done("host")
+        else:
+            data = blob
+        self.host.take(charge)
+        self.stats.host_resident_bytes = self.host.used_bytes
+        self.stats.host_adopted += 1
+        return BlobHandle(torch.empty(0, dtype=torch.int64), blob.numel(), ready=done, host=data, charge=charge)
 
     def count_restored(self, entries: list[Any]) -> None:
         """Restored blobs: count the host tier's hits."""

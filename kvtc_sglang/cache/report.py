@@ -57,6 +57,7 @@ _COUNTERS = (
     ("host_restored_tokens", "host_hit_tokens", "Tokens restored from host memory."),
     ("host_dropped_tokens", "host_dropped_tokens", "Compressed tokens dropped from host memory for room."),
     ("host_full", "host_full", "Blobs that could not move to host memory (no room) and were dropped."),
+    ("host_adopted", "host_adopted", "New blobs the KV pool's store could not take, kept in host memory instead."),
     ("host_seconds", "host_seconds", "Scheduler-thread seconds spent moving blobs to host memory."),
     ("l3_offered", "l3_offered", "Whole-chunk blobs offered to the L3 store at commit."),
     ("l3_put_objects", "l3_put_objects", "Objects written to the L3 store."),

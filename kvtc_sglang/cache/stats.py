@@ -58,6 +58,7 @@ class KVTCStats:
     host_demoted_bytes: int = 0
     host_demoted_tokens: int = 0
     host_full: int = 0  # blobs that could not move to host memory (no room) and were dropped
+    host_adopted: int = 0  # new blobs the store could not take, kept in host memory from the start
     host_restores: int = 0  # nodes restored from host memory
     host_restored_tokens: int = 0
     host_dropped_tokens: int = 0  # compressed tokens dropped from host memory
