@@ -41,6 +41,7 @@ from ..codec import BlobError
 from ..tiers.frame import FrameError, pack_object, unpack_object
 from ..tiers.keys import KeyScheme, chunk_keys, namespace_seed
 from ..tiers.l3_client import L3Client
+from .l3_graft import graft_chunks
 from .l3_objects import KVTC, RAW, Segment, chunk_ends, chunk_layout, pack_segments, path_tokens, unpack_segments
 from .tree_walk import TreeNode
 
@@ -93,7 +94,7 @@ class L3Tier:
     """The L3 tier of one cache (the cache owns it and calls :meth:`offer` at commits and :meth:`tick` at ticks).
 
     Args:
-        cache: the tree (its ``_match``, ``graft_chunks``, ``io``, ``ctl``, ``codec``, ``policy`` are used).
+        cache: the tree (its ``_match``, ``io``, ``ctl``, ``codec``, ``policy`` are used; :mod:`l3_graft` grafts).
         client: the store's asynchronous client.
         scheme: chunk size and digest of this deployment's keys.
         options: the kvtc options of the L3.
@@ -249,7 +250,7 @@ class L3Tier:
                 logger.warning("kvtc: L3 object %s refused (%s): a miss, the request prefills from there", key, e)
                 break
         if items:
-            grafted = self.cache.graft_chunks(self._key_of(req, tokens), items, self.raw_codec)
+            grafted = graft_chunks(self.cache, self._key_of(req, tokens), items, self.raw_codec)
             stats.l3_hits += grafted[0]
             stats.l3_hit_tokens += grafted[1]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import Any
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
@@ -17,8 +16,6 @@ from sglang.srt.mem_cache.utils import split_node_hash_value
 
 from ..codec import BlobError
 from .eviction import TreeEviction
-from .l3_objects import RAW
-from .policy import node_start
 
 logger = logging.getLogger(__name__)
 
@@ -158,73 +155,6 @@ class TreeSurgery(TreeEviction):
             self.stats.restores += 1
             self.stats.restored_tokens += entry.node_tokens
         return True
-
-    # ----- L3 chunks -----
-
-    def graft_chunks(self, key: RadixKey, items: list[tuple], raw_codec: Any) -> tuple[int, int]:
-        """Hang consecutive segments fetched from L3 (``(kind, lo, hi, blob [n] uint8 CPU, header)``) under
-        ``key``'s path: kvtc blobs as compressed nodes with their blobs in host memory, raw rows (short device
-        parts: the sinks, a shared template head) written into fresh slots as device nodes. Segments the tree
-        already covers are skipped (one the match ends inside keeps its blob for the tail: ``skip``). Returns
-        ``(nodes, tokens)`` grafted."""
-        key = key.page_aligned(self.page_size)
-        device_len, _, host_len, node = self._match(key)
-        m = device_len + host_len
-        if node is not self.root_node and node_start(node) + len(node.key) != m:
-            return 0, 0  # the match ends inside a compressed node
-        count = tokens = 0
-        for kind, lo, hi, blob, header in items:
-            if hi <= m:
-                continue
-            if lo > m:
-                break
-            span = (lo, m, hi)
-            child = self._graft_rows(node, key[m:hi], span, (blob, header, raw_codec)) if kind == RAW else (
-                self._graft_blob(node, key[m:hi], span, (blob, header)))  # fmt: skip
-            if child is None:
-                break
-            count, tokens = count + 1, tokens + hi - m
-            node, m = child, hi
-        return count, tokens
-
-    def _graft_blob(self, node: TreeNode, key: RadixKey, span: tuple[int, int, int], blob: tuple) -> TreeNode | None:
-        """A kvtc blob of positions ``[lo, hi)`` as a compressed node for ``key`` = ``[m, hi)``."""
-        (lo, m, hi), (data, header) = span, blob
-        handle = self.placement.admit(data, node, self._protect, self._drop_subtree)
-        if handle is None:
-            return None
-        child = self._graft_node(node, key, None)
-        self.io.add(child, replace(self.io.make_entry(handle, lo, hi - lo, header), skip=m - lo))
-        self.wanted.mark(child, self._ticks)
-        return child
-
-    def _graft_rows(self, node: TreeNode, key: RadixKey, span: tuple[int, int, int], raw: tuple) -> TreeNode | None:
-        """Raw rows ``[lo, hi)`` into fresh slots (the part below ``m`` given back) as a device node for ``key``."""
-        (lo, m, hi), (data, header, raw_codec) = span, raw
-        slots = self._alloc_slots(hi - lo)
-        if slots is None:
-            return None
-        try:
-            self.ctl.restore(lambda: [data], [header], [(slots, torch.arange(lo, hi))], codec=raw_codec)
-        except (BlobError, RuntimeError, ValueError) as e:
-            logger.warning("kvtc: L3 raw rows refused (%s): a miss", e)
-            self._free_slots(slots)
-            return None
-        if m > lo:
-            self._free_slots(slots[: m - lo])  # already in the tree
-        child = self._graft_node(node, key, slots[m - lo :])
-        self.evictable_size_ += hi - m
-        self.policy.candidates.add(child)
-        return child
-
-    def _graft_node(self, parent: TreeNode, key: RadixKey, value: torch.Tensor | None) -> TreeNode:
-        child = TreeNode(priority=parent.priority)
-        child.parent, child.key, child.value = parent, key, value
-        parent.children[key.child_key(self.page_size)] = child
-        self.kv_events.record_store(child)
-        self._update_leaf_status(parent)
-        self._update_leaf_status(child)
-        return child
 
     # ----- insert -----
 

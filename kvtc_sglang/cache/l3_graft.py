@@ -1,0 +1,87 @@
+"""Grafting chunks fetched from the L3 into the radix tree (:mod:`~kvtc_sglang.cache.l3_tier` calls it at a
+scheduler tick, outside free groups): kvtc segments become compressed nodes whose blobs are in host memory, raw
+segments (the sinks, a chat template's shared head) device nodes on fresh slots. Functions over the tree, kept out
+of its class chain: the tree's own surgery stays in ``surgery.py``/``eviction.py``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+import torch
+from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
+
+from ..codec import BlobError
+from .l3_objects import RAW
+from .policy import node_start
+
+logger = logging.getLogger(__name__)
+
+
+def graft_chunks(tree: Any, key: RadixKey, items: list[tuple], raw_codec: Any) -> tuple[int, int]:
+    """Hang consecutive segments (``(kind, lo, hi, blob [n] uint8 CPU, header)``) under ``key``'s path of
+    ``tree`` (a :class:`~kvtc_sglang.cache.radix.KVTCRadixCache`). Segments the tree already covers are skipped
+    (one the match ends inside keeps its blob for the tail: ``skip``). Returns ``(nodes, tokens)`` grafted."""
+    key = key.page_aligned(tree.page_size)
+    device_len, _, host_len, node = tree._match(key)
+    m = device_len + host_len
+    if node is not tree.root_node and node_start(node) + len(node.key) != m:
+        return 0, 0  # the match ends inside a compressed node
+    count = tokens = 0
+    for kind, lo, hi, blob, header in items:
+        if hi <= m:
+            continue
+        if lo > m:
+            break
+        span = (lo, m, hi)
+        child = _rows(tree, node, key[m:hi], span, (blob, header, raw_codec)) if kind == RAW else (
+            _blob(tree, node, key[m:hi], span, (blob, header)))  # fmt: skip
+        if child is None:
+            break
+        count, tokens = count + 1, tokens + hi - m
+        node, m = child, hi
+    return count, tokens
+
+
+def _blob(tree: Any, node: TreeNode, key: RadixKey, span: tuple[int, int, int], blob: tuple) -> TreeNode | None:
+    """A kvtc blob of positions ``[lo, hi)`` as a compressed node for ``key`` = ``[m, hi)``."""
+    (lo, m, hi), (data, header) = span, blob
+    handle = tree.placement.admit(data, node, tree._protect, tree._drop_subtree)
+    if handle is None:
+        return None
+    child = _node(tree, node, key, None)
+    tree.io.add(child, replace(tree.io.make_entry(handle, lo, hi - lo, header), skip=m - lo))
+    tree.wanted.mark(child, tree._ticks)
+    return child
+
+
+def _rows(tree: Any, node: TreeNode, key: RadixKey, span: tuple[int, int, int], raw: tuple) -> TreeNode | None:
+    """Raw rows ``[lo, hi)`` into fresh slots (the part below ``m`` given back) as a device node for ``key``."""
+    (lo, m, hi), (data, header, raw_codec) = span, raw
+    slots = tree._alloc_slots(hi - lo)
+    if slots is None:
+        return None
+    try:
+        tree.ctl.restore(lambda: [data], [header], [(slots, torch.arange(lo, hi))], codec=raw_codec)
+    except (BlobError, RuntimeError, ValueError) as e:
+        tree.stats.l3_rejected += 1
+        logger.warning("kvtc: L3 raw rows refused (%s): a miss", e)
+        tree._free_slots(slots)
+        return None
+    if m > lo:
+        tree._free_slots(slots[: m - lo])  # already in the tree
+    child = _node(tree, node, key, slots[m - lo :])
+    tree.evictable_size_ += hi - m
+    tree.policy.candidates.add(child)
+    return child
+
+
+def _node(tree: Any, parent: TreeNode, key: RadixKey, value: torch.Tensor | None) -> TreeNode:
+    child = TreeNode(priority=parent.priority)
+    child.parent, child.key, child.value = parent, key, value
+    parent.children[key.child_key(tree.page_size)] = child
+    tree.kv_events.record_store(child)
+    tree._update_leaf_status(parent)
+    tree._update_leaf_status(child)
+    return child
