@@ -62,6 +62,19 @@ def no_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
+def _cuda_pool(kv_bank):
+    """The bank on CUDA ``[L, 1024, H, D]`` bf16 each, a zeroed pool of ``N`` slots, its page allocator and store."""
+    dev = torch.device("cuda")
+    k_bank, v_bank = (x.to(dev) for x in kv_bank)
+    num_l, _, heads, dim = k_bank.shape
+    pool = SimpleNamespace(
+        k_buffer=[torch.zeros(N, heads, dim, dtype=k_bank.dtype, device=dev) for _ in range(num_l)],
+        v_buffer=[torch.zeros(N, heads, dim, dtype=k_bank.dtype, device=dev) for _ in range(num_l)],
+    )
+    kv, allocator = PoolKV(pool, num_l, heads, dim), PageAllocator(dev)
+    return k_bank, v_bank, kv, allocator, BlobStore(kv.buffers, allocator, P, 1024)
+
+
 def _no_sync(obj, name: str, monkeypatch) -> None:
     fn = getattr(obj, name)
 
@@ -73,15 +86,7 @@ def _no_sync(obj, name: str, monkeypatch) -> None:
 
 
 def test_restore_and_put_on_cuda_follow_the_stream_rules(codec, kv_bank, monkeypatch):
-    dev = torch.device("cuda")
-    k_bank, v_bank = (x.to(dev) for x in kv_bank)  # [L, 1024, H, D] bf16
-    num_l, _, heads, dim = k_bank.shape
-    pool = SimpleNamespace(
-        k_buffer=[torch.zeros(N, heads, dim, dtype=k_bank.dtype, device=dev) for _ in range(num_l)],
-        v_buffer=[torch.zeros(N, heads, dim, dtype=k_bank.dtype, device=dev) for _ in range(num_l)],
-    )
-    kv, allocator = PoolKV(pool, num_l, heads, dim), PageAllocator(dev)
-    store = BlobStore(kv.buffers, allocator, P, 1024)
+    k_bank, v_bank, kv, allocator, store = _cuda_pool(kv_bank)
     ctl = KVTCController(codec, kv, KVTCStats(), background=False, stream_ops=CudaStreamOps())
     forward, schedule = torch.cuda.Stream(), torch.cuda.Stream()
     ctl.bind_forward_stream(forward)
@@ -123,15 +128,7 @@ def test_a_blob_moved_to_host_memory_is_fenced_against_the_reuse_of_its_pages(co
     the copy; a restore from host memory then writes the rows the blob decodes to."""
     from kvtc_sglang.cache.placement import BlobPlacement
 
-    dev = torch.device("cuda")
-    k_bank, v_bank = (x.to(dev) for x in kv_bank)  # [L, 1024, H, D] bf16
-    num_l, _, heads, dim = k_bank.shape
-    pool = SimpleNamespace(
-        k_buffer=[torch.zeros(N, heads, dim, dtype=k_bank.dtype, device=dev) for _ in range(num_l)],
-        v_buffer=[torch.zeros(N, heads, dim, dtype=k_bank.dtype, device=dev) for _ in range(num_l)],
-    )
-    kv, allocator = PoolKV(pool, num_l, heads, dim), PageAllocator(dev)
-    store = BlobStore(kv.buffers, allocator, P, 1024)
+    k_bank, v_bank, kv, allocator, store = _cuda_pool(kv_bank)
     stats = KVTCStats()
     ctl = KVTCController(codec, kv, stats, background=False, stream_ops=CudaStreamOps())
     placement = BlobPlacement(store, ctl.fences, stats, host_bytes=64 << 20)
@@ -156,7 +153,7 @@ def test_a_blob_moved_to_host_memory_is_fenced_against_the_reuse_of_its_pages(co
             for buf in kv.buffers:
                 buf[reused] = 7.0
         torch.cuda.synchronize()
-    assert torch.equal(moved.host.to(dev), blob), "the batch overwrote the page before the copy read it"
+    assert torch.equal(moved.host.to(blob.device), blob), "the batch overwrote the page before the copy read it"
     b = allocator.alloc(num_t)
     with torch.cuda.stream(schedule):
         ctl.restore(lambda: [placement.fetch(moved)], [header], [(b, torch.arange(num_t))], ready=[moved.ready])

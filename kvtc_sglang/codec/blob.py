@@ -21,12 +21,19 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .crc import crc32_many
-from .errors import BlobCalibrationMismatchError, BlobChecksumError, BlobTruncatedError, BlobVersionError
+from .errors import (
+    BlobCalibrationMismatchError,
+    BlobChecksumError,
+    BlobError,
+    BlobTruncatedError,
+    BlobVersionError,
+)
 
 MAGIC = b"KVTC"
 BLOB_VERSION = 2  # 2: each component's row of packed codes starts on a byte
@@ -193,3 +200,31 @@ def verify_chunks_many(blobs: list[torch.Tensor], headers: list[BlobHeader]) -> 
                     f"chunk {i} CRC32 mismatch: table says {crc:#010x}, bytes give {actual:#010x}"
                 ).at(index)
     return spans
+
+
+def checked_header(
+    blob: torch.Tensor | bytes, artifact_id: bytes, shape: tuple[int, int, int], owner: str
+) -> BlobHeader:
+    """A blob's header (copies only the header) checked against ``artifact_id`` and the codec's ``(L, H, D)``;
+    ``owner`` names what the codec's geometry comes from in the error (``calibration``, ``codec``)."""
+    if isinstance(blob, (bytes, bytearray)):
+        header = parse_header(bytes(blob), artifact_id)
+    else:
+        header = parse_header(header_bytes(blob), artifact_id, blob.numel())
+    got = (header.num_layers, header.num_heads, header.head_dim)
+    if got != shape:
+        raise BlobCalibrationMismatchError(
+            f"blob shape L,H,D = {','.join(map(str, got))}, {owner} has {','.join(map(str, shape))}"
+        )
+    return header
+
+
+def headers_of(read: Callable[[torch.Tensor], BlobHeader], blobs: list[torch.Tensor]) -> list[BlobHeader]:
+    """``read`` of every blob; a ``BlobError`` names the blob's index."""
+    out = []
+    for i, blob in enumerate(blobs):
+        try:
+            out.append(read(blob))
+        except BlobError as e:
+            raise e.at(i) from None
+    return out

@@ -23,10 +23,10 @@ import torch
 
 from .artifact import CalibrationArtifact
 from .backend import DeviceStreams, PayloadBackend, TorchBackend, check_torch_dot_precision
-from .blob import BlobHeader, header_bytes, header_nbytes, parse_header
+from .blob import BlobHeader, checked_header, header_nbytes, headers_of
 from .checks import check_kv, check_layers, check_positions
 from .entropy import EntropyCoder, default_entropy_coder
-from .errors import BlobCalibrationMismatchError, BlobError, BlobPositionsError
+from .errors import BlobPositionsError
 from .framing import unwrap_payloads, wrap_payloads
 from .quant import payload_nbytes
 
@@ -223,17 +223,8 @@ class KVTCCodec:
 
     def read_header(self, blob: torch.Tensor | bytes) -> BlobHeader:
         """Validate a blob's header against this codec's calibration (no decoding; copies only the header)."""
-        if isinstance(blob, (bytes, bytearray)):
-            header = parse_header(bytes(blob), self.artifact_id)
-        else:
-            header = parse_header(header_bytes(blob), self.artifact_id, blob.numel())
         s = self.spec
-        if (header.num_layers, header.num_heads, header.head_dim) != (s.num_layers, s.num_kv_heads, s.head_dim):
-            raise BlobCalibrationMismatchError(
-                f"blob shape L,H,D = {header.num_layers},{header.num_heads},{header.head_dim}, "
-                f"calibration has {s.num_layers},{s.num_kv_heads},{s.head_dim}"
-            )
-        return header
+        return checked_header(blob, self.artifact_id, (s.num_layers, s.num_kv_heads, s.head_dim), "calibration")
 
     def _unwrap_many(
         self, blobs: list[torch.Tensor], headers: list[BlobHeader], device: torch.device
@@ -247,13 +238,7 @@ class KVTCCodec:
         return self._unwrap_many([src], self._headers([src]), src.device)[0]
 
     def _headers(self, blobs: list[torch.Tensor]) -> list[BlobHeader]:
-        out = []
-        for i, blob in enumerate(blobs):
-            try:
-                out.append(self.read_header(blob))
-            except BlobError as e:
-                raise e.at(i) from None
-        return out
+        return headers_of(self.read_header, blobs)
 
     def decode(
         self, blob: torch.Tensor | bytes, device: torch.device | None = None

@@ -25,14 +25,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .blob import BlobHeader, header_bytes, header_nbytes, parse_header, verify_chunks_many
+from .blob import BlobHeader, checked_header, header_nbytes, headers_of, verify_chunks_many
 from .checks import check_kv, check_layers, check_positions
 from .codec import DEFAULT_CHUNK_BYTES, _as_tensor
 from .crc import crc32_many
 from .errors import (
-    BlobCalibrationMismatchError,
     BlobChecksumError,
-    BlobError,
     BlobPositionsError,
     BlobTruncatedError,
 )
@@ -150,26 +148,11 @@ class RawCodec:
 
     def read_header(self, blob: torch.Tensor | bytes) -> BlobHeader:
         """Validate a blob's header against this codec's id and geometry (copies only the header)."""
-        if isinstance(blob, (bytes, bytearray)):
-            header = parse_header(bytes(blob), self.artifact_id)
-        else:
-            header = parse_header(header_bytes(blob), self.artifact_id, blob.numel())
         s = self.spec
-        if (header.num_layers, header.num_heads, header.head_dim) != (s.num_layers, s.num_kv_heads, s.head_dim):
-            raise BlobCalibrationMismatchError(
-                f"blob shape L,H,D = {header.num_layers},{header.num_heads},{header.head_dim}, "
-                f"codec has {s.num_layers},{s.num_kv_heads},{s.head_dim}"
-            )
-        return header
+        return checked_header(blob, self.artifact_id, (s.num_layers, s.num_kv_heads, s.head_dim), "codec")
 
     def _headers(self, blobs: list[torch.Tensor]) -> list[BlobHeader]:
-        out = []
-        for i, blob in enumerate(blobs):
-            try:
-                out.append(self.read_header(blob))
-            except BlobError as e:
-                raise e.at(i) from None
-        return out
+        return headers_of(self.read_header, blobs)
 
     def decode(
         self, blob: torch.Tensor | bytes, device: torch.device | None = None
