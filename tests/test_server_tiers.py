@@ -11,6 +11,7 @@ reference is the same server without the tier, where that turn recomputes the se
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 import pytest
@@ -61,12 +62,23 @@ def _next_turn(srv: SGLangServer, conv: list[dict]) -> tuple[int, int]:
     return int(conv[0]["prompt_tokens"]), r.cached_tokens
 
 
+def _metrics_once(srv: SGLangServer, key: str, at_least: float, timeout: float = 15.0) -> dict:
+    """``/metrics``' kvtc counters once ``key`` reached ``at_least`` (or at ``timeout``): kvtc updates them at most
+    once a second, at a scheduler tick, so a read right after a response may predate its counts."""
+    end = time.monotonic() + timeout
+    while True:
+        m = kvtc_metrics(srv)
+        if m.get(key, 0) >= at_least or time.monotonic() > end:
+            return m
+        time.sleep(0.5)
+
+
 def _run(calibration: str, log, flags: tuple[str, ...] = ()) -> tuple[int, int, dict, str]:
     srv = _server(calibration, log, flags)
     try:
         convs = _first_turns(srv)
         prompt, cached = _next_turn(srv, convs[0])
-        metrics = kvtc_metrics(srv)
+        metrics = _metrics_once(srv, "restored_tokens_total", 1)
     finally:
         srv.stop()
     return prompt, cached, metrics, srv.log_text()
@@ -91,14 +103,14 @@ def test_a_restarted_server_restores_from_the_directory_tier(artifact_path, tmp_
     srv = _server(str(artifact_path), tmp_path / "before.log", flags)
     try:
         convs = _first_turns(srv, L3_SESSIONS)
-        written = kvtc_metrics(srv)
+        written = _metrics_once(srv, "l3_put_objects_total", 2)
     finally:
         srv.stop()
     assert written.get("l3_put_objects_total", 0) >= 2, {k: v for k, v in written.items() if v}
     srv = _server(str(artifact_path), tmp_path / "after.log", flags)  # the restart: an empty tree
     try:
         prompt, cached = _next_turn(srv, convs[0])
-        m = kvtc_metrics(srv)
+        m = _metrics_once(srv, "restored_tokens_total", 256)
     finally:
         srv.stop()
     seen = {k: v for k, v in m.items() if v}
@@ -121,9 +133,9 @@ def test_a_prefix_served_by_one_replica_is_restored_on_another_through_mooncake(
         b = _server(str(artifact_path), tmp_path / "b.log", flags)
         try:
             convs = _first_turns(a, L3_SESSIONS)
-            written = kvtc_metrics(a)
+            written = _metrics_once(a, "l3_put_objects_total", 2)
             prompt, cached = _next_turn(b, convs[0])
-            m = kvtc_metrics(b)
+            m = _metrics_once(b, "restored_tokens_total", 256)
         finally:
             b.stop()
     finally:
