@@ -218,7 +218,7 @@ class L3Tier:
         return RadixKey(token_ids=array("q", tokens.tolist()), extra_key=req.extra_key, cache_salt=req.cache_salt)
 
     def _park(self, req: Any) -> bool:
-        if getattr(req, "is_retracted", False) or len(getattr(req, "output_ids", ())) or self.client is None:
+        if getattr(req, "is_retracted", False) or len(getattr(req, "output_ids", ())):
             return False
         tokens = np.asarray(req.origin_input_ids, dtype=np.int64)
         usable = (len(tokens) - 1) // self.chunk  # SGLang matches at most input - 1 tokens
