@@ -78,6 +78,26 @@ def refused_tp(idle_seconds: float, tp_size: int | None, l3: str = "") -> str | 
     return None
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(value: str | int, minimum: int = 0) -> int:
+    """A byte count: an integer with an optional K/M/G/T suffix (powers of 1024; ``96M``, ``96MiB``, ``1.5G``),
+    at least ``minimum``; ``ValueError`` naming the value otherwise."""
+    if isinstance(value, int):
+        n = float(value)
+    else:
+        text = value.strip().upper().removesuffix("B").removesuffix("I")
+        unit = text[-1:] if text[-1:] in _UNITS and text[-1:] else ""
+        try:
+            n = float(text[: len(text) - len(unit)]) * _UNITS[unit]
+        except ValueError:
+            raise ValueError(f"expected a byte count such as 96M or 1048576, got {value!r}") from None
+    if not math.isfinite(n) or n < minimum:
+        raise ValueError(f"expected a byte count >= {minimum}, got {value!r}")
+    return int(n)
+
+
 L3_BACKENDS = ("", "directory", "mooncake")  # the shared store (l3_tier.py): none, a local directory, Mooncake
 CODECS = ("kvtc", "raw")  # what the cache stores: KVTC blobs, or raw KV bytes (the uncompressed baseline)
 ENCODE_MODES = ("auto", "background", "inline")  # auto: resolve_encode_mode(pool device)

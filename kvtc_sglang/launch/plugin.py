@@ -20,7 +20,14 @@ import os
 import sys
 from pathlib import Path
 
-from ..cache.config import ENV_VAR, KVTCCacheConfig, refused_server_option, refused_tp, refused_window
+from ..cache.config import (
+    ENV_VAR,
+    KVTCCacheConfig,
+    parse_bytes,
+    refused_server_option,
+    refused_tp,
+    refused_window,
+)
 from ..codec import ArtifactError, read_header
 
 BACKEND = "kvtc"
@@ -34,21 +41,12 @@ def _flag(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected 0 or 1, got {value!r}")
 
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
 def _bytes(value: str) -> int:
-    """A byte count: an integer with an optional K/M/G/T suffix (powers of 1024; ``KiB``/``KB`` alike)."""
-    text = value.strip().upper().removesuffix("B").removesuffix("I")
-    unit = text[-1:] if text[-1:] in _UNITS and text[-1:] else ""
-    number = text[: len(text) - len(unit)]
+    """A byte count >= 0 (``parse_bytes``: 4G, 512MiB, 1048576) for argparse."""
     try:
-        n = float(number)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a byte count such as 4G or 1048576, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a byte count >= 0, got {value!r}")
-    return int(n * _UNITS[unit])
+        return parse_bytes(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 TARGET_STEP = "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run"

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..cache.config import parse_bytes as parse_config_bytes
 from .bench import BenchConfig, server_spec
 from .bench_report import share_of_gain, summarize
 from .server import SGLangServer
@@ -42,26 +43,14 @@ from .sessions import pool_for_everything
 
 SERVERS = ("vanilla", "kvtc", "kvtc+host", "raw+host", "big")
 HOST_SERVERS = ("kvtc+host", "raw+host")
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 AIM_TTFT_SHARE = 0.80  # kvtc+host captures at least this share of the big pool's TTFT gain
 AIM_RAW_FRACTION = 0.5  # raw+host captures less than this fraction of what kvtc+host captures
 AIM_DENSITY = 15.0  # the compressed tier holds at least this many times the raw tier's tokens per host byte
 
 
 def parse_bytes(value: str | int) -> int:
-    """A byte count: an integer with an optional K/M/G/T suffix (powers of 1024; ``96M``, ``96MiB``, ``1.5G``)."""
-    if isinstance(value, int):
-        n = float(value)
-    else:
-        text = value.strip().upper().removesuffix("B").removesuffix("I")
-        unit = text[-1:] if text[-1:] in _UNITS and text[-1:] else ""
-        try:
-            n = float(text[: len(text) - len(unit)]) * _UNITS[unit]
-        except ValueError:
-            raise ValueError(f"expected a byte count such as 96M or 1048576, got {value!r}") from None
-    if not math.isfinite(n) or n < 1:
-        raise ValueError(f"expected a byte count >= 1, got {value!r}")
-    return int(n)
+    """A byte count >= 1 (the config's ``parse_bytes``: ``96M``, ``96MiB``, ``1.5G``)."""
+    return parse_config_bytes(value, minimum=1)
 
 
 def mib(n: float) -> str:
