@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from conftest import rel_err
 
 from kvtc_sglang.cache.config import KVTCCacheConfig
 from kvtc_sglang.cache.factory import build_l3
+from kvtc_sglang.cache.l3_tier import L3Tier
 from kvtc_sglang.workloads.invariants import check_invariants
 from kvtc_sglang.workloads.replay import Driver, build_cache, build_pool
 
@@ -156,3 +158,78 @@ def test_a_chunk_across_a_shared_head_is_written_and_restored(codec, artifact, b
     assert n == 4 * CHUNK and torch.equal(k[:, :10], bank.k[:, :10])  # the head: raw, exact
     assert rel_err(k, bank.k[:, :n]) <= 1.2 * codec_err and rel_err(v, bank.v[:, :n]) <= 1.2 * codec_err
     check_invariants(reader)
+
+
+def test_write_back_writes_a_chunk_only_when_its_blobs_leave_the_server(codec, artifact, bank, codec_err, tmp_path):
+    """``write_policy: write_back``: committed blobs are not written; when the session's nodes are dropped (the
+    pool evicts its sinks' node, the compressed nodes under it go too) every whole chunk is written first, and
+    another cache restores them. Reference: the same drop under write-through writes nothing more."""
+    directory = tmp_path / "l3"
+    cfg = f'{{"path": "{directory}", "chunk_tokens": {CHUNK}, "prefetch_timeout_s": 5, "write_policy": "write_back"}}'
+    writer = make(codec, artifact, directory, l3_config=cfg)
+    drv = Driver(writer, bank)
+    drv.finish(drv.start(SEQ))
+    writer.compress_idle(now=FUTURE)
+    assert writer.l3.client.flush(10.0)
+    writer.scheduler_tick([])
+    assert writer.stats.compressions >= 4 and writer.stats.l3_put_objects == 0  # resident: nothing written
+    writer.evict(EvictParams(num_tokens=4096))
+    assert writer.l3.client.flush(10.0)
+    writer.scheduler_tick([])
+    assert writer.stats.dropped_tokens >= 4 * CHUNK - 4 and writer.stats.l3_put_objects == 4
+    check_invariants(writer)
+    reader = make(codec, artifact, directory)
+    assert prefetch(reader, Req("r", [*SEQ, 5])) and reader.stats.l3_hit_tokens == 4 * CHUNK
+    n, k, v = Driver(reader, bank).read_prefix(SEQ)
+    assert n == 4 * CHUNK and torch.equal(k[:, :4], bank.k[:, :4])
+    assert rel_err(k, bank.k[:, :n]) <= 1.2 * codec_err and rel_err(v, bank.v[:, :n]) <= 1.2 * codec_err
+
+    through = write_session(codec, artifact, bank, tmp_path / "through")
+    through.evict(EvictParams(num_tokens=4096))
+    assert through.l3.client.flush(10.0)
+    through.scheduler_tick([])
+    assert through.stats.l3_put_objects == 4  # written at commit, not again at the drop
+
+
+def test_a_write_policy_is_checked():
+    from kvtc_sglang.cache.l3_tier import split_options
+
+    with pytest.raises(ValueError, match="write_policy must be one of"):
+        split_options({"write_policy": "write_around"})
+    assert split_options({"write_policy": "write_back", "path": "/x"})[0].write_policy == "write_back"
+
+
+def test_a_blob_copied_out_for_l3_is_fenced_against_the_reuse_of_its_rows(artifact):
+    """On a GPU an L3 write copies a blob out of the store on kvtc's host stream after its put; under write-back
+    the blob's node is dropped (its rows freed) right after, so the streams that write rows (store, load) and
+    the next batch must wait on the copy."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from stream_recorder import Log, RecordingOps
+
+    from kvtc_sglang.cache.placement import BlobPlacement
+    from kvtc_sglang.cache.stats import KVTCStats
+    from kvtc_sglang.cache.store import BlobStore
+    from kvtc_sglang.cache.streams import StreamFences
+
+    pool, allocator = build_pool(artifact.spec, 256, 1)
+    log = Log()
+    ops = RecordingOps(log, overlap=True)
+    fences = StreamFences(torch.device("cpu"), ops)
+    fences.bind_forward_stream(ops.forward)
+    store = BlobStore([*pool.k_buffer, *pool.v_buffer], allocator, 1, 64)
+    placement = BlobPlacement(store, fences, KVTCStats(), host_bytes=0)
+    with fences.enter("store", fences.issued()):
+        handle = store.put(torch.arange(3000, dtype=torch.int32).to(torch.uint8))
+    handle = replace(handle, ready=fences.done("store"))
+    tier = object.__new__(L3Tier)  # only the copy-out path: the cache's placement and fences
+    tier.cache = SimpleNamespace(placement=placement, ctl=SimpleNamespace(fences=fences), store=store)
+    (data,), copy_done = tier._blob_to_host(handle)
+    assert torch.equal(data, store.get(handle))
+    waits = [e for e in log.entries if e[0] == "wait"]
+    host = ops.kvtc["host"]
+    assert copy_done is not None and copy_done.stream is host
+    assert any(e[1] is host and e[2] is handle.ready for e in waits), "the copy did not wait on the blob's put"
+    for s in (ops.kvtc["store"], ops.kvtc["load"], ops.forward):
+        assert any(e[1] is s and e[2] is copy_done for e in waits), f"{s} does not wait on the copy"

@@ -10,8 +10,11 @@ and a digest of the calibration, model, KV dtype, codec and tensor-parallel layo
 this one after a restart, names the same tokens alike and a mismatch misses. Objects are framed with a CRC
 and, with a shared secret, an HMAC (:mod:`kvtc_sglang.tiers.frame`, its threat model).
 
-**Writes** (write-through at commit): the scheduler thread only issues copies (on a GPU, to pinned memory on
-kvtc's host stream after the blobs' puts; raw rows after the forward's fence) and queues a function to the
+**Writes**, by ``write_policy`` (HiCache's names): ``write_through`` writes a chunk when a commit completes it,
+``write_back`` when a blob of it leaves the server (its node dropped from the store or host memory), so only
+what would be lost is written, and nothing resident is shared with other replicas or survives a kill. Either
+way the scheduler thread only issues copies (on a GPU, to pinned memory on kvtc's host stream after the blobs'
+puts, the freed rows fenced against reuse; raw rows after the forward's fence) and queues a function to the
 client's writer thread, which waits for the copies and builds the object; a full queue drops the write
 (counted): serving never waits for the store or a stream.
 
@@ -42,12 +45,14 @@ from ..tiers.frame import FrameError, pack_object, unpack_object
 from ..tiers.keys import KeyScheme, chunk_keys, namespace_seed
 from ..tiers.l3_client import L3Client
 from .l3_graft import graft_chunks
-from .l3_objects import KVTC, RAW, Segment, chunk_ends, chunk_layout, pack_segments, path_tokens, unpack_segments
+from .l3_objects import (KVTC, RAW, Segment, chunk_ends, chunk_layout, pack_segments, path_of, path_tokens,
+                         unpack_segments)  # fmt: skip
 from .tree_walk import TreeNode
 
 logger = logging.getLogger(__name__)
 
-KVTC_KEYS = {"chunk_tokens", "prefetch_timeout_s", "write_queue_depth", "secret_file", "min_chunks"}
+KVTC_KEYS = {"chunk_tokens", "prefetch_timeout_s", "write_queue_depth", "secret_file", "min_chunks", "write_policy"}
+WRITE_POLICIES = ("write_through", "write_back")
 
 
 @dataclass(frozen=True)
@@ -55,15 +60,20 @@ class L3Options:
     """The kvtc part of ``--kvtc-l3-config`` (the rest goes to the backend): ``chunk_tokens`` per object (a
     multiple of the page size), ``prefetch_timeout_s`` a parked request waits at most, ``write_queue_depth``
     queued writes before they are dropped, ``secret_file`` holding the shared MAC secret (or the
-    ``KVTC_L3_SECRET`` environment variable), ``min_chunks`` a prompt needs beyond the match to be parked."""
+    ``KVTC_L3_SECRET`` environment variable), ``min_chunks`` a prompt needs beyond the match to be parked,
+    ``write_policy`` when a chunk is written (``write_through``: at the commit that completes it;
+    ``write_back``: when a blob of it leaves the server)."""
 
     chunk_tokens: int = 256
     prefetch_timeout_s: float = 2.0
     write_queue_depth: int = 64
     secret_file: str = ""
     min_chunks: int = 1
+    write_policy: str = "write_through"
 
     def __post_init__(self) -> None:
+        if self.write_policy not in WRITE_POLICIES:
+            raise ValueError(f"l3 write_policy must be one of {WRITE_POLICIES}, got {self.write_policy!r}")
         for name in ("chunk_tokens", "write_queue_depth", "min_chunks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -119,11 +129,30 @@ class L3Tier:
 
     # ----- writes -----
 
-    def offer(self, node: TreeNode, start: int) -> int:
-        """A blob was committed for ``node`` (its first position ``start``; chunk-cut, so within one chunk):
-        queue the object of its chunk on every path through it that now ends the chunk with blobs (and short
-        raw parts) only. Returns the objects queued. Only copies are issued here; the writer thread waits for
-        them and builds the object."""
+    def committed(self, node: TreeNode, start: int) -> int:
+        """A blob was committed for ``node`` (first position ``start``): write-through offers its chunk."""
+        return self.offer(node, start) if self.options.write_policy == "write_through" else 0
+
+    def dropping(self, node: TreeNode, order: list[tuple[TreeNode, int]]) -> int:
+        """``node``'s subtree (``order``: its nodes with starts relative to ``node``'s, children first) is about
+        to leave the tree, every node still attached: write-back offers the chunks of its blobs (compressed or
+        kept). Returns the objects queued."""
+        if self.options.write_policy != "write_back":
+            return 0
+        path = path_of(node)
+        base = path[-1][1] if path else 0
+        books, seen, queued = self.cache.io, set(), 0
+        for n, rel in order:
+            entry = books.entries.get(n) or books.retained.get(n)
+            if entry is not None and entry.skip == 0:
+                queued += self.offer(n, base + rel, seen)
+        return queued
+
+    def offer(self, node: TreeNode, start: int, seen: set[str] | None = None) -> int:
+        """A blob of ``node`` (its first position ``start``; chunk-cut, so within one chunk) is complete:
+        queue the object of its chunk on every path through it that ends the chunk with blobs (and short raw
+        parts) only, but not the keys in ``seen`` (those queued are added). Returns the objects queued. Only
+        copies are issued here; the writer thread waits for them and builds the object."""
         c = self.chunk
         j = start // c
         lo, hi = j * c, (j + 1) * c
@@ -136,6 +165,10 @@ class L3Tier:
             tokens, head = path_tokens(end_node)
             seed = namespace_seed(head.extra_key, getattr(head, "cache_salt", None))
             key = chunk_keys(tokens, self.scheme, start_chunk=0, prev_hash=seed)[j]
+            if seen is not None:
+                if key in seen:
+                    continue
+                seen.add(key)
             parts = [(kind, s_lo, s_hi, self._blob_to_host(what.handle) if kind == KVTC else self._rows(what))
                      for kind, s_lo, s_hi, what in layout]  # fmt: skip
             self.cache.stats.l3_offered += 1
@@ -162,19 +195,24 @@ class L3Tier:
 
     def _blob_to_host(self, handle: Any) -> tuple[tuple[torch.Tensor], Any]:
         """A blob's bytes on the host and the event of their copy (``None``: there already). On a GPU the store
-        rows are read on kvtc's host stream after the blob's put and copied to pinned memory."""
+        rows are read on kvtc's host stream after the blob's put and copied to pinned memory; the rows may be
+        freed before the copy ends (write-back offers a blob as its node is dropped), so the streams that write
+        rows and the next batch wait on it (``StreamFences.freed``)."""
         placement, fences = self.cache.placement, self.cache.ctl.fences
-        if handle.on_host or not self.cache.store.device.type == "cuda":
+        if handle.on_host or fences.ops is None:
             return (placement.fetch(handle),), (handle.ready if handle.on_host else None)
         with fences.enter("host", [handle.ready]):
             dev = placement.fetch(handle)
-            host = torch.empty(dev.numel(), dtype=torch.uint8, pin_memory=True)
+            host = torch.empty(dev.numel(), dtype=torch.uint8, pin_memory=dev.is_cuda)
             host.copy_(dev, non_blocking=True)
-        return (host,), fences.done("host")
+        done = fences.done("host")
+        fences.freed(done)
+        return (host,), done
 
     def _rows(self, slots: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], Any]:
         """Device rows' K/V ``[L, S, H, D]`` each on the host (on a GPU: read on the host stream after the
-        forward's fence, copied to pinned memory; the next batch waits on the read), and the copies' event."""
+        forward's fence, copied to pinned memory; the streams that write rows and the next batch wait on the
+        read, as the slots may be freed before it ends), and the copies' event."""
         ctl = self.cache.ctl
         fences = ctl.fences
         with fences.enter("host", fences.issued()):
@@ -186,7 +224,7 @@ class L3Tier:
                 v_host.copy_(v, non_blocking=True)
                 k, v = k_host, v_host
         done = fences.done("host")
-        fences.before_forward(done)
+        fences.freed(done)
         return (k, v), done
 
     # ----- reads -----
