@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from conftest import rel_err
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from kvtc_sglang.cache.config import KVTCCacheConfig
 from kvtc_sglang.cache.factory import build_l3

@@ -45,8 +45,17 @@ from ..tiers.frame import FrameError, pack_object, unpack_object
 from ..tiers.keys import KeyScheme, chunk_keys, namespace_seed
 from ..tiers.l3_client import L3Client
 from .l3_graft import graft_chunks
-from .l3_objects import (KVTC, RAW, Segment, chunk_ends, chunk_layout, pack_segments, path_of, path_tokens,
-                         unpack_segments)  # fmt: skip
+from .l3_objects import (
+    KVTC,
+    RAW,
+    Segment,
+    chunk_ends,
+    chunk_layout,
+    pack_segments,
+    path_of,
+    path_tokens,
+    unpack_segments,
+)
 from .tree_walk import TreeNode
 
 logger = logging.getLogger(__name__)
@@ -141,7 +150,8 @@ class L3Tier:
             return 0
         path = path_of(node)
         base = path[-1][1] if path else 0
-        books, seen, queued = self.cache.io, set(), 0
+        books, queued = self.cache.io, 0
+        seen: set[str] = set()
         for n, rel in order:
             entry = books.entries.get(n) or books.retained.get(n)
             if entry is not None and entry.skip == 0:
