@@ -31,10 +31,11 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     p.add_argument("--calibration", type=Path, default=None, help="kvtc artifact (default: the r16 one)")
     p.add_argument("--parts", nargs="+", choices=("fleet", "restart"), default=["fleet", "restart"])
-    p.add_argument("--fleets", nargs="+", choices=("vanilla", "kvtc"), default=["vanilla", "kvtc"])
+    p.add_argument("--fleets", nargs="+", choices=("vanilla", "kvtc", "kvtc+wb"), default=["vanilla", "kvtc"],
+                   help="kvtc+wb: the L3 written back (when blobs leave a server) instead of through (at commit)")
     p.add_argument("--policies", nargs="+", choices=("round_robin", "cache_aware"),
                    default=["round_robin", "cache_aware"])
-    p.add_argument("--restart-servers", nargs="+", choices=("vanilla", "kvtc", "kvtc+dir"),
+    p.add_argument("--restart-servers", nargs="+", choices=("vanilla", "kvtc", "kvtc+dir", "kvtc+dir+wb"),
                    default=["kvtc+dir", "kvtc", "vanilla"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sessions", type=int, default=7, help="fleet sessions (odd: round robin alternates replicas)")
@@ -48,6 +49,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                    help="each session's system prompt starts with its own number (see fleet_bench.conversations)")
     p.add_argument("--pool", type=int, default=2560, help="--max-total-tokens of every server")
     p.add_argument("--host-bytes", default="256M")
+    p.add_argument("--chunk-tokens", type=int, default=256, help="the L3's chunk_tokens (a multiple of the page)")
     p.add_argument("--out", type=Path, default=Path("out/fleet"))
     p.add_argument("--from-report", type=Path, default=None,
                    help="only re-render this report.json (and --results); no server runs")
@@ -96,16 +98,17 @@ def render(report: dict) -> str:
         text += [f"### A restart ({report['restart_trace']['config']['sessions']} sessions: first turns, kill, fresh "
                  f"server, next turns; pool {report['config']['pool']}; restored: >= {chunk} cached tokens)\n",
                  fb.restart_table(runs)]
-        if "kvtc+dir" in runs:
-            d = runs["kvtc+dir"]
-            report["restart_aim"] = fb.restart_aim(d["resumed"])
+        for name in [n for n in runs if n.startswith("kvtc+dir")]:
+            d = runs[name]
             first = d["first"]["kvtc"]
-            text += [f"\nkvtc+dir before the kill: {first.get('l3_put_objects_total', 0):.0f} chunk objects put "
+            text += [f"\n{name} before the kill: {first.get('l3_put_objects_total', 0):.0f} chunk objects put "
                      f"(settled count {d['first']['settled_puts']}), {d['l3_files']} files / "
                      f"{d['l3_bytes'] / 2**20:.1f} MiB in the directory at the end; after the restart: "
                      f"{d['next']['kvtc'].get('l3_hits_total', 0):.0f} L3 hits, "
-                     f"{d['next']['kvtc'].get('l3_hit_tokens_total', 0):.0f} hit tokens.",
-                     f"\nAim: every resumed session's next turn restores: **{report['restart_aim']['text']}**"]
+                     f"{d['next']['kvtc'].get('l3_hit_tokens_total', 0):.0f} hit tokens."]
+        if "kvtc+dir" in runs:
+            report["restart_aim"] = fb.restart_aim(runs["kvtc+dir"]["resumed"])
+            text += [f"\nAim: every resumed session's next turn restores: **{report['restart_aim']['text']}**"]
     return "\n".join(text)
 
 
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(calibration).is_file():
         raise SystemExit(f"fleet_bench: error: kvtc calibration {calibration} does not exist")
     cfg = fb.FleetConfig(pool=args.pool, host_bytes=args.host_bytes, concurrency=args.concurrency,
-                         output_tokens=args.output_tokens, out=args.out,
+                         output_tokens=args.output_tokens, out=args.out, chunk_tokens=args.chunk_tokens,
                          distinct_system=args.distinct_system_prompts)
     if kvtc_flags:
         cfg = replace(cfg, kvtc_flags=tuple(kvtc_flags))

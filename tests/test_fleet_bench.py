@@ -38,7 +38,8 @@ def test_summarize_counts_usage_and_both_replicas_counters() -> None:
     assert s["ttft_per_turn"] == [2.0, 0.5] and s["ttft_mean"] == 1.25
     vanilla = summarize(_results(), [_counters(0, kvtc=False)] * 2, [_counters(9, kvtc=False)] * 2, 1.0)
     assert vanilla["kvtc"] == {}
-    assert "| L3 puts / hits / hit tokens | - | 0 / 3 / 768 |" in fleet_table({"vanilla": vanilla, "kvtc": s})
+    table = fleet_table({"vanilla": vanilla, "kvtc": s})
+    assert "| L3 puts (MiB) / hits / hit tokens | - | 0 (0.0) / 3 / 768 |" in table
 
 
 def test_fleet_aim_compares_round_robin_fleets() -> None:

@@ -1,13 +1,15 @@
 """Off-GPU tiers across servers: two replicas behind SGLang's router, and a restart.
 
 * ``fleet``: two replicas of one kind (``vanilla``: stock SGLang; ``kvtc``: kvtc with a host tier and a
-  Mooncake L3 shared by both, one ``mooncake_master``) behind ``sglang_router.launch_router`` with a policy
-  (``round_robin``: a session's next turn usually lands on the other replica; ``cache_aware``: the router
-  keeps a session where its prefix is). Everything (master, replicas, router) starts fresh for each
-  fleet and policy, so no run sees another's store.
+  Mooncake L3 shared by both, one ``mooncake_master``, written through at commit; ``kvtc+wb``: the same with
+  ``write_policy: write_back``, a chunk written only when its blobs leave the server) behind
+  ``sglang_router.launch_router`` with a policy (``round_robin``: a session's next turn usually lands on the
+  other replica; ``cache_aware``: the router keeps a session where its prefix is). Everything (master,
+  replicas, router) starts fresh for each fleet and policy, so no run sees another's store.
 * ``restart``: one server runs every session's first turn, is killed (after kvtc's L3 writes have settled)
   and started again; each session's next turn then goes to the fresh server. A fresh server's cache is empty:
-  cached tokens on that turn came from the L3 directory (``kvtc+dir``), never from ``kvtc`` or ``vanilla``.
+  cached tokens on that turn came from the L3 directory (``kvtc+dir``; ``kvtc+dir+wb`` writes back), never
+  from ``kvtc`` or ``vanilla``.
 
 The workload is turn-major (:func:`run_turn`): all sessions' turn ``t`` (``concurrency`` in flight), then all
 turn ``t + 1``, each session's history carrying the server's own answers. With an odd number of sessions a
@@ -37,9 +39,9 @@ from .server_metrics import ServerCounters, server_counters
 from .session_replay import Message, ReplayConfig, TurnResult, stream_chat
 
 AIM_FLEET_RATIO = 0.4  # kvtc + Mooncake under round robin prefills at most this share of vanilla's tokens
-L3_KEYS = ("l3_put_objects_total", "l3_hits_total", "l3_hit_tokens_total", "l3_parked_total", "l3_rejected_total",
-           "l3_get_seconds_total", "l3_get_objects_total", "l3_get_errors_total", "l3_prefetch_timeouts_total",
-           "host_hit_tokens_total", "restored_tokens_total")
+L3_KEYS = ("l3_put_objects_total", "l3_put_bytes_total", "l3_hits_total", "l3_hit_tokens_total", "l3_parked_total",
+           "l3_rejected_total", "l3_get_seconds_total", "l3_get_objects_total", "l3_get_errors_total",
+           "l3_prefetch_timeouts_total", "host_hit_tokens_total", "restored_tokens_total")
 
 
 @dataclass(frozen=True)
@@ -116,15 +118,19 @@ def router(urls: list[str], policy: str, log: Path) -> tuple[Proc, str]:
            "--worker-urls", *urls, "--policy", policy,
            "--health-check-timeout-secs", "120", "--health-failure-threshold", "1000"]  # a busy CPU answers late
     url = f"http://127.0.0.1:{port}"
-    return Proc(cmd, log, url + "/v1/models"), url
+    return Proc(cmd, log, url + "/readiness"), url  # the router's own answer: no request moves round robin
 
 
 def server_flags(kind: str, cfg: FleetConfig, l3: tuple[str, dict[str, Any]] | None = None) -> list[str]:
+    """A server's flags: ``vanilla`` none; ``kvtc...`` the kvtc flags, and with ``l3`` a host tier and the L3
+    (written back when ``kind`` ends in ``+wb``)."""
     if kind == "vanilla":
         return []
     flags = list(cfg.kvtc_flags)
     if l3 is not None:
         conf = {**l3[1], "chunk_tokens": cfg.chunk_tokens}
+        if kind.endswith("+wb"):
+            conf["write_policy"] = "write_back"
         flags += ["--kvtc-host-bytes", cfg.host_bytes, "--kvtc-l3", l3[0], "--kvtc-l3-config", json.dumps(conf)]
     return flags
 
@@ -133,6 +139,7 @@ def start_servers(kind: str, flags: list[str], model: str, calibration: str, *, 
                   logs: list[Path]) -> list[SGLangServer]:
     """``n`` servers started at once (each waits for its own /health); all stopped if one fails."""
     bc = BenchConfig(max_total_tokens=cfg.pool, start_timeout=cfg.start_timeout, out=cfg.out)
+    kind = "vanilla" if kind == "vanilla" else "kvtc"
     servers = [SGLangServer(server_spec(kind, model, calibration, bc, flags), log, start_timeout=cfg.start_timeout)
                for log in logs]
     with ThreadPoolExecutor(len(servers)) as ex:
@@ -271,9 +278,9 @@ def fleet_table(summaries: dict[str, dict[str, Any]]) -> str:
          + " + ".join(_n(p) for p in s["server_prefill_per_replica"]) + ")"),
         ("TTFT mean / p90 (s)", lambda s: f"{s['ttft_mean']:.2f} / {s['ttft_p90']:.2f}"),
         ("TTFT per turn (s)", lambda s: ", ".join(f"{x:.2f}" for x in s["ttft_per_turn"])),
-        ("L3 puts / hits / hit tokens", lambda s: "-" if not s["kvtc"] else
-         f"{_n(s['kvtc']['l3_put_objects_total'])} / {_n(s['kvtc']['l3_hits_total'])} / "
-         f"{_n(s['kvtc']['l3_hit_tokens_total'])}"),
+        ("L3 puts (MiB) / hits / hit tokens", lambda s: "-" if not s["kvtc"] else
+         f"{_n(s['kvtc']['l3_put_objects_total'])} ({_n(s['kvtc'].get('l3_put_bytes_total', 0) / 2**20, '.1f')}) / "
+         f"{_n(s['kvtc']['l3_hits_total'])} / {_n(s['kvtc']['l3_hit_tokens_total'])}"),
         ("L3 parked / rejected / get s", lambda s: "-" if not s["kvtc"] else
          f"{_n(s['kvtc']['l3_parked_total'])} / {_n(s['kvtc']['l3_rejected_total'])} / "
          f"{_n(s['kvtc']['l3_get_seconds_total'], '.2f')}"),
@@ -324,7 +331,7 @@ def run_fleet(kind: str, policies: list[str], trace: dict[str, Any], model: str,
               cfg: FleetConfig) -> dict[str, dict[str, Any]]:
     """``{policy: summary}``. kvtc: a fresh master and replicas per policy (no run sees another's store);
     vanilla: the same replicas for every policy, their caches flushed before each."""
-    if kind == "kvtc":
+    if kind != "vanilla":
         return {p: _fleet(kind, [p], trace, model, calibration, cfg=cfg)[p] for p in policies}
     return _fleet(kind, policies, trace, model, calibration, cfg=cfg)
 
@@ -333,13 +340,13 @@ def _fleet(kind: str, policies: list[str], trace: dict[str, Any], model: str, ca
            cfg: FleetConfig) -> dict[str, dict[str, Any]]:
     """Master (kvtc), two replicas; per policy a router and the whole trace turn-major through it; all stopped."""
     logs = cfg.out / "logs"
-    tag = f"{kind}_{'_'.join(policies)}"
+    tag = f"{kind.replace('+', '_')}_{'_'.join(policies)}"
     master: Proc | None = None
     servers: list[SGLangServer] = []
     out: dict[str, dict[str, Any]] = {}
     try:
         l3 = None
-        if kind == "kvtc":
+        if kind != "vanilla":
             master, address = mooncake_master(logs / f"mooncake_{tag}.log")
             l3 = ("mooncake", {"master_server_address": address, "global_segment_size": "256mb",
                                "local_buffer_size": "64mb"})
@@ -359,7 +366,7 @@ def _fleet(kind: str, policies: list[str], trace: dict[str, Any], model: str, ca
 
 def _through_router(servers: list[SGLangServer], kind: str, policy: str, trace: dict[str, Any],
                     cfg: FleetConfig) -> dict[str, Any]:
-    logs, tag = cfg.out / "logs", f"{kind}_{policy}"
+    logs, tag = cfg.out / "logs", f"{kind.replace('+', '_')}_{policy}"
     for srv in servers:
         flush(srv)
     rt, url = router([s.url for s in servers], policy, logs / f"router_{tag}.log")
@@ -387,8 +394,8 @@ def run_restart(name: str, trace: dict[str, Any], model: str, calibration: str, 
     kind = "vanilla" if name == "vanilla" else "kvtc"
     directory = cfg.out / "l3_dir"
     shutil.rmtree(directory, ignore_errors=True)  # nothing from an earlier run
-    l3 = ("directory", {"path": str(directory)}) if name == "kvtc+dir" else None
-    flags = server_flags(kind, cfg, l3)
+    l3 = ("directory", {"path": str(directory)}) if name.startswith("kvtc+dir") else None
+    flags = server_flags(name, cfg, l3)
     tag = name.replace("+", "_")
     convs = conversations(trace, cfg.distinct_system)
     histories: list[list[Message]] = [[] for _ in convs]
