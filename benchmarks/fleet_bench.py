@@ -22,6 +22,7 @@ from pathlib import Path
 from kvtc_sglang.calibration.fit import artifact_name
 from kvtc_sglang.calibration.model import DEFAULT_MODEL
 from kvtc_sglang.serve import fleet_bench as fb
+from kvtc_sglang.serve import fleet_report as fr
 from kvtc_sglang.serve.session_replay import TurnResult
 from kvtc_sglang.serve.sessions import TraceConfig, write_trace
 
@@ -82,22 +83,22 @@ def render(report: dict) -> str:
     text = [f"{report['provenance']}\n"]
     if "fleet" in report:
         fleets = report["fleet"]
-        report["fleet_aim"] = fb.fleet_aim(fleets)
+        report["fleet_aim"] = fr.fleet_aim(fleets)
         c = report["fleet_trace"]["config"]
         text += [f"### Two replicas behind sglang-router ({c['sessions']} sessions x {c['turns']} turns, first reads "
                  f"{c['first_read_tokens']}, tool outputs {c['tool_tokens']}, {c['output_tokens']} output tokens, "
                  f"concurrency {c['concurrency']}, turn-major; pool {report['config']['pool']} per replica)\n",
-                 fb.fleet_table(fleets),
-                 f"\nAim: kvtc + Mooncake under round robin prefills <= {fb.AIM_FLEET_RATIO}x vanilla's tokens: "
+                 fr.fleet_table(fleets),
+                 f"\nAim: kvtc + Mooncake under round robin prefills <= {fr.AIM_FLEET_RATIO}x vanilla's tokens: "
                  f"**{report['fleet_aim']['text']}**\n"]
     if "restart" in report:
         runs = report["restart"]
         chunk = report["config"]["chunk_tokens"]
         for r in runs.values():
-            r["resumed"] = fb.resumed([TurnResult(**x) for x in r["next"]["requests_raw"]], chunk)
+            r["resumed"] = fr.resumed([TurnResult(**x) for x in r["next"]["requests_raw"]], chunk)
         text += [f"### A restart ({report['restart_trace']['config']['sessions']} sessions: first turns, kill, fresh "
                  f"server, next turns; pool {report['config']['pool']}; restored: >= {chunk} cached tokens)\n",
-                 fb.restart_table(runs)]
+                 fr.restart_table(runs)]
         for name in [n for n in runs if n.startswith("kvtc+dir")]:
             d = runs[name]
             first = d["first"]["kvtc"]
@@ -107,16 +108,16 @@ def render(report: dict) -> str:
                      f"{d['next']['kvtc'].get('l3_hits_total', 0):.0f} L3 hits, "
                      f"{d['next']['kvtc'].get('l3_hit_tokens_total', 0):.0f} hit tokens."]
         if "kvtc+dir" in runs:
-            report["restart_aim"] = fb.restart_aim(runs["kvtc+dir"]["resumed"])
+            report["restart_aim"] = fr.restart_aim(runs["kvtc+dir"]["resumed"])
             text += [f"\nAim: every resumed session's next turn restores: **{report['restart_aim']['text']}**"]
     return "\n".join(text)
 
 
 def finish(report: dict, out: Path, results: Path | None) -> None:
     body = render(report)
-    fb.save(out, "report", report, body)
+    fr.save(out, "report", report, body)
     if results is not None:
-        fb.save(results.parent, results.name, report, body)
+        fr.save(results.parent, results.name, report, body)
     print(body)
 
 
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         report["fleet_trace"] = trace["metadata"]
         runs = {k: fb.run_fleet(k, args.policies, trace, model, calibration, cfg=cfg) for k in args.fleets}
         report["fleet"] = {f"{k}/{p}": runs[k][p] for p in args.policies for k in args.fleets}
-        fb.save(args.out, "report", report, render(report))  # kept if the restart part fails
+        fr.save(args.out, "report", report, render(report))  # kept if the restart part fails
     if "restart" in args.parts:
         trace = trace_for(args, model, args.restart_sessions, 2, args.out / "trace_restart.json")
         report["restart_trace"] = trace["metadata"]

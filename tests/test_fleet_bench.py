@@ -1,17 +1,10 @@
-"""The fleet/restart benchmark's summaries, aims and tables (``kvtc_sglang.serve.fleet_bench``), without a server."""
+"""The fleet/restart benchmark's summaries, aims and tables (``kvtc_sglang.serve.fleet_report``) and server flags
+(``fleet_bench``), without a server."""
 
 from __future__ import annotations
 
-from kvtc_sglang.serve.fleet_bench import (
-    FleetConfig,
-    fleet_aim,
-    fleet_table,
-    restart_aim,
-    restart_table,
-    resumed,
-    server_flags,
-    summarize,
-)
+from kvtc_sglang.serve.fleet_bench import FleetConfig, server_flags
+from kvtc_sglang.serve.fleet_report import fleet_aim, fleet_table, restart_aim, restart_table, resumed, summarize
 from kvtc_sglang.serve.server_metrics import ServerCounters
 from kvtc_sglang.serve.session_replay import TurnResult
 

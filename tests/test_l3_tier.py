@@ -233,3 +233,32 @@ def test_a_blob_copied_out_for_l3_is_fenced_against_the_reuse_of_its_rows(artifa
     assert any(e[1] is host and e[2] is handle.ready for e in waits), "the copy did not wait on the blob's put"
     for s in (ops.kvtc["store"], ops.kvtc["load"], ops.forward):
         assert any(e[1] is s and e[2] is copy_done for e in waits), f"{s} does not wait on the copy"
+
+
+def test_an_abort_returns_a_parked_request_to_sglangs_queue(codec, artifact, bank, tmp_path):
+    """SGLang's ``abort_request`` only looks in its queues: the plugin's hook puts a request the L3 tier holds
+    back for its prefetch into the waiting queue first (where SGLang's abort answers it), its prefetch
+    forgotten. Reference: without the hook the request stays parked and is grafted and released later."""
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.io_struct import AbortReq
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from kvtc_sglang.launch.plugin import TARGET_ABORT, before_abort_request, register
+
+    write_session(codec, artifact, bank, tmp_path / "l3")
+    for abort in (None, AbortReq(rid="chat-1"), AbortReq(abort_all=True)):
+        reader = make(codec, artifact, tmp_path / "l3")
+        scheduler = SimpleNamespace(tree_cache=reader, waiting_queue=[Req("chat-1-a", [*SEQ, 5])])
+        reader.scheduler_tick(scheduler.waiting_queue)
+        assert scheduler.waiting_queue == [] and reader.stats.l3_parked == 1
+        if abort is not None:
+            before_abort_request(scheduler, abort)
+            assert [r.rid for r in scheduler.waiting_queue] == ["chat-1-a"]  # for SGLang's abort to find
+        time.sleep(0.3)
+        for _ in range(3):
+            reader.scheduler_tick(scheduler.waiting_queue)
+        assert reader.stats.l3_hits == (5 if abort is None else 0) and reader.stats.l3_parked == 1
+    before_abort_request(scheduler, AbortReq(rid="other"))  # nothing parked: nothing moves
+    register()
+    assert any(h is before_abort_request for _t, h, _s in HookRegistry._hooks.get(TARGET_ABORT, []))

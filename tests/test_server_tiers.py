@@ -31,9 +31,9 @@ L3_SESSIONS = 3  # enough to push session 0 out of the pool (so it is encoded, a
 TIER_FLAGS = ("--kvtc-store-fraction", "0.05", "--kvtc-window-tokens", "64")
 
 
-def _server(calibration: str, log, flags: tuple[str, ...] = ()) -> SGLangServer:
+def _server(calibration: str, log, flags: tuple[str, ...] = (), env: dict | None = None) -> SGLangServer:
     extra = ["--enable-cache-report", "--enable-metrics", "--disable-overlap-schedule", *TIER_FLAGS, *flags]
-    return start(ServerSpec("kvtc", hf_model(), calibration, max_total_tokens=POOL, extra=extra), log)
+    return start(ServerSpec("kvtc", hf_model(), calibration, max_total_tokens=POOL, extra=extra), log, env=env)
 
 
 def _client(srv: SGLangServer):
@@ -97,26 +97,48 @@ def test_a_session_pushed_out_of_pool_and_store_comes_back_from_host_memory(arti
     assert "#host-hit-token" in log
 
 
-def test_a_restarted_server_restores_from_the_directory_tier(artifact_path, tmp_path):
+def _restart_on_directory(calibration: str, tmp_path, tp: tuple[str, ...] = (), env: dict | None = None):
+    """First turns, kill, a fresh server on the same directory, session 0's next turn; returns ``(metrics before
+    the kill, prompt tokens, cached tokens, metrics after, log after)``."""
     config = json.dumps({"path": str(tmp_path / "l3"), "chunk_tokens": 256})
-    flags = ("--kvtc-host-bytes", "256M", "--kvtc-l3", "directory", "--kvtc-l3-config", config)
-    srv = _server(str(artifact_path), tmp_path / "before.log", flags)
+    flags = ("--kvtc-host-bytes", "256M", "--kvtc-l3", "directory", "--kvtc-l3-config", config, *tp)
+    srv = _server(calibration, tmp_path / "before.log", flags, env)
     try:
         convs = _first_turns(srv, L3_SESSIONS)
         written = _metrics_once(srv, "l3_put_objects_total", 2)
     finally:
         srv.stop()
+    assert not scheduler_errors(srv.log_text())
     assert written.get("l3_put_objects_total", 0) >= 2, {k: v for k, v in written.items() if v}
-    srv = _server(str(artifact_path), tmp_path / "after.log", flags)  # the restart: an empty tree
+    srv = _server(calibration, tmp_path / "after.log", flags, env)  # the restart: an empty tree
     try:
         prompt, cached = _next_turn(srv, convs[0])
         m = _metrics_once(srv, "restored_tokens_total", 256)
     finally:
         srv.stop()
+    return written, prompt, cached, m, srv.log_text()
+
+
+def test_a_restarted_server_restores_from_the_directory_tier(artifact_path, tmp_path):
+    _, _, cached, m, log = _restart_on_directory(str(artifact_path), tmp_path)
     seen = {k: v for k, v in m.items() if v}
-    assert not scheduler_errors(srv.log_text())
+    assert not scheduler_errors(log)
     assert m["l3_hit_tokens_total"] >= 256 and m["restored_tokens_total"] >= 256, seen
     assert cached >= 256, seen  # a fresh server's cache is empty: these came from the directory
+
+
+def test_at_tp2_each_rank_writes_its_shard_and_both_restore_alike_after_a_restart(artifact_path, tmp_path):
+    """``--tp-size 2``: each rank writes its own shard's objects (its keys name its rank), and after a restart
+    both ranks fetch theirs and graft the same chunks; SGLang's rank-consensus checker compares the trees."""
+    env = {"SGLANG_ENABLE_RANK_CONSENSUS_CHECKER": "1"}
+    _, _, cached, m, log = _restart_on_directory(str(artifact_path), tmp_path, ("--tp-size", "2"), env)
+    seen = {k: v for k, v in m.items() if v}
+    assert not scheduler_errors(log)
+    files = [p for p in (tmp_path / "l3").rglob("*") if p.is_file() and not p.name.startswith(".tmp-")]
+    digest_tags = {p.read_bytes()[8:24] for p in files}  # the frame header's digest tag (tiers/frame.py)
+    assert len(digest_tags) == 2, len(files)  # objects of both ranks' schemes: each its own shard
+    assert m["l3_hit_tokens_total"] >= 256 and m["restored_tokens_total"] >= 256, seen
+    assert cached >= 256, seen
 
 
 @requires_mooncake

@@ -65,11 +65,9 @@ def refused_window(window_tokens: int, page_size: int | None, overlap: bool) -> 
     return None
 
 
-def refused_tp(idle_seconds: float, tp_size: int | None, l3: str = "") -> str | None:
+def refused_tp(idle_seconds: float, tp_size: int | None) -> str | None:
     """Why these options cannot run at ``tp_size`` ranks, or ``None``: ranks must take every decision alike,
-    and an idle time is each rank's own clock; the L3 tier's prefetches finish on each rank's own clock."""
-    if tp_size not in (None, 1) and l3:
-        return f"--kvtc-l3 {l3} runs on one rank only for now; use --tp-size 1"
+    and an idle time is each rank's own clock."""
     if tp_size not in (None, 1) and idle_seconds > 0:
         return (
             f"--kvtc-idle-seconds {idle_seconds:g} reads each rank's own clock, so tensor-parallel ranks would "

@@ -79,9 +79,8 @@ def build_kvtc_cache(ctx: Any) -> KVTCRadixCache:
     server_args = getattr(ctx, "server_args", None)
     overlap = server_args is not None and not getattr(server_args, "disable_overlap_schedule", True)
     tp_size, tp_rank = int(getattr(ctx, "tp_size", 1) or 1), int(getattr(ctx, "tp_rank", 0) or 0)
-    refused = refused_window(config.window_tokens, ctx.params.page_size, overlap) or refused_tp(
-        config.idle_seconds, tp_size, config.l3
-    )
+    refused = refused_window(config.window_tokens, ctx.params.page_size, overlap)
+    refused = refused or refused_tp(config.idle_seconds, tp_size)
     if refused:
         raise ValueError(f"kvtc: {refused}")
     allocator = ctx.params.token_to_kv_pool_allocator

@@ -19,24 +19,25 @@ from .policy import node_start
 logger = logging.getLogger(__name__)
 
 
-def graft_chunks(tree: Any, key: RadixKey, items: list[tuple], raw_codec: Any) -> tuple[int, int]:
+def graft_chunks(tree: Any, key: RadixKey, items: list[tuple], raw_codec: Any, charges: list[int]) -> tuple[int, int]:
     """Hang consecutive segments (``(kind, lo, hi, blob [n] uint8 CPU, header)``) under ``key``'s path of
-    ``tree`` (a :class:`~kvtc_sglang.cache.radix.KVTCRadixCache`). Segments the tree already covers are skipped
-    (one the match ends inside keeps its blob for the tail: ``skip``). Returns ``(nodes, tokens)`` grafted."""
+    ``tree`` (a :class:`~kvtc_sglang.cache.radix.KVTCRadixCache`), a kvtc blob charged ``charges[i]`` host bytes
+    (the ranks' agreed size). Segments the tree already covers are skipped (one the match ends inside keeps its
+    blob for the tail: ``skip``). Returns ``(nodes, tokens)`` grafted."""
     key = key.page_aligned(tree.page_size)
     device_len, _, host_len, node = tree._match(key)
     m = device_len + host_len
     if node is not tree.root_node and node_start(node) + len(node.key) != m:
         return 0, 0  # the match ends inside a compressed node
     count = tokens = 0
-    for kind, lo, hi, blob, header in items:
+    for (kind, lo, hi, blob, header), charge in zip(items, charges, strict=True):
         if hi <= m:
             continue
         if lo > m:
             break
         span = (lo, m, hi)
         child = _rows(tree, node, key[m:hi], span, (blob, header, raw_codec)) if kind == RAW else (
-            _blob(tree, node, key[m:hi], span, (blob, header)))  # fmt: skip
+            _blob(tree, node, key[m:hi], span, (blob, header, charge)))  # fmt: skip
         if child is None:
             break
         count, tokens = count + 1, tokens + hi - m
@@ -46,8 +47,8 @@ def graft_chunks(tree: Any, key: RadixKey, items: list[tuple], raw_codec: Any) -
 
 def _blob(tree: Any, node: TreeNode, key: RadixKey, span: tuple[int, int, int], blob: tuple) -> TreeNode | None:
     """A kvtc blob of positions ``[lo, hi)`` as a compressed node for ``key`` = ``[m, hi)``."""
-    (lo, m, hi), (data, header) = span, blob
-    handle = tree.placement.admit(data, node, tree._protect, tree._drop_subtree)
+    (lo, m, hi), (data, header, charge) = span, blob
+    handle = tree.placement.admit(data, node, tree._protect, tree._drop_subtree, charge=charge)
     if handle is None:
         return None
     child = _node(tree, node, key, None)

@@ -26,7 +26,11 @@ calibration, positions) are grafted into the tree as compressed nodes with their
 request goes back to the waiting queue, where the match restores them through the one-call restore. Anything
 that fails is a miss (counted) and the request prefills.
 
-Limits: one tensor-parallel rank (``refused_tp``); a request aborted while parked is answered when it returns.
+Tensor parallelism: each rank writes and fetches its own shard's objects (the digest names its rank); the ranks
+agree when a parked request is released, how many chunks it grafts and their host charges
+(:mod:`~kvtc_sglang.cache.l3_agree`), so their trees stay mirrored.
+An abort that names a parked request puts it back in the waiting queue first (:meth:`L3Tier.unpark`, from
+the plugin's hook on ``Scheduler.abort_request``), so SGLang's own abort answers it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from ..codec import BlobError
 from ..tiers.frame import FrameError, pack_object, unpack_object
 from ..tiers.keys import KeyScheme, chunk_keys, namespace_seed
 from ..tiers.l3_client import L3Client
+from .l3_agree import NOT_DONE, agree_charges, agree_prefetches
 from .l3_graft import graft_chunks
 from .l3_objects import (
     KVTC,
@@ -133,7 +138,8 @@ class L3Tier:
         self.secret = options.secret()
         self.raw_codec = raw_codec
         self.chunk = scheme.chunk_tokens
-        self._parked: dict[str, tuple[Any, np.ndarray, int]] = {}  # rid -> (req, tokens, first chunk asked)
+        self._parked: dict[str, tuple[Any, np.ndarray, int, int]] = {}  # rid -> (req, tokens, first, chunks asked)
+        self._fetched: dict[str, tuple[list[list[tuple]], bool]] = {}  # rid -> (checked chunks, timed out)
         self._seen: set[str] = set()
 
     # ----- writes -----
@@ -242,16 +248,12 @@ class L3Tier:
     def tick(self, waiting: list | None) -> None:
         """Graft finished prefetches and return their requests; park new waiting requests with chunks to ask."""
         for result in self.client.poll():
-            parked = self._parked.pop(result.request_id, None)
-            if parked is None:
-                continue
-            req, tokens, first = parked
-            if result.objects:
-                self._graft(req, tokens, first, result.keys, result.objects)
-            if result.timed_out:
-                self.cache.stats.l3_prefetch_timeouts += 1
-            if waiting is not None:
-                waiting.insert(0, req)
+            parked = self._parked.get(result.request_id)
+            if parked is not None:
+                self._fetched[result.request_id] = (self._chunks(parked[2], result.keys, result.objects),
+                                                    result.timed_out)  # fmt: skip
+        if self._parked:
+            self._release(waiting)
         if waiting:
             for req in [r for r in waiting if r.rid not in self._seen]:
                 self._seen.add(req.rid)
@@ -259,6 +261,38 @@ class L3Tier:
                     waiting.remove(req)
         if len(self._seen) > 4096:
             self._seen = {r.rid for r in waiting or []} | set(self._parked)
+
+    def _release(self, waiting: list | None) -> None:
+        """Requests whose prefetch every rank has finished go back to the queue with the chunks agreed
+        (:mod:`~kvtc_sglang.cache.l3_agree`)."""
+        rids = list(self._parked)
+        fetched = [self._fetched[r][0] if r in self._fetched else None for r in rids]
+        verdicts = agree_prefetches(self.cache.ctl.agreement,
+                                    [(self._parked[r][3], f) for r, f in zip(rids, fetched, strict=True)])  # fmt: skip
+        for rid, n in zip(rids, verdicts, strict=True):
+            if n == NOT_DONE:
+                continue
+            req, tokens, _, _ = self._parked.pop(rid)
+            chunks, timed_out = self._fetched.pop(rid)
+            if n:
+                self._graft(req, tokens, [seg for chunk in chunks[:n] for seg in chunk])
+            if timed_out:
+                self.cache.stats.l3_prefetch_timeouts += 1
+            if waiting is not None:
+                waiting.insert(0, req)
+
+    def unpark(self, rid: str, every: bool, waiting: list | None) -> int:
+        """An abort names these requests (SGLang's match: ``rid`` a prefix of theirs; ``every``: all): parked
+        ones go back to ``waiting``, their prefetch forgotten, where SGLang's abort finds and answers them.
+        Aborts reach every tensor-parallel rank alike. Returns how many were parked."""
+        hit = [r for r in self._parked if every or r.startswith(rid)]
+        for r in hit:
+            req = self._parked.pop(r)[0]
+            self._fetched.pop(r, None)
+            self.client.cancel(r)
+            if waiting is not None:
+                waiting.append(req)
+        return len(hit)
 
     def _key_of(self, req: Any, tokens: np.ndarray) -> Any:
         from sglang.srt.mem_cache.radix_cache import RadixKey
@@ -280,27 +314,34 @@ class L3Tier:
         seed = namespace_seed(req.extra_key, req.cache_salt)
         keys = chunk_keys(tokens[: usable * self.chunk], self.scheme, start_chunk=0, prev_hash=seed)
         self.client.lookup(req.rid, keys[first:])
-        self._parked[req.rid] = (req, tokens[: usable * self.chunk], first)
+        self._parked[req.rid] = (req, tokens[: usable * self.chunk], first, usable - first)
         self.cache.stats.l3_parked += 1
         return True
 
-    def _graft(self, req: Any, tokens: np.ndarray, first: int, keys: list[str], objects: list[bytes]) -> None:
-        c, stats = self.chunk, self.cache.stats
-        items = []
+    def _chunks(self, first: int, keys: list[str], objects: list[bytes]) -> list[list[tuple]]:
+        """The leading fetched objects that pass every check, as checked segments per chunk (the first failure
+        and everything after it are a miss)."""
+        c, out = self.chunk, []
         for i, (key, data) in enumerate(zip(keys, objects, strict=True)):
             lo = (first + i) * c
             try:
                 payload = unpack_object(data, key=key, digest=self.scheme.digest, start=lo, num_tokens=c,
                                         secret=self.secret)  # fmt: skip
-                items += [self._checked(seg) for seg in unpack_segments(payload, lo, lo + c)]
+                out.append([self._checked(seg) for seg in unpack_segments(payload, lo, lo + c)])
             except (FrameError, BlobError, ValueError) as e:
-                stats.l3_rejected += 1
+                self.cache.stats.l3_rejected += 1
                 logger.warning("kvtc: L3 object %s refused (%s): a miss, the request prefills from there", key, e)
                 break
-        if items:
-            grafted = graft_chunks(self.cache, self._key_of(req, tokens), items, self.raw_codec)
-            stats.l3_hits += grafted[0]
-            stats.l3_hit_tokens += grafted[1]
+        return out
+
+    def _graft(self, req: Any, tokens: np.ndarray, items: list[tuple]) -> None:
+        """Graft the agreed segments, each kvtc blob charged the ranks' largest size."""
+        sizes = agree_charges(self.cache.ctl.agreement, [it[3].numel() for it in items if it[0] == KVTC])
+        charges = iter(sizes)
+        grafted = graft_chunks(self.cache, self._key_of(req, tokens), items, self.raw_codec,
+                               [next(charges) if it[0] == KVTC else 0 for it in items])  # fmt: skip
+        self.cache.stats.l3_hits += grafted[0]
+        self.cache.stats.l3_hit_tokens += grafted[1]
 
     def _checked(self, seg: Segment) -> tuple[int, int, int, torch.Tensor, Any]:
         """``(kind, lo, hi, blob [n] uint8 CPU, header)`` of a segment whose blob names this deployment's codec

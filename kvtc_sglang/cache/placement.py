@@ -179,11 +179,13 @@ class BlobPlacement:
         return self.host.free_bytes >= nbytes
 
     def admit(
-        self, blob: torch.Tensor, node: TreeNode, spared: set[TreeNode], drop_subtree: Callable[[TreeNode], int]
+        self, blob: torch.Tensor, node: TreeNode, spared: set[TreeNode], drop_subtree: Callable[[TreeNode], int],
+        charge: int = 0,
     ) -> BlobHandle | None:
         """A blob fetched from L3 (``[nbytes]`` uint8 on the host) into host memory, for a node to hang under
-        ``node``; ``None`` when it does not fit (nothing is dropped from ``node``'s path or ``spared``)."""
-        charge = blob.numel()
+        ``node``, charged ``max(charge, nbytes)`` (the ranks' agreed size); ``None`` when it does not fit
+        (nothing is dropped from ``node``'s path or ``spared``)."""
+        charge = max(charge, blob.numel())
         if not self.has_host or not self._make_room(charge, spared_path(node, spared), drop_subtree):
             self.stats.host_full += 1
             return None

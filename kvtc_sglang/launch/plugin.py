@@ -10,7 +10,9 @@ arguments. It registers the ``kvtc`` radix-cache backend and hooks ``ServerArgs`
 - before ``Scheduler.get_next_batch_to_run``: calls ``KVTCRadixCache.scheduler_tick()`` once per scheduler
   loop iteration (both the normal and the overlap loop call it at the top of every iteration, after
   ``ingest_requests`` and outside the allocator's ``free_group_begin/end``; with ``--sleep-on-idle`` the idle
-  loop still turns about once a second).
+  loop still turns about once a second);
+- before ``Scheduler.abort_request``: requests the L3 tier holds back for a prefetch go back to the waiting
+  queue, where SGLang's abort finds and answers them.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def _bytes(value: str) -> int:
 
 
 TARGET_STEP = "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run"
+TARGET_ABORT = "sglang.srt.managers.scheduler.Scheduler.abort_request"
 _OPTIONS = (  # (flag, dest, type, config field, help)
     ("--kvtc-calibration", "kvtc_calibration", str, "calibration", "Calibration artifact (*.kvtc.safetensors)."),
     ("--kvtc-sink-tokens", "kvtc_sink_tokens", int, "sink_tokens", "Leading tokens never compressed (default 4)."),
@@ -131,7 +134,7 @@ def config_from_namespace(ns: argparse.Namespace) -> KVTCCacheConfig | None:
         raise ValueError(f"--kvtc-calibration: {e}") from e
     refused = refused_server_option(lambda name: getattr(ns, name, None)) or refused_window(
         config.window_tokens, getattr(ns, "page_size", None), not getattr(ns, "disable_overlap_schedule", False)
-    ) or refused_tp(config.idle_seconds, getattr(ns, "tp_size", None), config.l3)
+    ) or refused_tp(config.idle_seconds, getattr(ns, "tp_size", None))
     if refused:
         raise ValueError(refused)
     _check_model(ns, header, config.calibration)
@@ -205,6 +208,19 @@ def before_get_next_batch_to_run(*args: object, **kwargs: object) -> None:
         cache.scheduler_tick(getattr(scheduler, "waiting_queue", None))
 
 
+def before_abort_request(*args: object, **kwargs: object) -> None:
+    """BEFORE hook on ``Scheduler.abort_request(self, recv_req)``: the kvtc L3 tier's parked requests that the
+    abort names return to ``waiting_queue`` first (SGLang aborts only what its queues hold)."""
+    from ..cache.radix import KVTCRadixCache
+
+    scheduler = args[0] if args else None
+    recv = args[1] if len(args) > 1 else kwargs.get("recv_req")
+    cache = getattr(scheduler, "tree_cache", None)
+    if isinstance(cache, KVTCRadixCache) and cache.l3 is not None and recv is not None:
+        cache.l3.unpark(str(getattr(recv, "rid", "") or ""), bool(getattr(recv, "abort_all", False)),
+                        getattr(scheduler, "waiting_queue", None))  # fmt: skip
+
+
 def forward_stream_of(scheduler: object) -> object | None:
     """The stream SGLang's forward runs on when it is not the scheduler's current one (overlap), else ``None``."""
     if not getattr(scheduler, "enable_overlap", False):
@@ -230,6 +246,7 @@ def register() -> None:
         HookRegistry.register(target_add, add_cli_args, HookType.AFTER)
         HookRegistry.register(target_from, before_from_cli_args, HookType.BEFORE)
         HookRegistry.register(TARGET_STEP, before_get_next_batch_to_run, HookType.BEFORE)
+        HookRegistry.register(TARGET_ABORT, before_abort_request, HookType.BEFORE)
 
 
 _DTYPE_NAMES = {"half": "float16", "float16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
