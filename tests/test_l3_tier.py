@@ -20,7 +20,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from kvtc_sglang.cache.config import KVTCCacheConfig
 from kvtc_sglang.cache.factory import build_l3
-from kvtc_sglang.cache.l3_tier import L3Tier
+from kvtc_sglang.cache.l3_writes import L3Writer
 from kvtc_sglang.workloads.invariants import check_invariants
 from kvtc_sglang.workloads.replay import Driver, build_cache, build_pool
 
@@ -223,7 +223,7 @@ def test_a_blob_copied_out_for_l3_is_fenced_against_the_reuse_of_its_rows(artifa
     with fences.enter("store", fences.issued()):
         handle = store.put(torch.arange(3000, dtype=torch.int32).to(torch.uint8))
     handle = replace(handle, ready=fences.done("store"))
-    tier = object.__new__(L3Tier)  # only the copy-out path: the cache's placement and fences
+    tier = object.__new__(L3Writer)  # only the copy-out path: the cache's placement and fences
     tier.cache = SimpleNamespace(placement=placement, ctl=SimpleNamespace(fences=fences), store=store)
     (data,), copy_done = tier._blob_to_host(handle)
     assert torch.equal(data, store.get(handle))
@@ -262,3 +262,21 @@ def test_an_abort_returns_a_parked_request_to_sglangs_queue(codec, artifact, ban
     before_abort_request(scheduler, AbortReq(rid="other"))  # nothing parked: nothing moves
     register()
     assert any(h is before_abort_request for _t, h, _s in HookRegistry._hooks.get(TARGET_ABORT, []))
+
+
+def test_a_chunk_offered_again_is_not_written_again(codec, artifact, bank, tmp_path):
+    """A chunk whose object this server queued (or fetched) is not built and written again when it is offered
+    again (re-encoded after its kept blob was dropped, or dropped under write-back after a graft). Reference: a
+    writer that forgot its keys queues every chunk again."""
+    from kvtc_sglang.cache.l3_objects import path_of
+
+    writer = write_session(codec, artifact, bank, tmp_path / "l3")
+    assert writer.stats.l3_put_objects == 4
+    nodes = list(writer.io.entries)
+
+    def offer_all() -> int:
+        return sum(writer.l3.writer.offer(n, path_of(n)[-1][1]) for n in nodes)
+
+    assert offer_all() == 0
+    writer.l3.writer._stored.clear()
+    assert offer_all() == 4

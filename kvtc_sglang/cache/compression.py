@@ -195,7 +195,7 @@ class TreeCompression(TreeSurgery):
                 else:
                     self.io.retain(node, entry)
                 if self.l3 is not None:  # write-through: the chunk of this blob, once blobs cover it
-                    self.l3.committed(node, lo)
+                    self.l3.writer.committed(node, lo)
 
     def _count_compression(self, node: TreeNode, entry) -> None:
         self.ctl.digest.mix("compress", entry.node_tokens, entry.start + entry.skip)

@@ -111,7 +111,7 @@ class TreeEviction(RadixCache):
         if any(n in self._pending for n, _ in order):
             self._wait_pending()  # rows the encoder reads must not be freed under it (rare: passes skip these)
         if self.l3 is not None:
-            self.l3.dropping(node, order)  # write-back: the chunks of blobs about to be lost, copied out first
+            self.l3.writer.dropping(node, order)  # write-back: the chunks of blobs about to be lost, copied out first
         freed = 0
         for n, _ in order:
             if n.lock_ref > 0:

@@ -10,13 +10,12 @@ and a digest of the calibration, model, KV dtype, codec and tensor-parallel layo
 this one after a restart, names the same tokens alike and a mismatch misses. Objects are framed with a CRC
 and, with a shared secret, an HMAC (:mod:`kvtc_sglang.tiers.frame`, its threat model).
 
-**Writes**, by ``write_policy`` (HiCache's names): ``write_through`` writes a chunk when a commit completes it,
-``write_back`` when a blob of it leaves the server (its node dropped from the store or host memory), so only
-what would be lost is written, and nothing resident is shared with other replicas or survives a kill. Either
-way the scheduler thread only issues copies (on a GPU, to pinned memory on kvtc's host stream after the blobs'
-puts, the freed rows fenced against reuse; raw rows after the forward's fence) and queues a function to the
-client's writer thread, which waits for the copies and builds the object; a full queue drops the write
-(counted): serving never waits for the store or a stream.
+**Writes** (:class:`~kvtc_sglang.cache.l3_writes.L3Writer`), by ``write_policy`` (HiCache's names):
+``write_through`` writes a chunk when a commit completes it, ``write_back`` when a blob of it leaves the server
+(its node dropped from the store or host memory), so only what would be lost is written, and nothing resident
+is shared with other replicas or survives a kill. The scheduler thread only issues copies and queues the
+object's build to the client's writer thread; a full queue drops the write (counted): serving never waits for
+the store or a stream.
 
 **Reads**: at each scheduler tick, a new waiting request whose prompt has whole chunks beyond what the tree
 matches is *parked* (taken out of SGLang's waiting queue) while the client probes the store for the longest
@@ -45,7 +44,7 @@ import numpy as np
 import torch
 
 from ..codec import BlobError
-from ..tiers.frame import FrameError, pack_object, unpack_object
+from ..tiers.frame import FrameError, unpack_object
 from ..tiers.keys import KeyScheme, chunk_keys, namespace_seed
 from ..tiers.l3_client import L3Client
 from .l3_agree import NOT_DONE, agree_charges, agree_prefetches
@@ -54,19 +53,15 @@ from .l3_objects import (
     KVTC,
     RAW,
     Segment,
-    chunk_ends,
-    chunk_layout,
-    pack_segments,
-    path_of,
-    path_tokens,
     unpack_segments,
 )
-from .tree_walk import TreeNode
+from .l3_writes import L3Writer
 
 logger = logging.getLogger(__name__)
 
 KVTC_KEYS = {"chunk_tokens", "prefetch_timeout_s", "write_queue_depth", "secret_file", "min_chunks", "write_policy"}
 WRITE_POLICIES = ("write_through", "write_back")
+
 
 
 @dataclass(frozen=True)
@@ -115,7 +110,8 @@ def split_options(extra: dict) -> tuple[L3Options, dict]:
 
 
 class L3Tier:
-    """The L3 tier of one cache (the cache owns it and calls :meth:`offer` at commits and :meth:`tick` at ticks).
+    """The L3 tier of one cache: the cache owns it, calls ``writer.committed`` at commits, ``writer.dropping``
+    before a subtree leaves, :meth:`tick` at ticks and :meth:`unpark` at aborts.
 
     Args:
         cache: the tree (its ``_match``, ``io``, ``ctl``, ``codec``, ``policy`` are used; :mod:`l3_graft` grafts).
@@ -139,109 +135,11 @@ class L3Tier:
         self.raw_codec = raw_codec
         self.chunk = scheme.chunk_tokens
         self._parked: dict[str, tuple[Any, np.ndarray, int, int]] = {}  # rid -> (req, tokens, first, chunks asked)
-        self._fetched: dict[str, tuple[list[list[tuple]], bool]] = {}  # rid -> (checked chunks, timed out)
+        self._fetched: dict[str, tuple[list[list[tuple]], bool, list[str]]] = {}  # rid -> (checked chunks,
+        # timed out, their keys)
         self._seen: set[str] = set()
-
-    # ----- writes -----
-
-    def committed(self, node: TreeNode, start: int) -> int:
-        """A blob was committed for ``node`` (first position ``start``): write-through offers its chunk."""
-        return self.offer(node, start) if self.options.write_policy == "write_through" else 0
-
-    def dropping(self, node: TreeNode, order: list[tuple[TreeNode, int]]) -> int:
-        """``node``'s subtree (``order``: its nodes with starts relative to ``node``'s, children first) is about
-        to leave the tree, every node still attached: write-back offers the chunks of its blobs (compressed or
-        kept). Returns the objects queued."""
-        if self.options.write_policy != "write_back":
-            return 0
-        path = path_of(node)
-        base = path[-1][1] if path else 0
-        books, queued = self.cache.io, 0
-        seen: set[str] = set()
-        for n, rel in order:
-            entry = books.entries.get(n) or books.retained.get(n)
-            if entry is not None and entry.skip == 0:
-                queued += self.offer(n, base + rel, seen)
-        return queued
-
-    def offer(self, node: TreeNode, start: int, seen: set[str] | None = None) -> int:
-        """A blob of ``node`` (its first position ``start``; chunk-cut, so within one chunk) is complete:
-        queue the object of its chunk on every path through it that ends the chunk with blobs (and short raw
-        parts) only, but not the keys in ``seen`` (those queued are added). Returns the objects queued. Only
-        copies are issued here; the writer thread waits for them and builds the object."""
-        c = self.chunk
-        j = start // c
-        lo, hi = j * c, (j + 1) * c
-        queued = 0
-        books = self.cache.io
-        for end_node in chunk_ends(node, start + len(node.key), hi):
-            layout = chunk_layout(end_node, lo, hi, lambda n: books.entries.get(n) or books.retained.get(n))
-            if layout is None:
-                continue
-            tokens, head = path_tokens(end_node)
-            seed = namespace_seed(head.extra_key, getattr(head, "cache_salt", None))
-            key = chunk_keys(tokens, self.scheme, start_chunk=0, prev_hash=seed)[j]
-            if seen is not None:
-                if key in seen:
-                    continue
-                seen.add(key)
-            parts = [(kind, s_lo, s_hi, self._blob_to_host(what.handle) if kind == KVTC else self._rows(what))
-                     for kind, s_lo, s_hi, what in layout]  # fmt: skip
-            self.cache.stats.l3_offered += 1
-            queued += self.client.put_async(key, self._builder(key, lo, parts))
-        return queued
-
-    def _builder(self, key: str, lo: int, parts: list[tuple[int, int, int, tuple]]) -> Any:
-        secret, digest, raw_codec, c = self.secret, self.scheme.digest, self.raw_codec, self.chunk
-
-        def build() -> bytes:  # on the writer thread: waits for the copies, codes raw rows, frames the object
-            segments = []
-            for kind, s_lo, s_hi, (tensors, copied) in parts:
-                if copied is not None:
-                    copied.synchronize()
-                if kind == KVTC:
-                    data = tensors[0].numpy().tobytes()
-                else:
-                    data = raw_codec.encode(*tensors, torch.arange(s_lo, s_hi)).numpy().tobytes()
-                segments.append(Segment(kind, s_lo, s_hi, data))
-            return pack_object(pack_segments(segments), key=key, digest=digest, start=lo, num_tokens=c,
-                               secret=secret)  # fmt: skip
-
-        return build
-
-    def _blob_to_host(self, handle: Any) -> tuple[tuple[torch.Tensor], Any]:
-        """A blob's bytes on the host and the event of their copy (``None``: there already). On a GPU the store
-        rows are read on kvtc's host stream after the blob's put and copied to pinned memory; the rows may be
-        freed before the copy ends (write-back offers a blob as its node is dropped), so the streams that write
-        rows and the next batch wait on it (``StreamFences.freed``)."""
-        placement, fences = self.cache.placement, self.cache.ctl.fences
-        if handle.on_host or fences.ops is None:
-            return (placement.fetch(handle),), (handle.ready if handle.on_host else None)
-        with fences.enter("host", [handle.ready]):
-            dev = placement.fetch(handle)
-            host = torch.empty(dev.numel(), dtype=torch.uint8, pin_memory=dev.is_cuda)
-            host.copy_(dev, non_blocking=True)
-        done = fences.done("host")
-        fences.freed(done)
-        return (host,), done
-
-    def _rows(self, slots: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], Any]:
-        """Device rows' K/V ``[L, S, H, D]`` each on the host (on a GPU: read on the host stream after the
-        forward's fence, copied to pinned memory; the streams that write rows and the next batch wait on the
-        read, as the slots may be freed before it ends), and the copies' event."""
-        ctl = self.cache.ctl
-        fences = ctl.fences
-        with fences.enter("host", fences.issued()):
-            k, v = ctl.kv.gather(slots)  # [L, S, H, D] each
-            if k.is_cuda:
-                k_host = torch.empty(k.shape, dtype=k.dtype, pin_memory=True)
-                v_host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
-                k_host.copy_(k, non_blocking=True)
-                v_host.copy_(v, non_blocking=True)
-                k, v = k_host, v_host
-        done = fences.done("host")
-        fences.freed(done)
-        return (k, v), done
+        self.writer = L3Writer(cache, client, scheme, write_policy=options.write_policy, secret=self.secret,
+                               raw_codec=raw_codec)
 
     # ----- reads -----
 
@@ -251,7 +149,7 @@ class L3Tier:
             parked = self._parked.get(result.request_id)
             if parked is not None:
                 self._fetched[result.request_id] = (self._chunks(parked[2], result.keys, result.objects),
-                                                    result.timed_out)  # fmt: skip
+                                                    result.timed_out, result.keys)  # fmt: skip
         if self._parked:
             self._release(waiting)
         if waiting:
@@ -273,9 +171,11 @@ class L3Tier:
             if n == NOT_DONE:
                 continue
             req, tokens, _, _ = self._parked.pop(rid)
-            chunks, timed_out = self._fetched.pop(rid)
+            chunks, timed_out, keys = self._fetched.pop(rid)
             if n:
                 self._graft(req, tokens, [seg for chunk in chunks[:n] for seg in chunk])
+                for key in keys[:n]:
+                    self.writer.remember(key)  # in the store already: a drop under write-back need not write it
             if timed_out:
                 self.cache.stats.l3_prefetch_timeouts += 1
             if waiting is not None:
