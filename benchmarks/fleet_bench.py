@@ -50,7 +50,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                    help="each session's system prompt starts with its own number (see fleet_bench.conversations)")
     p.add_argument("--pool", type=int, default=2560, help="--max-total-tokens of every server")
     p.add_argument("--host-bytes", default="256M")
-    p.add_argument("--chunk-tokens", type=int, default=256, help="the L3's chunk_tokens (a multiple of the page)")
+    p.add_argument("--chunk-tokens", type=int, default=128, help="the L3's chunk_tokens (a multiple of the page)")
     p.add_argument("--out", type=Path, default=Path("out/fleet"))
     p.add_argument("--from-report", type=Path, default=None,
                    help="only re-render this report.json (and --results); no server runs")

@@ -58,5 +58,8 @@ def test_server_flags() -> None:
     cfg = FleetConfig()
     assert server_flags("vanilla", cfg, ("directory", {"path": "/x"})) == []
     flags = server_flags("kvtc", cfg, ("mooncake", {"master_server_address": "127.0.0.1:1"}))
-    assert flags[flags.index("--kvtc-l3") + 1] == "mooncake" and '"chunk_tokens": 256' in flags[-1]
+    assert flags[flags.index("--kvtc-l3") + 1] == "mooncake" and '"chunk_tokens": 128' in flags[-1]
+    assert "write_policy" not in flags[-1]  # kvtc's default: write-through
+    back = server_flags("kvtc+wb", cfg, ("mooncake", {"master_server_address": "127.0.0.1:1"}))
+    assert '"write_policy": "write_back"' in back[-1]
     assert "--kvtc-l3" not in server_flags("kvtc", cfg)

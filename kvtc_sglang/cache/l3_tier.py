@@ -73,7 +73,7 @@ class L3Options:
     ``write_policy`` when a chunk is written (``write_through``: at the commit that completes it;
     ``write_back``: when a blob of it leaves the server)."""
 
-    chunk_tokens: int = 256
+    chunk_tokens: int = 128
     prefetch_timeout_s: float = 2.0
     write_queue_depth: int = 64
     secret_file: str = ""

@@ -59,18 +59,17 @@ class L3Writer:
         path = path_of(node)
         base = path[-1][1] if path else 0
         books, queued = self.cache.io, 0
-        seen: set[str] = set()
         for n, rel in order:
             entry = books.entries.get(n) or books.retained.get(n)
             if entry is not None and entry.skip == 0:
-                queued += self.offer(n, base + rel, seen)
+                queued += self.offer(n, base + rel)
         return queued
 
-    def offer(self, node: TreeNode, start: int, seen: set[str] | None = None) -> int:
+    def offer(self, node: TreeNode, start: int) -> int:
         """A blob of ``node`` (its first position ``start``; chunk-cut, so within one chunk) is complete:
         queue the object of its chunk on every path through it that ends the chunk with blobs (and short raw
-        parts) only, but not the keys in ``seen`` (those queued are added). Returns the objects queued. Only
-        copies are issued here; the writer thread waits for them and builds the object."""
+        parts) only, unless its key is known to be stored. Returns the objects queued. Only copies are issued
+        here; the writer thread waits for them and builds the object."""
         c = self.chunk
         j = start // c
         lo, hi = j * c, (j + 1) * c
@@ -83,10 +82,8 @@ class L3Writer:
             tokens, head = path_tokens(end_node)
             seed = namespace_seed(head.extra_key, getattr(head, "cache_salt", None))
             key = chunk_keys(tokens, self.scheme, start_chunk=0, prev_hash=seed)[j]
-            if key in self._stored or (seen is not None and key in seen):
-                continue  # a chunk offered again (re-encoded after its kept blob was dropped, dropped again)
-            if seen is not None:
-                seen.add(key)
+            if key in self._stored:
+                continue  # offered again: re-encoded after its kept blob was dropped, or by another node's drop
             parts = [(kind, s_lo, s_hi, self._blob_to_host(what.handle) if kind == KVTC else self._rows(what))
                      for kind, s_lo, s_hi, what in layout]  # fmt: skip
             self.cache.stats.l3_offered += 1

@@ -39,7 +39,7 @@ class FleetConfig:
     pool: int = 2560
     kvtc_flags: tuple[str, ...] = ("--kvtc-store-fraction", "0.05", "--kvtc-window-tokens", "64")
     host_bytes: str = "256M"
-    chunk_tokens: int = 256
+    chunk_tokens: int = 128
     concurrency: int = 2
     output_tokens: int = 16
     distinct_system: bool = False
