@@ -5,7 +5,8 @@ comes back from host memory on its next turn (cached tokens in ``usage``, host h
 reference is the same server without the tier, where that turn recomputes the session.
 (b) Two replicas sharing a real Mooncake store: a prefix served by one is restored on the other without prefill.
 (c) A restart with the directory tier: a fresh server on the same directory restores the session's chunks
-(a fresh server has nothing cached: every cached token came from the directory).
+(a fresh server has nothing cached: every cached token came from the directory); the same at ``--tp-size 2``.
+(d) The Mooncake master killed under a serving replica and started again: misses, never a stuck server.
 """
 
 from __future__ import annotations
@@ -168,3 +169,32 @@ def test_a_prefix_served_by_one_replica_is_restored_on_another_through_mooncake(
     assert m["l3_hit_tokens_total"] >= 256 and m["restored_tokens_total"] >= 256, seen
     assert cached >= 256, seen  # B never served this session: these came from A through Mooncake
     assert prompt > cached
+
+
+@requires_mooncake
+def test_a_dead_then_restarted_master_costs_misses_never_a_stuck_server(
+    artifact_path, tmp_path, mooncake_master  # noqa: F811 (the fixture)
+):
+    """(d) The real Mooncake master killed under a serving replica: every request is answered (a request held
+    back for its prefetch goes on at its deadline; writes fail on the writer thread) and the counters name the
+    misses; once the master is back on its port, the replica writes again."""
+    config = json.dumps({"master_server_address": mooncake_master.address, "chunk_tokens": 256,
+                         "prefetch_timeout_s": 2, "global_segment_size": "256mb", "local_buffer_size": "64mb"})
+    flags = ("--kvtc-host-bytes", "256M", "--kvtc-l3", "mooncake", "--kvtc-l3-config", config)
+    srv = _server(str(artifact_path), tmp_path / "dead.log", flags)
+    try:
+        mooncake_master.kill()
+        _first_turns(srv, L3_SESSIONS)  # every request answered (each one asserts it had no error)
+        dead = _metrics_once(srv, "l3_put_failed_total", 1, timeout=60)
+        mooncake_master.start()  # the same port: the client reconnects by itself
+        time.sleep(3)
+        _first_turns(srv, SESSIONS)  # 3 new sessions push more KV out: new chunks to write
+        back = _metrics_once(srv, "l3_put_objects_total", 1, timeout=60)
+    finally:
+        srv.stop()
+    assert not scheduler_errors(srv.log_text())
+    seen = {k: v for k, v in dead.items() if v}
+    misses = dead.get("l3_put_failed_total", 0) + dead.get("l3_put_dropped_total", 0)
+    assert misses >= 1 and dead.get("l3_put_objects_total", 0) == 0, seen
+    assert dead.get("l3_prefetch_timeouts_total", 0) + dead.get("l3_get_errors_total", 0) >= 1, seen
+    assert back["l3_put_objects_total"] >= 1, {k: v for k, v in back.items() if v}

@@ -59,7 +59,7 @@ _COUNTERS = (
     ("host_full", "host_full", "Blobs that could not move to host memory (no room) and were dropped."),
     ("host_adopted", "host_adopted", "New blobs the KV pool's store could not take, kept in host memory instead."),
     ("host_seconds", "host_seconds", "Scheduler-thread seconds spent moving blobs to host memory."),
-    ("l3_offered", "l3_offered", "Whole-chunk blobs offered to the L3 store at commit."),
+    ("l3_offered", "l3_offered", "Chunk objects offered to the L3 store (at commit; at a drop when written back)."),
     ("l3_put_objects", "l3_put_objects", "Objects written to the L3 store."),
     ("l3_put_bytes", "l3_put_bytes", "Bytes written to the L3 store."),
     ("l3_put_dropped", "l3_put_dropped", "L3 writes dropped because the write queue was full."),
