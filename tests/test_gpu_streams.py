@@ -160,3 +160,43 @@ def test_a_blob_moved_to_host_memory_is_fenced_against_the_reuse_of_its_pages(co
         torch.cuda.synchronize()
     k, v = kv.gather(b)
     assert torch.equal(k, ref_k) and torch.equal(v, ref_v)
+
+
+def test_a_blob_copied_out_for_l3_is_fenced_against_the_reuse_of_its_pages(codec, kv_bank):
+    """The L3's copy of a blob out of the store on CUDA (``cache/l3_writes.py``; under write-back the blob's node
+    is dropped right after it, its pages freed): the copy runs on the host stream after the blob's put, and a
+    batch that writes the freed page must wait for it."""
+    from types import SimpleNamespace
+
+    from kvtc_sglang.cache.l3_writes import L3Writer
+    from kvtc_sglang.cache.placement import BlobPlacement
+
+    k_bank, v_bank, kv, allocator, store = _cuda_pool(kv_bank)
+    stats = KVTCStats()
+    ctl = KVTCController(codec, kv, stats, background=False, stream_ops=CudaStreamOps())
+    placement = BlobPlacement(store, ctl.fences, stats)
+    writer = object.__new__(L3Writer)  # only the copy-out path: the cache's placement and fences
+    writer.cache = SimpleNamespace(placement=placement, ctl=ctl, store=store)
+    forward, schedule = torch.cuda.Stream(), torch.cuda.Stream()
+    ctl.bind_forward_stream(forward)
+    num_t = 256
+    with torch.cuda.stream(schedule):
+        a = allocator.alloc(num_t)
+        kv.scatter(a, k_bank[:, :num_t], v_bank[:, :num_t])
+        (blob, _header), = ctl.encode_now([(None, a, 0)]).results
+        torch.cuda.synchronize()
+        with torch.cuda.stream(forward):
+            forward.wait_stream(schedule)
+            torch.cuda._sleep(SLEEP_CYCLES)  # a batch in flight: the put (after its fence) and the copy wait
+        handle = ctl.put(store, blob)
+        (host,), copied = writer._blob_to_host(handle)
+        pages_before = allocator.available_size()
+        store.free(handle)  # the drop: its pages go back at once
+        assert allocator.available_size() > pages_before
+        reused = allocator.alloc(allocator.available_size() - pages_before)
+        with torch.cuda.stream(forward):  # the next batch writes the freed pages
+            for buf in kv.buffers:
+                buf[reused] = 7.0
+        torch.cuda.synchronize()
+    assert copied is not None and host.is_pinned()
+    assert torch.equal(host.to(blob.device), blob), "the batch overwrote the page before the L3 copy read it"
