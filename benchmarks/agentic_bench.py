@@ -20,7 +20,7 @@ from kvtc_sglang.calibration.fit import artifact_name
 from kvtc_sglang.calibration.model import DEFAULT_MODEL
 from kvtc_sglang.serve.bench_report import SERVERS, plot_ttft_per_turn
 from kvtc_sglang.serve.session_bench import WORKLOADS, SessionBenchConfig, format_report, run_bench
-from kvtc_sglang.serve.sessions import TraceConfig, write_trace
+from kvtc_sglang.serve.sessions import TraceConfig, add_trace_arguments, trace_config, write_trace
 from kvtc_sglang.serve.sglang_bench import GSPConfig
 
 
@@ -29,14 +29,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     p.add_argument("--model", default=None, help="HF model directory (default: the exported SmolLM2)")
     p.add_argument("--calibration", type=Path, default=None, help="kvtc artifact (default: the r16 one)")
-    g = p.add_argument_group("trace")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--sessions", type=int, default=8)
-    g.add_argument("--turns", type=int, default=4, help="requests per session, the first read included")
-    g.add_argument("--first-read-tokens", type=int, nargs=2, default=(2000, 4000), metavar=("MIN", "MAX"))
-    g.add_argument("--tool-tokens", type=int, nargs=2, default=(200, 400), metavar=("MIN", "MAX"))
-    g.add_argument("--output-tokens", type=int, default=32)
-    g.add_argument("--concurrency", type=int, default=4, help="sessions in flight at once")
+    add_trace_arguments(p.add_argument_group("trace"), TraceConfig(), "sessions in flight at once")
     g = p.add_argument_group("servers")
     g.add_argument("--max-total-tokens", type=int, default=8192, help="N, the pool of vanilla and kvtc")
     g.add_argument("--big-pool", type=int, default=None, help="pool of the upper-bound server (default: all fits)")
@@ -89,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         from kvtc_sglang.serve.export import export_default_model
 
         model = str(export_default_model(args.artifacts / "hf" / DEFAULT_MODEL))
-    tc = TraceConfig(seed=args.seed, sessions=args.sessions, turns=args.turns,
-                     first_read_tokens=tuple(args.first_read_tokens), tool_tokens=tuple(args.tool_tokens),
-                     output_tokens=args.output_tokens, concurrency=args.concurrency)
+    tc = trace_config(args)
     trace_path = args.out / "trace.json"
     trace = write_trace(tc, model, trace_path)
     meta = trace["metadata"]

@@ -24,7 +24,7 @@ from kvtc_sglang.calibration.model import DEFAULT_MODEL
 from kvtc_sglang.serve import fleet_bench as fb
 from kvtc_sglang.serve import fleet_report as fr
 from kvtc_sglang.serve.session_replay import TurnResult
-from kvtc_sglang.serve.sessions import TraceConfig, write_trace
+from kvtc_sglang.serve.sessions import TraceConfig, add_trace_arguments, trace_config, write_trace
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -38,14 +38,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                    default=["round_robin", "cache_aware"])
     p.add_argument("--restart-servers", nargs="+", choices=("vanilla", "kvtc", "kvtc+dir", "kvtc+dir+wb"),
                    default=["kvtc+dir", "kvtc", "vanilla"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sessions", type=int, default=7, help="fleet sessions (odd: round robin alternates replicas)")
-    p.add_argument("--turns", type=int, default=3)
+    add_trace_arguments(p, TraceConfig(sessions=7, turns=3, first_read_tokens=(1000, 1500), tool_tokens=(150, 250),
+                                       output_tokens=16, concurrency=2))  # --sessions odd: round robin alternates
     p.add_argument("--restart-sessions", type=int, default=6)
-    p.add_argument("--first-read-tokens", type=int, nargs=2, default=(1000, 1500), metavar=("MIN", "MAX"))
-    p.add_argument("--tool-tokens", type=int, nargs=2, default=(150, 250), metavar=("MIN", "MAX"))
-    p.add_argument("--output-tokens", type=int, default=16)
-    p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--distinct-system-prompts", action="store_true",
                    help="each session's system prompt starts with its own number (see fleet_bench.conversations)")
     p.add_argument("--pool", type=int, default=2560, help="--max-total-tokens of every server")
@@ -72,9 +67,7 @@ def provenance() -> dict[str, str]:
 
 
 def trace_for(args: argparse.Namespace, model: str, sessions: int, turns: int, path: Path) -> dict:
-    tc = TraceConfig(seed=args.seed, sessions=sessions, turns=turns, first_read_tokens=tuple(args.first_read_tokens),
-                     tool_tokens=tuple(args.tool_tokens), output_tokens=args.output_tokens,
-                     concurrency=args.concurrency)
+    tc = trace_config(args, sessions=sessions, turns=turns)
     return write_trace(tc, model, path)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kvtc_sglang.calibration.model import DEFAULT_MODEL
 from kvtc_sglang.serve.launcher import calibration_path
-from kvtc_sglang.serve.sessions import TraceConfig, write_trace
+from kvtc_sglang.serve.sessions import TraceConfig, add_trace_arguments, trace_config, write_trace
 from kvtc_sglang.serve.tier_bench import (
     SERVERS,
     TierBenchConfig,
@@ -40,14 +40,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="HF model directory (default: the exported SmolLM2)")
     p.add_argument("--calibration", type=Path, default=None,
                    help="kvtc artifact (default: artifacts' full r16 one, else artifacts/t16384's)")
-    g = p.add_argument_group("trace")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--sessions", type=int, default=14)
-    g.add_argument("--turns", type=int, default=3, help="requests per session, the first read included")
-    g.add_argument("--first-read-tokens", type=int, nargs=2, default=(1200, 1500), metavar=("MIN", "MAX"))
-    g.add_argument("--tool-tokens", type=int, nargs=2, default=(100, 200), metavar=("MIN", "MAX"))
-    g.add_argument("--output-tokens", type=int, default=8)
-    g.add_argument("--concurrency", type=int, default=2, help="requests in flight at once")
+    add_trace_arguments(p.add_argument_group("trace"), TraceConfig(sessions=14, turns=3, first_read_tokens=(1200, 1500),
+                                                                   tool_tokens=(100, 200), output_tokens=8,
+                                                                   concurrency=2))  # fmt: skip
     g = p.add_argument_group("servers")
     g.add_argument("--max-total-tokens", type=int, default=2048, help="N, the pool of every server but big")
     g.add_argument("--big-pool", type=int, default=None, help="pool of the upper-bound server (default: all fits)")
@@ -85,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         from kvtc_sglang.serve.export import export_default_model
 
         model = str(export_default_model(args.artifacts / "hf" / DEFAULT_MODEL))
-    tc = TraceConfig(seed=args.seed, sessions=args.sessions, turns=args.turns,
-                     first_read_tokens=tuple(args.first_read_tokens), tool_tokens=tuple(args.tool_tokens),
-                     output_tokens=args.output_tokens, concurrency=args.concurrency)
+    tc = trace_config(args)
     trace = write_trace(tc, model, args.out / "trace.json")
     meta = trace["metadata"]
     per_token = raw_bytes_per_token(model)

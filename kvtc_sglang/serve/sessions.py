@@ -21,6 +21,7 @@ this module's estimate of the turn's prompt (chat template included, every earli
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -206,3 +207,25 @@ def pool_for_everything(trace: dict[str, Any], page_size: int = 1, slack: float 
     total = trace["metadata"]["estimated_context_total"]
     step = max(1024, page_size)
     return int(-(-total * slack // step) * step)
+
+
+def add_trace_arguments(group: Any, defaults: TraceConfig, concurrency_help: str = "requests in flight") -> None:
+    """The trace's options of a benchmark script (``--seed``, ``--sessions``, ``--turns``, ``--first-read-tokens``,
+    ``--tool-tokens``, ``--output-tokens``, ``--concurrency``) on an argparse parser or group, ``defaults``'s
+    values as defaults."""
+    d = defaults
+    group.add_argument("--seed", type=int, default=d.seed)
+    group.add_argument("--sessions", type=int, default=d.sessions)
+    group.add_argument("--turns", type=int, default=d.turns, help="requests per session, the first read included")
+    for name, value in (("--first-read-tokens", d.first_read_tokens), ("--tool-tokens", d.tool_tokens)):
+        group.add_argument(name, type=int, nargs=2, default=value, metavar=("MIN", "MAX"))
+    group.add_argument("--output-tokens", type=int, default=d.output_tokens)
+    group.add_argument("--concurrency", type=int, default=d.concurrency, help=concurrency_help)
+
+
+def trace_config(args: argparse.Namespace, **override: Any) -> TraceConfig:
+    """The :class:`TraceConfig` of parsed :func:`add_trace_arguments` options (``override`` wins)."""
+    fields = {"seed": args.seed, "sessions": args.sessions, "turns": args.turns,
+              "first_read_tokens": tuple(args.first_read_tokens), "tool_tokens": tuple(args.tool_tokens),
+              "output_tokens": args.output_tokens, "concurrency": args.concurrency}  # fmt: skip
+    return TraceConfig(**{**fields, **override})
