@@ -118,20 +118,10 @@ class L3Writer:
         return build
 
     def _blob_to_host(self, handle: Any) -> tuple[tuple[torch.Tensor], Any]:
-        """A blob's bytes on the host and the event of their copy (``None``: there already). On a GPU the store
-        rows are read on kvtc's host stream after the blob's put and copied to pinned memory; the rows may be
-        freed before the copy ends (write-back offers a blob as its node is dropped), so the streams that write
-        rows and the next batch wait on it (``StreamFences.freed``)."""
-        placement, fences = self.cache.placement, self.cache.ctl.fences
-        if handle.on_host or fences.ops is None:
-            return (placement.fetch(handle),), (handle.ready if handle.on_host else None)
-        with fences.enter("host", [handle.ready]):
-            dev = placement.fetch(handle)
-            host = torch.empty(dev.numel(), dtype=torch.uint8, pin_memory=dev.is_cuda)
-            host.copy_(dev, non_blocking=True)
-        done = fences.done("host")
-        fences.freed(done)
-        return (host,), done
+        """A blob's bytes on the host and the event of their copy (:meth:`BlobPlacement.host_copy`: fenced, as
+        write-back offers a blob just before its node is dropped and its rows freed)."""
+        data, done = self.cache.placement.host_copy(handle)
+        return (data,), done
 
     def _rows(self, slots: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], Any]:
         """Device rows' K/V ``[L, S, H, D]`` each on the host (on a GPU: read on the host stream after the

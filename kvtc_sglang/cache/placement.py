@@ -95,6 +95,24 @@ class BlobPlacement:
         else:
             self.store.free(handle)
 
+    def host_copy(self, handle: BlobHandle) -> tuple[torch.Tensor, Any]:
+        """The blob's bytes ``[nbytes]`` uint8 on the host and the event after which they are there (``None``:
+        now). A blob in the store is read on kvtc's host stream after its put (nothing else writes its blocks)
+        and copied to pinned memory; its blocks may be freed at once, so kvtc's row-writing streams and the next
+        batch wait on the copy (``StreamFences.freed``). On the CPU the store's read is already a copy."""
+        if handle.host is not None:
+            return handle.host, handle.ready
+        f = self.fences
+        if f.ops is None:
+            return self.store.get(handle), None
+        with f.enter("host", [handle.ready]):
+            dev = self.store.get(handle)
+            data = torch.empty(dev.numel(), dtype=torch.uint8, pin_memory=dev.is_cuda)
+            data.copy_(dev, non_blocking=True)
+        done = f.done("host")
+        f.freed(done)
+        return data, done
+
     def store_bytes(self, handle: BlobHandle) -> int:
         """Pool-store bytes the blob holds (0 in host memory)."""
         return handle.blocks.numel() * self.store.row_bytes
@@ -120,17 +138,7 @@ class BlobPlacement:
             self.stats.host_full += 1
             return None
         t0 = time.perf_counter()
-        f = self.fences
-        if f.ops is None:
-            data = self.store.get(handle)  # already a copy of the rows
-            done = None
-        else:
-            with f.enter("host", [handle.ready]):  # after the put; nothing else writes the blob's blocks
-                dev = self.store.get(handle)
-                data = torch.empty(dev.numel(), dtype=torch.uint8, pin_memory=dev.is_cuda)
-                data.copy_(dev, non_blocking=True)
-            done = f.done("host")
-            f.freed(done)  # the blocks go back to the store (and maybe the pool) now
+        data, done = self.host_copy(handle)
         self.store.free(handle)
         self.host.take(charge)
         self.stats.host_resident_bytes = self.host.used_bytes
