@@ -63,7 +63,6 @@ KVTC_KEYS = {"chunk_tokens", "prefetch_timeout_s", "write_queue_depth", "secret_
 WRITE_POLICIES = ("write_through", "write_back")
 
 
-
 @dataclass(frozen=True)
 class L3Options:
     """The kvtc part of ``--kvtc-l3-config`` (the rest goes to the backend): ``chunk_tokens`` per object (a
@@ -135,8 +134,8 @@ class L3Tier:
         self.raw_codec = raw_codec
         self.chunk = scheme.chunk_tokens
         self._parked: dict[str, tuple[Any, np.ndarray, int, int]] = {}  # rid -> (req, tokens, first, chunks asked)
-        self._fetched: dict[str, tuple[list[list[tuple]], bool, list[str]]] = {}  # rid -> (checked chunks,
-        # timed out, their keys)
+        # rid -> (checked chunks, timed out, their keys): finished on this rank, not yet agreed
+        self._fetched: dict[str, tuple[list[list[tuple]], bool, list[str]]] = {}
         self._seen: set[str] = set()
         self.writer = L3Writer(cache, client, scheme, write_policy=options.write_policy, secret=self.secret,
                                raw_codec=raw_codec)
