@@ -24,7 +24,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from kvtc_sglang.calibration.fit import artifact_name
-from kvtc_sglang.eval.answers import TASKS, AnswerDocument, build_document, exact_match, f1
+from kvtc_sglang.eval.answers import LAYOUTS, TASKS, AnswerDocument, build_document, exact_match, f1
 from kvtc_sglang.serve.launcher import ServerSpec
 from kvtc_sglang.serve.server import SGLangServer
 from kvtc_sglang.serve.server_metrics import server_counters
@@ -40,6 +40,7 @@ class AnswerConfig:
     max_tokens: int = 16
     seed: int = 0
     start_timeout: float = 600.0
+    layout: str = "turns"  # see kvtc_sglang.eval.answers.LAYOUTS
 
     def __post_init__(self) -> None:
         if self.documents < 2 or self.doc_tokens < 1000:
@@ -78,7 +79,7 @@ def run_server(label: str, spec: ServerSpec, docs: list[AnswerDocument], cfg: An
     t0 = time.perf_counter()
     with SGLangServer(spec, logs / f"{label}.log", start_timeout=cfg.start_timeout) as srv:
         for doc in docs:
-            chat(srv, doc.messages(), 1)
+            chat(srv, doc.messages(layout=cfg.layout), 1)
         rounds = max(len(d.questions) for d in docs)
         for q in range(rounds):
             for i, doc in enumerate(docs):
@@ -86,7 +87,7 @@ def run_server(label: str, spec: ServerSpec, docs: list[AnswerDocument], cfg: An
                     continue
                 question = doc.questions[q]
                 before = restored(srv)
-                text, usage = chat(srv, doc.messages(question), cfg.max_tokens)
+                text, usage = chat(srv, doc.messages(question, cfg.layout), cfg.max_tokens)
                 details = usage.get("prompt_tokens_details") or {}
                 answers.append({"document": i, "task": question.task, "answer": question.answer, "prediction": text,
                                 "exact": exact_match(text, question.answer), "f1": f1(text, question.answer),
@@ -126,10 +127,13 @@ def main() -> None:
     p.add_argument("--documents", type=int, default=AnswerConfig.documents)
     p.add_argument("--doc-tokens", type=int, default=AnswerConfig.doc_tokens)
     p.add_argument("--kvtc-pool", type=int, default=AnswerConfig.kvtc_pool)
+    p.add_argument("--layout", choices=LAYOUTS, default=AnswerConfig.layout,
+                   help="the document as a first turn, or as a long system prompt each question's user shares")
     p.add_argument("--logs", type=Path, default=Path("out/answers"))
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    cfg = AnswerConfig(documents=args.documents, doc_tokens=args.doc_tokens, kvtc_pool=args.kvtc_pool)
+    cfg = AnswerConfig(documents=args.documents, doc_tokens=args.doc_tokens, kvtc_pool=args.kvtc_pool,
+                       layout=args.layout)
     docs = make_documents(args.model_path, cfg)
     name = Path(args.model_path).name
     flags = ["--enable-cache-report", "--enable-metrics", "--disable-overlap-schedule"]

@@ -54,6 +54,9 @@ def test_a_document_holds_every_fact_it_is_asked_about(kind: str, skip: int) -> 
         else:
             assert q.answer in doc.text and doc.text.count(q.answer) == 1
     assert doc.messages(doc.questions[0])[0] == doc.messages()[0]  # a question's turn extends the first turn
+    assert doc.messages(doc.questions[0], "system")[0] == doc.messages(layout="system")[0]  # one system prompt
+    with pytest.raises(ValueError, match="layout"):
+        doc.messages(layout="tools")
 
 
 def test_identical_answers_are_counted_against_the_reference() -> None:

@@ -30,6 +30,8 @@ NAMES = ("Amara Okafor", "Bruno Lindqvist", "Chen Wei", "Dalia Haddad", "Emil No
          "Goran Petrov", "Hana Sato", "Ines Moreau", "Jonas Berg", "Kiri Walker", "Lucia Romero")
 VARS = ("QX", "ZR", "MV", "TK", "PL", "HW", "BN", "GD", "YF", "CU", "KS", "WE")
 INTRO = "Read the following document carefully. You will be asked questions about it.\n\n"
+SYSTEM_INTRO = "You answer questions about the following document.\n\n"
+LAYOUTS = ("turns", "system")  # the document as a first user turn, or as a tenant's long system prompt
 READ_REPLY = "I have read the document."
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -50,8 +52,17 @@ class AnswerDocument:
     text: str
     questions: tuple[Question, ...]
 
-    def messages(self, question: Question | None = None) -> list[dict[str, str]]:
-        """The chat of the first turn (``question`` None) or of a later turn asking ``question``."""
+    def messages(self, question: Question | None = None, layout: str = "turns") -> list[dict[str, str]]:
+        """The chat that reads the document (``question`` None) or asks ``question`` about it.
+
+        ``layout="turns"``: the document is a first user turn, answered, then each question is a later turn;
+        ``"system"``: the document is a long system prompt (a tenant's) and each question one user's first turn
+        (a read is the system prompt with an empty question)."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if layout == "system":
+            return [{"role": "system", "content": SYSTEM_INTRO + self.text},
+                    {"role": "user", "content": "Hello." if question is None else question.prompt}]
         first = [{"role": "user", "content": INTRO + self.text}]
         if question is None:
             return first
