@@ -96,7 +96,8 @@ def eval_segments(lm: LoadedModel, cfg: EvalConfig) -> list[tuple[str, torch.Ten
 
 
 @torch.inference_mode()
-def _continue(lm: LoadedModel, cache: object, ids: torch.Tensor) -> torch.Tensor:
+def continuation_logprobs(lm: LoadedModel, cache: object, ids: torch.Tensor) -> torch.Tensor:
+    """Run ``ids [C]`` on top of ``cache`` (which grows by them): ``[C, vocab]`` float32 log-probs."""
     return lm.model(ids[None, :], past_key_values=cache, use_cache=True).logits[0].float().log_softmax(-1)
 
 
@@ -111,7 +112,7 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig, methods: dict[str, tuple[Method, 
     for kind, ids in eval_segments(lm, cfg):
         ctx, cont, tgt = ids[: cfg.context], ids[cfg.context : -1], ids[cfg.context + 1 :]
         k, v, cache = prefill_kv(lm.model, ctx, kv_dtype(lm.spec))  # [L, T, H, D] in the KV dtype
-        ref = _continue(lm, copy.deepcopy(cache), cont)  # [C, vocab] log-probs
+        ref = continuation_logprobs(lm, copy.deepcopy(cache), cont)  # [C, vocab] log-probs
         ref_nll = -ref.gather(1, tgt[:, None]).sum().item()
         positions = torch.arange(cfg.context)
         for name, (method, exempt_sinks) in methods.items():
@@ -121,7 +122,7 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig, methods: dict[str, tuple[Method, 
             for layer_idx, layer in enumerate(mod.layers):
                 layer.keys[0, :, s0:s1] = res.k[layer_idx].transpose(0, 1).to(layer.keys.dtype)  # [H, T, D]
                 layer.values[0, :, s0:s1] = res.v[layer_idx].transpose(0, 1).to(layer.values.dtype)
-            out = _continue(lm, mod, cont)
+            out = continuation_logprobs(lm, mod, cont)
             for t in (tallies[name], per_kind[(name, kind)]):
                 t.tokens += cont.numel()
                 t.top1 += int((out.argmax(-1) == ref.argmax(-1)).sum())

@@ -15,6 +15,7 @@ import torch
 
 from ..calibration.corpus import documents
 from ..calibration.model import LoadedModel, kv_dtype, prefill_kv
+from .harness import continuation_logprobs
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,6 @@ def token_docs(
     raise RuntimeError(f"{split} split has {len(out)} {kind} documents of >= {min_tokens} tokens, need {count}")
 
 
-@torch.inference_mode()
-def _continue(lm: LoadedModel, cache: object, ids: torch.Tensor) -> torch.Tensor:
-    return lm.model(ids[None, :], past_key_values=cache, use_cache=True).logits[0].float().log_softmax(-1)
-
-
 def open_session(lm: LoadedModel, prefix: torch.Tensor, file: torch.Tensor, file_tokens: int, cont: int) -> Session:
     """Prefill ``prefix + file[:file_tokens]`` (KV rounded to the model's KV dtype, as a pool holds it) and score the
     next ``cont`` tokens of the file on the exact cache."""
@@ -65,7 +61,7 @@ def open_session(lm: LoadedModel, prefix: torch.Tensor, file: torch.Tensor, file
     ids = torch.cat([prefix, file[: file_tokens + cont + 1]])
     ctx = prefix.numel() + file_tokens
     k, v, cache = prefill_kv(lm.model, ids[:ctx], kv_dtype(lm.spec))  # [L, T, H, D]
-    ref = _continue(lm, copy.deepcopy(cache), ids[ctx : ctx + cont])  # [C, vocab]
+    ref = continuation_logprobs(lm, copy.deepcopy(cache), ids[ctx : ctx + cont])  # [C, vocab]
     return Session(ids, prefix.numel(), file_tokens, k, v, cache, ref)
 
 
@@ -107,7 +103,7 @@ def score(lm: LoadedModel, s: Session, k_new: torch.Tensor, v_new: torch.Tensor,
         layer.keys[0, :, lo:hi] = k_new[i].transpose(0, 1).to(layer.keys.dtype)  # [T, H, D] -> [H, T, D]
         layer.values[0, :, lo:hi] = v_new[i].transpose(0, 1).to(layer.values.dtype)
     cont = s.ref_logp.shape[0]
-    out = _continue(lm, mod, s.ids[s.context : s.context + cont])
+    out = continuation_logprobs(lm, mod, s.ids[s.context : s.context + cont])
     tgt = s.ids[s.context + 1 : s.context + cont + 1, None]
     top1 = int((out.argmax(-1) == s.ref_logp.argmax(-1)).sum())
     kl = float((s.ref_logp.exp() * (s.ref_logp - out)).sum())
