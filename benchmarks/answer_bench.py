@@ -119,10 +119,26 @@ def summarize(run: dict, reference: dict | None) -> dict:
     return out
 
 
+def markdown(report: dict) -> str:
+    """One row per server: exact match per task (answers identical to vanilla's), overall F1, restored share."""
+    tasks = [t for t in (*TASKS, "all") if t in next(iter(report["summary"].values()))]
+    lines = ["| server | " + " | ".join(f"{t}: exact (same)" for t in tasks) + " | F1 | answers from blobs | "
+             "prompt tokens restored |", "|---" * (len(tasks) + 4) + "|"]
+    for label, s in report["summary"].items():
+        cells = [f"{100 * s[t]['exact']:.0f}%" + (f" ({100 * s[t]['identical']:.0f}%)" if "identical" in s[t] else "")
+                 for t in tasks]
+        r = s["restored"]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {s['all']['f1']:.3f} | "
+                     f"{r['answers_with_restored_tokens']}/{r['answers']} | "
+                     f"{100 * r['restored_tokens'] / max(1, r['prompt_tokens']):.1f}% |")
+    n = {t: next(iter(report["summary"].values()))[t]["n"] for t in tasks}
+    return "\n".join(lines) + "\n\nquestions: " + ", ".join(f"{t} {k}" for t, k in n.items())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", required=True, help="HF export of the model (kvtc_sglang.serve.export)")
-    p.add_argument("--artifacts", type=Path, required=True, help="folder with <model>.r<ratio>.kvtc.safetensors")
+    p.add_argument("--model-path", help="HF export of the model (kvtc_sglang.serve.export)")
+    p.add_argument("--artifacts", type=Path, help="folder with <model>.r<ratio>.kvtc.safetensors")
     p.add_argument("--ratios", type=float, nargs="+", default=[16.0, 20.0, 32.0])
     p.add_argument("--documents", type=int, default=AnswerConfig.documents)
     p.add_argument("--doc-tokens", type=int, default=AnswerConfig.doc_tokens)
@@ -131,7 +147,13 @@ def main() -> None:
                    help="the document as a first turn, or as a long system prompt each question's user shares")
     p.add_argument("--logs", type=Path, default=Path("out/answers"))
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--table", type=Path, default=None, help="print the table of an earlier run's JSON and stop")
     args = p.parse_args()
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())))
+        return
+    if args.model_path is None or args.artifacts is None:
+        p.error("a run needs --model-path and --artifacts")
     cfg = AnswerConfig(documents=args.documents, doc_tokens=args.doc_tokens, kvtc_pool=args.kvtc_pool,
                        layout=args.layout)
     docs = make_documents(args.model_path, cfg)
@@ -146,11 +168,7 @@ def main() -> None:
         runs.append(run_server(f"kvtc r{ratio:g}", spec, docs, cfg, args.logs))
     report = {"model": name, "config": asdict(cfg), "documents": [d.name for d in docs],
               "summary": {r["label"]: summarize(r, runs[0] if r is not runs[0] else None) for r in runs}, "runs": runs}
-    for label, s in report["summary"].items():
-        tasks = "  ".join(f"{t} {100 * s[t]['exact']:.0f}%" + (f" (same {100 * s[t]['identical']:.0f}%)"
-                                                                if "identical" in s[t] else "")
-                          for t in (*TASKS, "all") if t in s)
-        print(f"{label}: {tasks}; restored {s['restored']}")
+    print(markdown(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
