@@ -89,7 +89,13 @@ def two_readings(lm):
 def test_a_residual_against_another_reading_costs_bits_where_the_readings_differ(codec, two_readings) -> None:
     from kvtc_sglang.codec import ZlibDeflate
     from kvtc_sglang.eval.residual import (
-        ResidualFit, apply_residual, code_residual, features, kvtc_payload_bytes, residual_coefficients, unfeatures,
+        ResidualFit,
+        apply_residual,
+        code_residual,
+        features,
+        kvtc_payload_bytes,
+        residual_coefficients,
+        unfeatures,
     )
 
     (k, v, pos), (kq, vq, pq) = two_readings
