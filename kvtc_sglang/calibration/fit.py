@@ -120,10 +120,15 @@ def allocate(fits: dict[str, StreamFit], ratio: float, joint: bool) -> tuple[Str
     return fits["k"].calibration(ak), fits["v"].calibration(av)
 
 
+def fp8_scales(coeffs: torch.Tensor) -> torch.Tensor:
+    """Per-component fp8 scale ``[R]`` of held-out coefficients ``[N, R]``: 2x headroom over their largest value."""
+    return (2.0 * coeffs.abs().amax(dim=0) / FP8_MAX).clamp(min=1e-8)
+
+
 def _fit_stream(pca: PCAFit, heldout: torch.Tensor, bf16: bool) -> StreamFit:
     basis = pca.basis.to(torch.bfloat16).float() if bf16 else pca.basis  # [F, F]
     coeffs = ((heldout - pca.mean) / pca.scale) @ basis  # [N, F]
-    fp8_scale = (2.0 * coeffs.abs().amax(dim=0) / FP8_MAX).clamp(min=1e-8)  # 2x headroom over held-out max
+    fp8_scale = fp8_scales(coeffs)
     return StreamFit(pca, fp8_scale, measure_group_errors(coeffs, fp8_scale, KINDS), bf16)
 
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 
 from ..calibration.bitalloc import allocate_bits_joint, measure_group_errors
+from ..calibration.fit import KINDS, fp8_scales
 from ..codec import KVTCCodec, ZlibDeflate
 from ..codec.allocation import Allocation
-from ..codec.quant import FP8_MAX, decode_coefficients, encode_coefficients
+from ..codec.backend import DeviceStreams
+from ..codec.quant import decode_coefficients, encode_coefficients
 from ..codec.rope import apply_rope, remove_rope
-
-KINDS = ("int2", "int4", "int8", "fp8")
 
 
 def features(codec: KVTCCodec, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -43,10 +43,9 @@ def unfeatures(
 
 
 def _bases(codec: KVTCCodec) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    out = []
-    for cal in (codec.artifact.keys, codec.artifact.values):
-        out.append(((cal.basis / cal.scale[:, None]).float(), (cal.basis * cal.scale[:, None]).t().float()))
-    return out[0], out[1]  # (enc [F, R], dec [R, F]) for K, then V
+    """``(enc [F, R], dec [R, F])`` for K, then V: the codec's own projections (per-feature scale included)."""
+    s = DeviceStreams.build(codec.artifact, torch.device("cpu"))
+    return (s.keys.enc_basis, s.keys.dec_basis), (s.values.enc_basis, s.values.dec_basis)
 
 
 def residual_coefficients(codec: KVTCCodec, x: tuple, x_ref: tuple) -> torch.Tensor:
@@ -66,7 +65,6 @@ class ResidualCode:
     keys: Allocation
     values: Allocation
     fp8_scale: torch.Tensor  # [2, R]: K then V
-    bits_per_token: int
 
 
 @dataclass(frozen=True)
@@ -81,14 +79,14 @@ class ResidualFit:
     def fit(cls, residuals: torch.Tensor) -> ResidualFit:
         if residuals.dim() != 3 or residuals.shape[1] != 2:
             raise ValueError(f"residuals must be [N, 2, R], got {list(residuals.shape)}")
-        scale = (2.0 * residuals.abs().amax(dim=0) / FP8_MAX).clamp(min=1e-8)  # [2, R]: 2x headroom
+        scale = torch.stack([fp8_scales(residuals[:, i]) for i in (0, 1)])  # [2, R]
         errors = tuple(measure_group_errors(residuals[:, i].contiguous(), scale[i], KINDS) for i in (0, 1))
         return cls((errors[0], errors[1]), scale, residuals.shape[2])
 
     def code(self, bits_per_token: int) -> ResidualCode:
         """The best K/V split of ``bits_per_token`` (both streams together) for these residuals."""
         ak, av = allocate_bits_joint(self.errors, self.rank, bits_per_token)
-        return ResidualCode(ak, av, self.fp8_scale, bits_per_token)
+        return ResidualCode(ak, av, self.fp8_scale)
 
 
 def code_residual(d: torch.Tensor, code: ResidualCode, deflate: ZlibDeflate) -> tuple[torch.Tensor, int]:
