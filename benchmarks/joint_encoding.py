@@ -59,6 +59,8 @@ class ProbeConfig:
             raise ValueError(f"need 4 prefix lengths, the first two equal (one offset), got {self.prefix_lengths}")
         if self.file_tokens <= self.window + self.recompute:
             raise ValueError(f"file_tokens {self.file_tokens} must exceed window + recompute")
+        if self.files < 2:  # the control pairs a reader with a session that read the next file of its kind
+            raise ValueError(f"files must be >= 2 (the control reads another file of the same kind), got {self.files}")
 
 
 def sessions(lm, cfg: ProbeConfig, split: str, kind: str, count: int) -> list[list[Session]]:
