@@ -7,7 +7,8 @@ uncompressed) every document but the last goes cold and is transform-coded. Then
 the documents (each question's document has gone cold again since its last turn), greedy, 16 tokens. Vanilla runs
 on a pool that holds everything (its KV is exact: the reference); kvtc runs once per ratio. Every answer's prompt
 tokens taken from the cache and restored from blobs are read from the server (``cached_tokens``, the
-``sglang:kvtc_restored_tokens_total`` counter around each request).
+``sglang:kvtc_restored_tokens_total`` counter around each request; the counter moves at the scheduler's step, so
+a restore can show on the next request's reading: the total is exact, the split per answer may lag by one).
 
     .venv/bin/python benchmarks/answer_bench.py --model-path artifacts/hf/qwen2.5-coder-0.5b \\
         --artifacts out/joint/cal --ratios 16 20 32 --json benchmarks/results/answers_qwen25.json

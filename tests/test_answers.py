@@ -92,7 +92,11 @@ def test_answers_come_from_restored_kv_on_a_real_kvtc_server(artifact_path, tmp_
     assert len(run["answers"]) == sum(len(d.questions) for d in docs)
     s = summarize(run, None)
     cached = [(a["cached_tokens"], a["restored_tokens"]) for a in run["answers"]]
-    # round robin on a pool that holds one document: every answer's document came back from its blobs
-    assert all(c and c >= 800 and r >= 500 for c, r in cached), cached
-    assert s["restored"]["answers_with_restored_tokens"] == len(run["answers"])
+    # every answer reused its document (SGLang's own per-request count) ...
+    assert all(c and c >= 800 for c, _ in cached), cached
+    # ... and on a pool that holds one document, round robin brought each one back from its blobs. The counter is
+    # read around each request but moves at the scheduler's step, so one request's restore can show on the next:
+    # the total is exact, the split per answer is not.
+    assert s["restored"]["restored_tokens"] >= 500 * len(cached), cached
+    assert run["kvtc"]["restored_tokens_total"] >= 500 * len(cached)
     assert run["kvtc"]["restored_tokens_total"] >= 2 * 900
