@@ -1,4 +1,4 @@
-"""KL sensitivity of every cached K/V feature: the diagonal Fisher information (issue 13, lever 3).
+"""KL sensitivity of every cached K/V feature: the diagonal Fisher information (docs/history/accuracy.md, lever 3).
 
 A small error ``d`` in the cached K/V of a prefix changes the model's next-token distributions of the
 tokens that follow by ``KL ~ 1/2 d^T F d``, with ``F = E_y[g g^T]`` the Fisher information of the cached

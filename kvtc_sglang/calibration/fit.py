@@ -44,7 +44,7 @@ class CalibrationConfig:
     ratios: tuple[float, ...] = (16.0,)
     normalize_heads: bool = True  # divide each layer-head block by its RMS before PCA
     # One bit budget shared by K and V: needs errors in common units (the Fisher scales); with the RMS
-    # scales it was worse on KL (BENCHMARKS.md, issue 13)
+    # scales it was worse on KL (docs/history/accuracy.md, "Attention-aware transform coding")
     joint_budget: bool = True
     key_scale: str = "fisher"  # see KEY_SCALES, calibration/metric.py and calibration/fisher.py
     value_scale: str = "fisher"  # see VALUE_SCALES

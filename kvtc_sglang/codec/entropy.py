@@ -41,7 +41,7 @@ class ZlibDeflate:
 
     ``strategy="huffman"`` (the default, ``Z_HUFFMAN_ONLY``) codes each byte with DEFLATE's Huffman tables and
     skips the LZ77 match search: on KVTC payloads (quantized coefficients, nearly no repeated strings) it is
-    ~3.5x faster than zlib's default strategy for ~0.5% more bytes (BENCHMARKS.md, "Session 13"). The stream is
+    ~3.5x faster than zlib's default strategy for ~0.5% more bytes (docs/history/serving.md). The stream is
     still plain DEFLATE, so any decoder (zlib, nvCOMP) reads it. ``"default"`` is zlib's LZ77 + Huffman at
     ``level``, for data with repeats (the lossless baseline on raw KV).
     """
