@@ -22,16 +22,14 @@ from kvtc_sglang.calibration.model import DEFAULT_MODEL
 from kvtc_sglang.serve.launcher import calibration_path
 from kvtc_sglang.serve.sessions import TraceConfig, add_trace_arguments, trace_config, write_trace
 from kvtc_sglang.serve.tier_bench import (
-    SERVERS,
     TierBenchConfig,
     default_host_bytes,
-    format_report,
     merge_reports,
-    mib,
     parse_bytes,
     raw_bytes_per_token,
     run_bench,
 )
+from kvtc_sglang.serve.tier_report import SERVERS, format_report, mib
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""The tier benchmark's report code (kvtc_sglang/serve/tier_bench.py) on made-up summaries: no server, no model."""
+"""The tier benchmark's report code (serve/tier_bench.py, tier_report.py) on made-up summaries: no server, no model."""
 
 from __future__ import annotations
 
@@ -9,20 +9,15 @@ import pytest
 
 from kvtc_sglang.serve.server_metrics import ServerCounters
 from kvtc_sglang.serve.tier_bench import (
-    Entry,
     TierBenchConfig,
-    add_counters,
-    aims,
     build_report,
     default_host_bytes,
     entries,
-    format_report,
     merge_reports,
     parse_bytes,
     raw_bytes_per_token,
-    tier_shares,
-    tokens_per_byte,
 )
+from kvtc_sglang.serve.tier_report import Entry, add_counters, aims, format_report, tier_shares, tokens_per_byte
 
 H = 96 << 20
 

@@ -15,6 +15,7 @@ server's ``usage`` (cached tokens need the server's ``--enable-cache-report``).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -130,21 +131,36 @@ def replay(base_url: str, trace: dict[str, Any], cfg: ReplayConfig, model: str =
 
 def _turn_major(client: Any, model: str, conversations: list[list[dict]], cfg: ReplayConfig,
                 tick: Callable[[], None]) -> list[TurnResult]:
-    """Every session's turn ``t`` (``cfg.concurrency`` in flight, session order) before any turn ``t + 1``."""
+    """Every session's turn ``t`` queued before any session's turn ``t + 1``; ``cfg.concurrency`` requests in
+    flight; a turn waits for its session's previous turn (queued earlier, so already running or done: no
+    deadlock). Results in trace order (session, then turn)."""
     turns = [_turns(c) for c in conversations]
+    order = [(t, s) for t in range(max(map(len, turns), default=0)) for s in range(len(turns)) if t < len(turns[s])]
     histories: list[list[Message]] = [[] for _ in turns]
-    results: list[list[TurnResult]] = [[] for _ in turns]
+    done = [[threading.Event() for _ in ts] for ts in turns]
+    results = [[TurnResult(s, t) for t in range(len(ts))] for s, ts in enumerate(turns)]
+    queue = iter(order)
+    lock = threading.Lock()
 
-    def one(s: int, t: int) -> None:
-        histories[s] += turns[s][t]
-        r = TurnResult(s, t)
-        stream_chat(client, model, list(histories[s]), cfg, r)
-        results[s].append(r)
-        histories[s].append({"role": "assistant", "content": r.text})
-        tick()
+    def worker() -> None:
+        while True:
+            with lock:
+                job = next(queue, None)
+            if job is None:
+                return
+            t, s = job
+            try:
+                if t and not done[s][t - 1].wait(cfg.timeout * 2):
+                    results[s][t].error = "previous turn did not finish"
+                    continue
+                histories[s] += turns[s][t]
+                stream_chat(client, model, list(histories[s]), cfg, results[s][t])
+                histories[s].append({"role": "assistant", "content": results[s][t].text})
+                tick()
+            finally:
+                done[s][t].set()
 
     with ThreadPoolExecutor(cfg.concurrency) as pool:
-        for t in range(max((len(x) for x in turns), default=0)):
-            for fut in [pool.submit(one, s, t) for s in range(len(turns)) if t < len(turns[s])]:
-                fut.result()
+        for fut in [pool.submit(worker) for _ in range(cfg.concurrency)]:
+            fut.result()
     return [r for rs in results for r in rs]
