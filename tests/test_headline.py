@@ -8,7 +8,7 @@ import pytest
 
 from kvtc_sglang.serve import session_replay
 from kvtc_sglang.serve.bench_report import summarize
-from kvtc_sglang.serve.headline import Spread, headline, spread
+from kvtc_sglang.serve.headline import Spread, headline, spread, ttft_ratio
 from kvtc_sglang.serve.session_bench import Outcome, pooled
 from kvtc_sglang.serve.session_replay import ReplayConfig, TurnResult, replay
 
@@ -39,7 +39,9 @@ def test_spread_reference():
     assert "3 runs per server" in text
     assert "vanilla 2,000, kvtc 967, big pool 0: kvtc captures 52% (runs 50%, 60%, 45%; spread 15 points)" in text
     assert "kvtc restored 1,000 tokens per run from its blobs (2 restores)" in text
-    assert "(0.64x vanilla's)" in text and "50% (runs 50%, 38%, 62%; spread 25 points)" in text
+    assert "kvtc 7.000 s, 0.64x (runs 0.60x, 0.75x, 0.55x; spread 20 points) vanilla's" in text
+    assert "big pool 3.000 s, 0.27x (runs 0.20x, 0.33x, 0.27x; spread 13 points) vanilla's" in text
+    assert "kvtc captures 50% (runs 50%, 38%, 62%; spread 25 points) of the big pool's TTFT gain" in text
 
 
 def test_spread_without_a_gain_or_servers():
@@ -47,6 +49,7 @@ def test_spread_without_a_gain_or_servers():
     s = spread(flat, "ttft_mean")
     assert s.pooled is None and s.points is None and "n/a" in s.text()
     assert Spread(0.5, (0.5,)).points is None  # one run: no spread
+    assert ttft_ratio(flat, "kvtc").runs == (1.0, 1.0)
     with pytest.raises(ValueError, match=r"missing \['big'\]"):
         spread({n: flat[n] for n in ("vanilla", "kvtc")}, "ttft_mean")
 
