@@ -10,7 +10,7 @@ opens with a 1.1-1.3k-token file read of real stdlib source, then 150-200-token 
 per turn) turn-major, one request at a time: every session's turn ``t`` before any session's turn ``t + 1``,
 so each session pauses while the others run (as agents waiting on tools do) and no two requests share a batch
 (on this CPU a request's TTFT is then its own prefill and restore, not the luck of batching). Each server runs
-the trace ``--repeats`` times, its cache flushed before each run.
+the trace ``--repeats`` times after ``--warmup-runs`` unmeasured runs, its cache flushed before each run.
 
 It prints the headline first (:mod:`.serve.headline`): tokens prefilled per run on each server and the share
 of the big pool's prefill saving kvtc captures, the tokens kvtc restored from its blobs, then mean TTFT and the
@@ -23,7 +23,7 @@ The full benchmark (SGLang's own ``sglang.benchmark.serving`` too, bigger sessio
 
 ``python -m kvtc_sglang [--artifacts artifacts] [--calibration P | --calibration-tokens 16384]
 [--max-total-tokens 3072] [--page-size 1] [--conversations 3] [--turns 3] [--concurrency 1]
-[--order turn|session] [--repeats 3] [--users 0]``
+[--order turn|session] [--repeats 3] [--warmup-runs 1] [--users 0]``
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from .serve.workload import WorkloadConfig
 
 MAIN_JOB_CALIBRATION_TOKENS = 16_384  # ~2.2 min here instead of ~11 for the full 100k (BENCHMARKS: accuracy)
 MAIN_JOB_REPEATS = 3  # runs of the trace per server: the headline shows each run's share and their spread
+MAIN_JOB_WARMUP_RUNS = 1  # a first, unmeasured run per server: its one-time costs skew run 1 (BENCHMARKS.md)
 MAIN_JOB_FISHER_EVERY = 4  # the Fisher's backward pass on every 4th sequence: 134 s instead of 147 s here
 
 
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=MAIN_JOB_REPEATS,
                    help="runs of each workload per server (cache flushed before each; the report pools them and "
                         "shows the per-run spread)")
+    p.add_argument("--warmup-runs", type=int, default=MAIN_JOB_WARMUP_RUNS,
+                   help="unmeasured runs of each workload per server before the measured ones")
     p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     p.add_argument("--out", type=Path, default=Path("out/serve"))
     args = p.parse_args(argv)
@@ -85,14 +88,16 @@ def main(argv: list[str] | None = None) -> None:
     trace = write_trace(tc, hf, trace_path)
     cfg = SessionBenchConfig(max_total_tokens=args.max_total_tokens, big_pool=args.big_pool, page_size=args.page_size,
                              store_fraction=args.store_fraction, servers=tuple(args.servers), workloads=("own",),
-                             repeats=args.repeats, replay_order=args.order, out=args.out)
+                             repeats=args.repeats, warmup_runs=args.warmup_runs, replay_order=args.order,
+                             out=args.out)
     wl = WorkloadConfig(users=max(args.users, 1), max_tokens=args.output_tokens)
     meta = trace["metadata"]
     print(f"## Real server on CPU: vanilla and kvtc ({calibration.name}) at --max-total-tokens "
           f"{cfg.max_total_tokens}, vanilla with a pool for everything; --page-size {cfg.page_size}\n"
           f"agent sessions: {tc.sessions} x {tc.turns} turns, {meta['estimated_prompt_tokens_total']} prompt tokens "
           f"in all, final contexts {[s['estimated_final_context'] for s in meta['sessions']]} tokens, {args.order}-"
-          f"major, {tc.concurrency} request(s) in flight"
+          f"major, {tc.concurrency} request(s) in flight; {cfg.repeats} measured runs per server after "
+          f"{cfg.warmup_runs} unmeasured"
           + (f"; shared prompt: {wl.users} users, {wl.system_prompts} system prompts of {wl.system_chars} characters"
              if args.users else "") + "\n", flush=True)
     extra = [shared_prompt_workload(wl)] if args.users else []

@@ -94,3 +94,11 @@ def test_session_order_is_unchanged(monkeypatch):
     assert [u for u, _ in sent] == ["s0t0", "s0t1", "s1t0", "s1t1", "s2t0", "s2t1"]
     with pytest.raises(ValueError, match="order must be one of"):
         ReplayConfig(order="random")
+
+
+def test_warmup_runs_are_checked():
+    from kvtc_sglang.serve.session_bench import SessionBenchConfig
+
+    assert SessionBenchConfig(warmup_runs=1).warmup_runs == 1
+    with pytest.raises(ValueError, match="warmup_runs must be >= 0, got -1"):
+        SessionBenchConfig(warmup_runs=-1)

@@ -49,6 +49,8 @@ class SessionBenchConfig:
         repeats: runs of each workload on each server (its cache flushed before each run); the report pools
             every run's requests and shows the kvtc/vanilla TTFT ratio and the share of the big pool's gain
             per run, so run-to-run noise is visible next to the difference.
+        warmup_runs: runs of each workload on each server before the measured ones, their results discarded (a
+            server's first run pays one-time costs: 1.1-1.3x the TTFT of later runs on this CPU, BENCHMARKS.md).
         replay_order, replay_concurrency: how ``own`` replays the trace (:class:`.session_replay.ReplayConfig`:
             ``"session"`` as SGLang's benchmark does, or ``"turn"``-major); ``None``: the trace's concurrency.
     """
@@ -63,6 +65,7 @@ class SessionBenchConfig:
     servers: tuple[str, ...] = SERVERS
     workloads: tuple[str, ...] = ("serving", "own")
     repeats: int = 1
+    warmup_runs: int = 0
     replay_order: str = "session"
     replay_concurrency: int | None = None
     start_timeout: float = 400.0
@@ -72,6 +75,8 @@ class SessionBenchConfig:
     def __post_init__(self) -> None:
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        if self.warmup_runs < 0:
+            raise ValueError(f"warmup_runs must be >= 0, got {self.warmup_runs}")
         if self.max_total_tokens < 1:
             raise ValueError(f"max_total_tokens must be >= 1, got {self.max_total_tokens}")
         for kind, names, known in (("server", self.servers, SERVERS), ("workload", self.workloads, WORKLOADS)):
@@ -185,6 +190,9 @@ def run_server(name: str, pool: int, model: str, calibration: str, *, cfg: Sessi
         out["startup_s"] = time.perf_counter() - t0
         print(f"[{name} @ {pool}] started in {out['startup_s']:.0f} s", flush=True)
         for wl in workloads:
+            for w in range(cfg.warmup_runs):  # one-time costs (allocations, kernels for new shapes), not measured
+                flush(srv)
+                wl.run(srv, f"{name}_warmup{w + 1}", logs)
             runs, outcomes = [], []
             first: ServerCounters | None = None
             for rep in range(cfg.repeats):
