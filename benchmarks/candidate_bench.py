@@ -66,7 +66,7 @@ def run(cache, seqs: list[list[int]], steps: int, probes: int, tokens: int) -> d
     for _ in range(steps):
         probe(cache, seqs, rng, probes)
         t0 = time.perf_counter()
-        taken = pol.take(tokens, cache._busy)
+        taken = pol.take(tokens, cache.guards.busy)
         index_s += time.perf_counter() - t0
         for node, *_ in taken:
             pol.candidates.add(node)  # nothing is encoded here: the index keeps them
@@ -75,7 +75,7 @@ def run(cache, seqs: list[list[int]], steps: int, probes: int, tokens: int) -> d
         for span in compress_candidates(cache.root_node, pol.sink_end, pol.window, pol.page_size, pol.min_tokens):
             if planned >= tokens:
                 break
-            if not cache._busy(span[0]):
+            if not cache.guards.busy(span[0]):
                 walked.append(span)
                 planned += span[3] - span[2]
         walk_s += time.perf_counter() - t0

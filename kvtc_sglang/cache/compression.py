@@ -1,13 +1,14 @@
-"""Compression of :class:`~kvtc_sglang.cache.radix.KVTCRadixCache` (a base of it): what the scheduler tick
-encodes in the background, how a finished encode is committed, and how ``evict`` frees encoded nodes.
+"""Compression of the tree of :class:`~kvtc_sglang.cache.radix.KVTCRadixCache` (the cache holds one
+:class:`CompressionPlanner`): what the scheduler tick encodes in the background, how a finished encode is
+committed, and how ``evict`` frees encoded nodes.
 
 A device node goes through three states: *device* (slots only), *encoded* (slots and a kept blob: freeing
 its slots is instant and loses nothing) and *compressed* (the blob only). The tick moves cold nodes from
 device to encoded ahead of need, through the :class:`~kvtc_sglang.cache.controller.KVTCController`'s
 worker; ``evict`` moves encoded nodes to compressed. On the scheduler's critical path only two things
-encode: :meth:`TreeCompression._encode_for_evict`, when the encoder has fallen behind and ``evict`` would
+encode: :meth:`CompressionPlanner.encode_for_evict`, when the encoder has fallen behind and ``evict`` would
 otherwise drop cold KV (bounded to ``MAX_INLINE_TOKENS`` per call), and
-:meth:`TreeCompression.compress_idle`, the synchronous tool and test API.
+:meth:`CompressionPlanner.compress_idle`, the synchronous tool and test API.
 """
 
 from __future__ import annotations
@@ -17,13 +18,20 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from sglang.srt.mem_cache.radix_cache import TreeNode
+from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
-from .controller import EncodeJob
+from .config import KVTCCacheConfig
+from .controller import EncodeJob, KVTCController
+from .eviction import TreeEviction
 from .governor import EncodeGovernor
-from .policy import Span, split_at_chunks
-from .store import BlobHandle
+from .guards import NodeGuards, TickClock
+from .placement import BlobPlacement
+from .policy import CompressionPolicy, Span, split_at_chunks
+from .ranks import agree_encodes
+from .stats import KVTCStats
+from .store import BlobHandle, BlobStore
 from .surgery import TreeSurgery
+from .transcode import CompressedNode, Transcoder
 from .tree_walk import subtree_postorder
 from .wanted import WantedBlobs
 
@@ -32,35 +40,34 @@ PRESSURE_TICKS = 500  # scheduler iterations after an evict during which the enc
 MAX_INLINE_TOKENS = 2048  # most tokens one evict encodes on the scheduler thread when the encoder fell behind
 
 
-class TreeCompression(TreeSurgery):
-    _pending: dict[TreeNode, EncodeJob]  # nodes whose rows the encoder reads, and the job reading them
-    wanted: WantedBlobs  # blobs admission may not take (radix.py)
-    governor: EncodeGovernor  # pauses encoding while its blobs are dropped unused (radix.py)
-    _ticks: int
-    l3: Any  # the L3 tier (l3_tier.py) or None
+class CompressionPlanner:
+    """Moves nodes of ``tree`` (SGLang's: its ``root_node``, ``page_size``, allocator and ``_split_node`` are used)
+    from device to encoded to compressed. ``config`` gives ``idle_watermark`` and ``ready_fraction``; ``surgery``
+    gives slots back, ``eviction`` makes room in the store; the rest are the cache's shared objects."""
 
-    def _busy(self, node: TreeNode) -> bool:
-        """Its slots may not be freed now: locked, being restored, or read by the encoder."""
-        return node.lock_ref > 0 or node in self._protect or node in self._pending
-
-    def _unreadable(self, node: TreeNode) -> bool:
-        """The encoder may not take it now: being restored or already read by the encoder. A locked node may
-        be encoded (a running request only reads its prefix rows), so that it is instantly freeable the
-        moment its request ends; but not again once evict dropped its kept blob for room (until unlocked)."""
-        return node in self._protect or node in self._pending or (node.lock_ref > 0 and node in self._spilled)
-
-    def _wait_pending(self) -> None:
-        """Block until the encoder has read every row it was given; results are committed at the next tick."""
-        self.ctl.wait()
-        self.stats.encoder_waits += 1
+    def __init__(self, tree: RadixCache, *, config: KVTCCacheConfig, clock: TickClock, guards: NodeGuards,
+                 surgery: TreeSurgery, eviction: TreeEviction, io: Transcoder, placement: BlobPlacement,
+                 policy: CompressionPolicy, store: BlobStore, ctl: KVTCController, stats: KVTCStats,
+                 wanted: WantedBlobs, governor: EncodeGovernor) -> None:  # fmt: skip
+        self.tree = tree
+        self.config = config
+        self.clock = clock
+        self.guards = guards
+        self.surgery = surgery
+        self.eviction = eviction
+        self.io = io
+        self.placement = placement
+        self.policy = policy
+        self.store = store
+        self.ctl = ctl
+        self.stats = stats
+        self.wanted = wanted
+        self.governor = governor
+        self.l3: Any = None  # the L3 tier (:mod:`~kvtc_sglang.cache.l3_tier`): chunk cuts, write-through
 
     # ----- the background: plan at a tick, commit at a later one -----
 
-    def _encoded_tokens(self) -> int:
-        """Tokens of encoded nodes, locked ones included (freeable as soon as their request ends)."""
-        return self.stats.retained_tokens
-
-    def _plan_background(self) -> None:
+    def plan_background(self) -> None:
         """Queue one encode of the coldest nodes while the encoder is awake (the pool more than
         ``idle_watermark`` used, or an evict within ``PRESSURE_TICKS`` ticks) and free slots plus encoded
         nodes (locked ones too: freeable when their request ends) cover less than ``ready_fraction`` of the
@@ -68,37 +75,37 @@ class TreeCompression(TreeSurgery):
         would decide alike."""
         if self.ctl.pending or self.governor.paused:
             return
-        allocator = self.token_to_kv_pool_allocator
+        allocator = self.tree.token_to_kv_pool_allocator
         free = allocator.available_size()
-        awake = self._ticks - self._last_evict_tick <= PRESSURE_TICKS
+        awake = self.clock.awake(PRESSURE_TICKS)
         if not awake and allocator.size - free <= self.config.idle_watermark * allocator.size:
             return
         short = int(self.config.ready_fraction * allocator.size) - free
-        if short <= 0 or (short := short - self._encoded_tokens()) <= 0:
+        # encoded nodes, locked ones included, are freeable as soon as their request ends
+        if short <= 0 or (short := short - self.stats.retained_tokens) <= 0:
             return
         spans = self.policy.take(min(short, MAX_JOB_TOKENS), self._storable_now(), now=time.monotonic())
         targets = self._cut(self._worth_storing(spans))
         if targets:
             job = self.ctl.submit([(node, node.value, lo) for node, lo in targets])
-            for node, _ in targets:
-                self._pending[node] = job
+            self.guards.reading(job, [node for node, _ in targets])
 
     def _blob_bytes_estimate(self, num_tokens: int) -> float:
         return num_tokens * self.io.token_bytes / max(self.stats.store_ratio, 8.0)
 
     def _storable_now(self) -> Callable[[TreeNode], bool]:
-        """The ``busy`` test of a background plan: :meth:`_unreadable` nodes, and locked nodes whose blobs the
-        store could not take at commit. A locked node cannot give its own slots to the store, so its blob needs
-        free bytes on the store's pages or free pool pages to borrow; with none (a pool full of running
+        """The ``busy`` test of a background plan: nodes the guards call unreadable, and locked nodes whose blobs
+        the store could not take at commit. A locked node cannot give its own slots to the store, so its blob
+        needs free bytes on the store's pages or free pool pages to borrow; with none (a pool full of running
         requests) its encode would be thrown away (``store_full``) and repeated later. Unlocked nodes always
         fit: their own slots make the room. The room is a running budget over the nodes taken, in bytes."""
-        store, ps = self.store, self.page_size
-        borrow = min(store.max_pages - store.num_pages, self.token_to_kv_pool_allocator.available_size() // ps)
+        store, ps = self.store, self.tree.page_size
+        borrow = min(store.max_pages - store.num_pages, self.tree.token_to_kv_pool_allocator.available_size() // ps)
         room = store.free_bytes + borrow * store.blocks_per_page * store.row_bytes
 
         def busy(node: TreeNode) -> bool:
             nonlocal room
-            if self._unreadable(node):
+            if self.guards.unreadable(node):
                 return True
             if node.lock_ref == 0:
                 return False
@@ -124,47 +131,31 @@ class TreeCompression(TreeSurgery):
     def _cut(self, spans: list[Span]) -> list[tuple[TreeNode, int]]:
         """Split each span's node so that one node covers exactly ``[lo, hi)``: ``(node, lo)``. The parts keep
         the node's stamp (a cut is no access: the LRU order stays as it was)."""
-        out = []
+        split, out = self.tree._split_node, []
         for cand, start, lo, hi in split_at_chunks(spans, self.l3.chunk if self.l3 is not None else 0):
             if cand.parent is None or cand.value is None:
                 continue  # compressed or dropped while making room for an earlier span
             stamp = cand.last_access_time
             if lo > start:
-                self._split_node(cand.key, cand, lo - start).last_access_time = stamp  # cand keeps [lo, end)
+                split(cand.key, cand, lo - start).last_access_time = stamp  # cand keeps [lo, end)
             target = cand
             if hi < lo + len(cand.key):
-                target = self._split_node(cand.key, cand, hi - lo)  # the new parent covers [lo, hi)
+                target = split(cand.key, cand, hi - lo)  # the new parent covers [lo, hi)
                 target.last_access_time = stamp
             out.append((target, lo))
         return out
 
-    def _agree(self, jobs: list[EncodeJob]) -> list[list[int]]:
-        """Per job, the size every rank reserves for each blob (the largest rank's); a job that failed on any
-        rank loses its results on every rank (one collective under tensor parallelism, none on one rank)."""
-        sizes = [[b.numel() for b, _ in job.results] if job.results else [0] * len(job.targets) for job in jobs]
-        failed = [0 if job.results else 1 for job in jobs]
-        agreed = self.ctl.agreement.max_each([n for row in sizes for n in row] + failed)
-        out, at = [], 0
-        for row in sizes:
-            out.append(agreed[at : at + len(row)])
-            at += len(row)
-        for job, bad in zip(jobs, agreed[at:], strict=True):
-            if bad and job.results:
-                job.results = []  # another rank could not encode it: nor does this one
-        return out
-
-    def _commit(self, jobs: list[EncodeJob]) -> None:
+    def commit(self, jobs: list[EncodeJob]) -> None:
         """Store the blobs of finished jobs: their nodes become encoded (or compressed, when the store could
         only borrow a page by freeing the node's own slots). A node that changed since (split, dropped, given
         other slots) discards its blob. Under tensor parallelism every rank commits the same jobs and reserves
         the largest rank's size for each blob, so every decision below is the same on every rank."""
         if not jobs:
             return
-        reserves = self._agree(jobs)
+        reserves = agree_encodes(self.ctl.agreement, jobs)
         digest = self.ctl.digest
         for job, reserve in zip(jobs, reserves, strict=True):
-            for node in [n for n, j in self._pending.items() if j is job]:
-                del self._pending[node]
+            self.guards.done(job)
             if not job.results:
                 self.stats.discarded_encodes += len(job.targets)
                 digest.mix("encode_failed", job.num_tokens, len(job.targets))
@@ -181,7 +172,7 @@ class TreeCompression(TreeSurgery):
                 handle = self._store_blob(node, blob, size)
                 if handle is None and self.placement.has_host:  # the store cannot take it: host memory may
                     handle = self.placement.adopt(blob, job.done_event, max(size, blob.numel()), node,
-                                                  spared=self._protect, drop_subtree=self._drop_subtree)
+                                                  spared=self.guards.protect, drop_subtree=self.eviction.drop_subtree)
                 if handle is None:
                     self.stats.store_full_tokens += len(slots)
                     digest.mix("store_full", len(slots), lo)
@@ -197,10 +188,10 @@ class TreeCompression(TreeSurgery):
                 if self.l3 is not None:  # write-through: the chunk of this blob, once blobs cover it
                     self.l3.writer.committed(node, lo)
 
-    def _count_compression(self, node: TreeNode, entry) -> None:
+    def _count_compression(self, node: TreeNode, entry: CompressedNode) -> None:
         self.ctl.digest.mix("compress", entry.node_tokens, entry.start + entry.skip)
         self.io.add(node, entry)
-        self.wanted.mark(node, self._ticks)  # fresh: its owner's next turn may be about to come back
+        self.wanted.mark(node, self.clock.ticks)  # fresh: its owner's next turn may be about to come back
         self.stats.compressions += 1
         self.stats.compressed_tokens += entry.num_tokens
 
@@ -209,22 +200,22 @@ class TreeCompression(TreeSurgery):
         tensor parallelism), dropping other blobs for room if the store is at its cap. When the pool has no
         free page for the store to borrow, the node's own slots are released first (the blob is smaller than
         its raw KV); its ``value`` is then ``None`` on return."""
-        store, ps = self.store, self.page_size
+        store, ps = self.store, self.tree.page_size
         reserve = max(reserve, blob.numel())
         pages = store.pages_needed(reserve)
         if store.num_pages + pages > store.max_pages:
-            self._make_store_room(pages, keep=node)
+            self.eviction.make_store_room(pages, keep=node)
             pages = store.pages_needed(reserve)
         if store.num_pages + pages > store.max_pages:
             self.stats.store_full += 1
             return None
-        allocator = self.token_to_kv_pool_allocator
+        allocator = self.tree.token_to_kv_pool_allocator
         release = allocator.available_size() < pages * ps
         if release and (len(node.value) < pages * ps or allocator.free_group is not None or node.lock_ref > 0):
             self.stats.store_full += 1
             return None
         if release:
-            self._release_slots(node)
+            self.surgery.release_slots(node)
         handle = self.ctl.put(store, blob, reserve)
         if handle is None and release:
             raise RuntimeError(f"kvtc: freed slots did not make room for a {blob.numel()}-byte blob")
@@ -232,7 +223,7 @@ class TreeCompression(TreeSurgery):
 
     # ----- evict: encoded -> compressed -----
 
-    def _free_encoded(self, need: int | None, now: float | None = None) -> int:
+    def free_encoded(self, need: int | None, now: float | None = None) -> int:
         """Free the slots of encoded, unlocked nodes (LRU first) whose whole node may be compressed (sinks and
         windows stay exact) until ``need`` slots are free (all for ``None``); idle ones only when ``now``
         is given. Instant: nothing is encoded."""
@@ -259,17 +250,17 @@ class TreeCompression(TreeSurgery):
         now (locked, being restored or encoded). The blob covers exactly the node and never a sink; a
         window that covers it now (the leaf below was evicted since the encode) does not keep it: its
         slots would otherwise go next with the KV, where the blob keeps it."""
-        if self._busy(node):
+        if self.guards.busy(node):
             return 0
         entry = self.io.take_retained(node)
-        freed = self._release_slots(node)
+        freed = self.surgery.release_slots(node)
         if entry.restored:
             self.stats.reused_blobs += 1
             self.stats.reused_tokens += entry.num_tokens
         self._count_compression(node, entry)
         return freed
 
-    def _encode_for_evict(self, need: int) -> int:
+    def encode_for_evict(self, need: int) -> int:
         """The encoder fell behind: nothing encoded is left and the next step would drop cold device KV. Encode
         the coldest unlocked nodes on the scheduler thread (at most ``MAX_INLINE_TOKENS``, counted in
         ``inline_encoded_tokens``) and free them, so that the KV stays cached compressed; returns the slots
@@ -277,16 +268,16 @@ class TreeCompression(TreeSurgery):
         nodes are passed over)."""
         if self.governor.paused:
             return 0  # its blobs are being dropped unused: drop the KV as SGLang would, without the encode
-        budget = min(MAX_INLINE_TOKENS, need + need // 8 + self.page_size)  # blobs take a few pages back
-        targets = self._cut(self.policy.take(budget, self._busy))
+        budget = min(MAX_INLINE_TOKENS, need + need // 8 + self.tree.page_size)  # blobs take a few pages back
+        targets = self._cut(self.policy.take(budget, self.guards.busy))
         if not targets:
             return 0
-        allocator = self.token_to_kv_pool_allocator
+        allocator = self.tree.token_to_kv_pool_allocator
         before = allocator.available_size()
         job = self.ctl.encode_now([(node, node.value, lo) for node, lo in targets])
         self.stats.inline_encodes += 1
         self.stats.inline_encoded_tokens += job.num_tokens
-        self._commit([job])
+        self.commit([job])
         for node, _ in targets:
             if node in self.io.retained:
                 self._compress_encoded(node)
@@ -299,16 +290,16 @@ class TreeCompression(TreeSurgery):
         encoding on the calling thread; returns the slots freed net of store growth (tools, tests)."""
         now = time.monotonic() if now is None else now
         for job in self.ctl.drain():
-            self._commit([job])
-        allocator = self.token_to_kv_pool_allocator
+            self.commit([job])
+        allocator = self.tree.token_to_kv_pool_allocator
         before = allocator.available_size()
-        for node, _ in subtree_postorder(self.root_node):  # a tool may walk: every device node is a candidate
+        for node, _ in subtree_postorder(self.tree.root_node):  # a tool may walk: every device node is a candidate
             if node.parent is not None and node.value is not None:
                 self.policy.candidates.add(node)
-        self._free_encoded(None, now)
-        targets = self._cut(self.policy.take(None, self._busy, now))
+        self.free_encoded(None, now)
+        targets = self._cut(self.policy.take(None, self.guards.busy, now))
         if targets:
-            self._commit([self.ctl.encode_now([(node, node.value, lo) for node, lo in targets])])
+            self.commit([self.ctl.encode_now([(node, node.value, lo) for node, lo in targets])])
             for node, _ in targets:  # idle when taken (a split gave the head a new stamp)
                 if node in self.io.retained:
                     self._compress_encoded(node)

@@ -1,7 +1,8 @@
 """Grafting chunks fetched from the L3 into the radix tree (:mod:`~kvtc_sglang.cache.l3_tier` calls it at a
 scheduler tick, outside free groups): kvtc segments become compressed nodes whose blobs are in host memory, raw
 segments (the sinks, a chat template's shared head) device nodes on fresh slots. Functions over the tree, kept out
-of its class chain: the tree's own surgery stays in ``surgery.py``/``eviction.py``."""
+of the cache's parts: they call the parts' public methods (``surgery``, ``restorer``, ``eviction``) and read
+``guards.protect`` and ``clock.ticks``."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def graft_chunks(tree: Any, key: RadixKey, items: list[tuple], raw_codec: Any, c
     (the ranks' agreed size). Segments the tree already covers are skipped (one the match ends inside keeps its
     blob for the tail: ``skip``). Returns ``(nodes, tokens)`` grafted."""
     key = key.page_aligned(tree.page_size)
-    device_len, _, host_len, node = tree._match(key)
+    device_len, _, host_len, node = tree.surgery.match(key)
     m = device_len + host_len
     if node is not tree.root_node and node_start(node) + len(node.key) != m:
         return 0, 0  # the match ends inside a compressed node
@@ -48,19 +49,19 @@ def graft_chunks(tree: Any, key: RadixKey, items: list[tuple], raw_codec: Any, c
 def _blob(tree: Any, node: TreeNode, key: RadixKey, span: tuple[int, int, int], blob: tuple) -> TreeNode | None:
     """A kvtc blob of positions ``[lo, hi)`` as a compressed node for ``key`` = ``[m, hi)``."""
     (lo, m, hi), (data, header, charge) = span, blob
-    handle = tree.placement.admit(data, node, tree._protect, tree._drop_subtree, charge=charge)
+    handle = tree.placement.admit(data, node, tree.guards.protect, tree.eviction.drop_subtree, charge=charge)
     if handle is None:
         return None
     child = _node(tree, node, key, None)
     tree.io.add(child, replace(tree.io.make_entry(handle, lo, hi - lo, header), skip=m - lo))
-    tree.wanted.mark(child, tree._ticks)
+    tree.wanted.mark(child, tree.clock.ticks)
     return child
 
 
 def _rows(tree: Any, node: TreeNode, key: RadixKey, span: tuple[int, int, int], raw: tuple) -> TreeNode | None:
     """Raw rows ``[lo, hi)`` into fresh slots (the part below ``m`` given back) as a device node for ``key``."""
     (lo, m, hi), (data, header, raw_codec) = span, raw
-    slots = tree._alloc_slots(hi - lo)
+    slots = tree.restorer.alloc_slots(hi - lo)
     if slots is None:
         return None
     try:
@@ -68,10 +69,10 @@ def _rows(tree: Any, node: TreeNode, key: RadixKey, span: tuple[int, int, int], 
     except (BlobError, RuntimeError, ValueError) as e:
         tree.stats.l3_rejected += 1
         logger.warning("kvtc: L3 raw rows refused (%s): a miss", e)
-        tree._free_slots(slots)
+        tree.surgery.free_slots(slots)
         return None
     if m > lo:
-        tree._free_slots(slots[: m - lo])  # already in the tree
+        tree.surgery.free_slots(slots[: m - lo])  # already in the tree
     child = _node(tree, node, key, slots[m - lo :])
     tree.evictable_size_ += hi - m
     tree.policy.candidates.add(child)

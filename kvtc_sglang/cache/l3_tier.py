@@ -113,7 +113,7 @@ class L3Tier:
     before a subtree leaves, :meth:`tick` at ticks and :meth:`unpark` at aborts.
 
     Args:
-        cache: the tree (its ``_match``, ``io``, ``ctl``, ``codec``, ``policy`` are used; :mod:`l3_graft` grafts).
+        cache: the tree (its ``surgery``, ``io``, ``ctl``, ``codec``, ``policy`` are used; :mod:`l3_graft` grafts).
         client: the store's asynchronous client.
         scheme: chunk size and digest of this deployment's keys.
         options: the kvtc options of the L3.
@@ -206,7 +206,7 @@ class L3Tier:
         if usable < 1:
             return False
         key = self._key_of(req, tokens[: usable * self.chunk])
-        device_len, _, host_len, _ = self.cache._match(key.page_aligned(self.cache.page_size), split=False)
+        device_len, _, host_len, _ = self.cache.surgery.match(key.page_aligned(self.cache.page_size), split=False)
         first = (device_len + host_len) // self.chunk
         if usable - first < self.options.min_chunks:
             return False

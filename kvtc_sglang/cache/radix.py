@@ -2,11 +2,15 @@
 
 A node is *device* (``node.value`` holds KV-pool slots, as in SGLang), *encoded* (slots and a kept blob) or
 *compressed* (``node.value is None``; its blob is in :class:`~kvtc_sglang.cache.store.BlobStore` or, with a
-host tier, in host memory: :class:`~kvtc_sglang.cache.placement.BlobPlacement` decides where and moves it). The tree
-classes do the surgery; the :class:`~kvtc_sglang.cache.controller.KVTCController` runs every codec call (the
-background encoder, restores, streams and fences), the :class:`~kvtc_sglang.cache.transcode.Transcoder`
-keeps the books, and the :class:`~kvtc_sglang.cache.policy.CompressionPolicy` orders the work. How it
-meets SGLang's scheduler:
+host tier, in host memory: :class:`~kvtc_sglang.cache.placement.BlobPlacement` decides where and moves it). The
+cache is thin: it implements SGLang's protocol and holds its parts, each with one owner of its state:
+:class:`~kvtc_sglang.cache.surgery.TreeSurgery` (match, paths, splits, restores, an insert's adoption, slots
+given and taken), :class:`~kvtc_sglang.cache.eviction.TreeEviction` (device leaves, subtrees and blobs dropped),
+:class:`~kvtc_sglang.cache.compression.CompressionPlanner` (what to encode, commits, encoded nodes freed) and
+:class:`~kvtc_sglang.cache.guards.NodeGuards` (nodes being restored or read by the encoder). The
+:class:`~kvtc_sglang.cache.controller.KVTCController` runs every codec call (the background encoder, restores,
+streams and fences), the :class:`~kvtc_sglang.cache.transcode.Transcoder` keeps the books, and the
+:class:`~kvtc_sglang.cache.policy.CompressionPolicy` orders the work. How it meets SGLang's scheduler:
 
 - ``match_prefix`` changes nothing but recency (and splits device nodes, as SGLang's does): compressed
   tokens on the matched path are reported as ``host_hit_length`` with ``best_match_node``; SGLang budgets
@@ -29,7 +33,6 @@ meets SGLang's scheduler:
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import replace
 from typing import Any
@@ -47,28 +50,32 @@ from sglang.srt.mem_cache.base_prefix_cache import (
     MatchResult,
 )
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 from sglang.srt.utils.rank_consensus_checker import rank_consensus
 
 from ..codec import KVTCCodec, RawCodec
-from .compression import TreeCompression
+from .compression import CompressionPlanner
 from .config import KVTCCacheConfig, resolve_encode_mode
 from .controller import CudaStreamOps, KVTCController
+from .evict_steps import EvictSteps
+from .eviction import TreeEviction
 from .governor import WINDOW_POOLS, EncodeGovernor
+from .guards import NodeGuards, TickClock
 from .kv_io import PoolKV
 from .placement import BlobPlacement
 from .policy import CompressionPolicy
 from .ranks import LocalAgreement
 from .report import KVTCReporter
+from .restore import PathRestorer
 from .stats import KVTCStats
 from .store import BlobStore
+from .surgery import TreeSurgery
 from .transcode import Transcoder
+from .tree_walk import device_values
 from .wanted import WantedBlobs
 
-logger = logging.getLogger(__name__)
 
-
-class KVTCRadixCache(TreeCompression):
+class KVTCRadixCache(RadixCache):
     """Radix cache with KVTC-compressed cold nodes.
 
     Args:
@@ -110,63 +117,86 @@ class KVTCRadixCache(TreeCompression):
         self.placement = BlobPlacement(self.store, self.ctl.fences, self.stats, config.host_bytes)
         self.io = Transcoder(kv, self.placement, self.stats, self.policy)
         self.placement.attach(self.io, self.policy)
-        self._protect: set[TreeNode] = set()
-        self._pending = {}
         self.wanted = WantedBlobs(config.protect_wanted)  # blobs admission may not take (opt-in)
         self.governor = EncodeGovernor(WINDOW_POOLS * allocator.size, config.max_waste_share)  # pauses waste
-        self._spilled: set[TreeNode] = set()  # locked nodes whose kept blob evict dropped: not again while locked
-        self._ticks = 0  # scheduler iterations seen (the policy's clock for "recently under pressure")
-        self._last_evict_tick = -(1 << 30)
+        self.clock = TickClock()  # scheduler iterations seen (the policy's clock for "recently under pressure")
+        self.guards = NodeGuards(self.ctl, self.stats)  # nodes being restored, read by the encoder, spilled
+        # the parts, each the one owner of its state (the module docstring); each reads the tree's SGLang fields
+        guards, io, policy, store, ctl, placement, stats = (
+            self.guards, self.io, self.policy, self.store, self.ctl, self.placement, self.stats)  # fmt: skip
+        self.surgery = TreeSurgery(self, guards=guards, io=io, policy=policy, stats=stats)
+        self.eviction = TreeEviction(self, guards=guards, io=io, placement=placement, policy=policy, store=store,
+                                     ctl=ctl)  # fmt: skip
+        self.restorer = PathRestorer(self, guards=guards, surgery=self.surgery, eviction=self.eviction, io=io,
+                                     placement=placement, store=store, ctl=ctl, stats=stats, wanted=self.wanted)
+        self.planner = CompressionPlanner(self, config=config, clock=self.clock, guards=guards, surgery=self.surgery,
+                                          eviction=self.eviction, io=io, placement=placement, policy=policy,
+                                          store=store, ctl=ctl, stats=stats, wanted=self.wanted,
+                                          governor=self.governor)  # fmt: skip
+        self.evict_steps = EvictSteps(self, planner=self.planner, eviction=self.eviction, policy=policy, ctl=ctl,
+                                      stats=stats, clock=self.clock)  # fmt: skip
         self.stream_bound = False  # the plugin binds SGLang's forward stream at the first scheduler tick
         self.reporter = KVTCReporter()
-        self.l3: Any = None  # the L3 tier (:mod:`~kvtc_sglang.cache.l3_tier`), attached by the factory
+        self._l3: Any = None
         super().__init__(params)  # calls reset()
+
+    @property
+    def l3(self) -> Any:
+        """The L3 tier (:mod:`~kvtc_sglang.cache.l3_tier`) or ``None``; the factory attaches it."""
+        return self._l3
+
+    @l3.setter
+    def l3(self, tier: Any) -> None:
+        self._l3 = self.eviction.l3 = self.planner.l3 = tier  # write-back at drops; chunk cuts, write-through
+
+    # ----- the parts' methods tests call on the cache: one-line delegations to their owners -----
+    _pending = property(lambda self: self.guards.pending)  # nodes whose rows the encoder reads, and its job
+    _match = property(lambda self: self.surgery.match)
+    _path_to = property(lambda self: self.surgery.path_to)
+    _free_encoded = property(lambda self: self.planner.free_encoded)
+    _shrink_store = property(lambda self: self.eviction.shrink_store)
+    _evict_device_pass = property(lambda self: self.eviction.evict_device_pass)
+    _wanted_slots = property(lambda self: self.wanted_slots)
+
+    def compress_idle(self, now: float | None = None) -> int:
+        """Compress every eligible node idle for ``idle_seconds`` at ``now`` (tools, tests: see the planner)."""
+        return self.planner.compress_idle(now)
 
     # ----- accounting -----
 
     def reset(self) -> None:
         self.ctl.drain()  # the encoder's rows are about to be reused: wait, and forget its results
-        self._pending.clear()
+        self.guards.clear()
         self.wanted.clear()
         self.governor.clear()
-        self._spilled.clear()
-        self._last_evict_tick = -(1 << 30)  # an empty cache is under no pressure: the encoder sleeps
+        self.clock.calm()  # an empty cache is under no pressure: the encoder sleeps
         self.io.clear()  # gives the store's pages back (SGLang clears the allocator right after)
         super().reset()
 
-    def _wanted_slots(self) -> int:
+    def wanted_slots(self) -> int:
         """Store slots of wanted blobs (:mod:`~kvtc_sglang.cache.wanted`), protected rather than evictable
         with ``protect_wanted`` (else 0)."""
         return self.wanted.slots(self.io.entries, self.store)
 
     def evictable_size(self) -> int:
         """Unlocked device tokens plus the store's borrowed slots (dropping blobs gives those back), less the
-        slots of wanted blobs (:meth:`_wanted_slots`)."""
-        return self.evictable_size_ + self.store.num_slots - self._wanted_slots()
+        slots of wanted blobs (:meth:`wanted_slots`)."""
+        return self.evictable_size_ + self.store.num_slots - self.wanted_slots()
 
     def protected_size(self) -> int:
         """Locked device tokens (compressed nodes are never locked) and the wanted blobs' store slots."""
-        return self.protected_size_ + self._wanted_slots()
+        return self.protected_size_ + self.wanted_slots()
 
     def compressed_size(self) -> int:
         """Tokens held only compressed."""
         return self.stats.resident_tokens
 
-    def _device_values(self) -> list[torch.Tensor]:
-        out, stack = [], list(self.root_node.children.values())
-        while stack:
-            n = stack.pop()
-            if n.value is not None:
-                out.append(n.value)
-            stack.extend(n.children.values())
-        return out
-
     def total_size(self) -> int:
         """Device tokens in the tree (compressed nodes hold none)."""
-        return sum(len(v) for v in self._device_values())
+        return sum(len(v) for v in device_values(self.root_node))
 
     def all_values_flatten(self) -> torch.Tensor:
-        vals = self._device_values()
+        vals = device_values(self.root_node)
         return torch.cat(vals) if vals else self._empty_device_indices
 
     def available_and_evictable_str(self) -> str:
@@ -185,27 +215,22 @@ class KVTCRadixCache(TreeCompression):
         key = key.page_aligned(self.page_size)
         if len(key) == 0:
             return self._empty_match_result
-        device_len, last_device, host_len, best = self._match(key)
+        device_len, last_device, host_len, best = self.surgery.match(key)
         if host_len:
-            self.wanted.mark_path(best, self._ticks, self.io.entries)
-        if params.req is not None and self.wanted.waiting(params.req.rid, self._ticks):
+            self.wanted.mark_path(best, self.clock.ticks, self.io.entries)
+        if params.req is not None and self.wanted.waiting(params.req.rid, self.clock.ticks):
             self.stats.starving_passes += 1  # a request SGLang tries to admit (or ranks) waited too long
-        return MatchResult(
-            device_prefix_len=device_len,
-            last_device_node=last_device,
-            last_host_node=last_device,
-            best_match_node=best,
-            host_hit_length=host_len,
-        )
+        return MatchResult(device_prefix_len=device_len, last_device_node=last_device, last_host_node=last_device,
+                           best_match_node=best, host_hit_length=host_len)  # fmt: skip
 
     def touch_prefix(self, key: RadixKey) -> None:
         if self.disable or len(key) == 0:
             return
         key = key.page_aligned(self.page_size)
         if len(key):
-            _, _, host_len, best = self._match(key, split=False)
+            _, _, host_len, best = self.surgery.match(key, split=False)
             if host_len:  # SGLang refreshes waiting requests' prefixes here (FCFS, every 32 passes)
-                self.wanted.mark_path(best, self._ticks, self.io.entries)
+                self.wanted.mark_path(best, self.clock.ticks, self.io.entries)
 
     @rank_consensus(same_params=["params.host_hit_length"], same_results=["result[0]"])
     def init_load_back(self, params: InitLoadBackParams) -> tuple[int, TreeNode] | None:
@@ -215,35 +240,7 @@ class KVTCRadixCache(TreeCompression):
         ended on)`` when anything fails (no memory, a damaged blob, the path changed): the request then
         recomputes. Never ``None``: retrying could not succeed where this failed, and would stall admission.
         Restored slots belong to the tree (``load_back_is_cache_owned``)."""
-        promised, target = params.host_hit_length, params.best_match_node
-        path = self._path_to(target)
-        first = next((i for i, n in enumerate(path) if n in self.io.entries), None)
-        fallback = path[first - 1] if first else self.root_node
-        req = params.req
-        if req is not None:
-            self.wanted.admitted(req.rid)
-        if req is not None and req.last_node is not fallback:
-            fallback = req.last_node
-            first = None  # the tree moved under the request since its match
-        if promised <= 0 or first is None:
-            return 0, fallback
-        region = path[first:]
-        excess = sum(len(n.key) for n in region) - promised
-        if not 0 <= excess < len(region[-1].key):
-            self.stats.load_back_failures += 1
-            return 0, fallback
-        self._protect.update(path)
-        try:
-            if not self._restore_many([n for n in region if n in self.io.entries]):
-                self.stats.load_back_failures += 1
-                return 0, fallback
-        finally:
-            self._protect.clear()
-        last = region[-1]
-        if excess:
-            last = self._split_node(last.key, last, len(last.key) - excess)
-        self.stats.load_backs += 1
-        return promised, last
+        return self.restorer.load_back(params.host_hit_length, params.best_match_node, params.req)
 
     def load_back_is_cache_owned(self) -> bool:
         return True
@@ -261,27 +258,30 @@ class KVTCRadixCache(TreeCompression):
         first = None
         if self.io.entries:
             key = params.key.page_aligned(self.page_size)
-            first = self._adopt_insert_path(key, params.value[: len(key)])
+            first = self.surgery.adopt_insert_path(key, params.value[: len(key)])
         result = super().insert(params)
         self.policy.touch_path(result.last_device_node)  # new nodes, and longer spans above them
         if first is not None and result.prefix_len > first:
             result = replace(result, prefix_len=first)
         return result
 
+    def _split_node(self, key: RadixKey, child: TreeNode, split_len: int) -> TreeNode:
+        """SGLang's split (its match and insert call it too; so do the parts), with kvtc's books kept."""
+        self.surgery.before_split(child)
+        head = super()._split_node(key, child, split_len)
+        self.surgery.after_split(child, head)
+        return head
+
     def dec_lock_ref(self, node: TreeNode, params: DecLockRefParams | None = None) -> DecLockRefResult:
         result = super().dec_lock_ref(node, params)
-        if self._spilled:
-            up = node
-            while up is not None and up.parent is not None:
-                if up.lock_ref == 0:
-                    self._spilled.discard(up)
-                up = up.parent
+        self.guards.unlocked_path(node)
         self.policy.touch_path(node)  # nodes it unlocked may be encoded now (this path only)
         return result
 
     @rank_consensus(same_params=["params.num_tokens"], same_results=["result.num_tokens_evicted"])
     def evict(self, params: EvictParams) -> EvictResult:
-        """Free ``params.num_tokens`` slots in the policy's order (encoded nodes first, drop blobs last).
+        """Free ``params.num_tokens`` slots in the policy's order (encoded nodes first, drop blobs last:
+        :mod:`~kvtc_sglang.cache.evict_steps`).
 
         Encodes only when nothing encoded is left and cold device KV would be dropped (``encode_inline``,
         bounded); only when every step together falls short and the background encoder holds nodes does it
@@ -289,29 +289,7 @@ class KVTCRadixCache(TreeCompression):
         if self.disable:
             return EvictResult()
         start = time.perf_counter()
-        need, freed = params.num_tokens, 0
-        if need > 0:
-            self._last_evict_tick = self._ticks  # memory is the limit: the background encoder wakes up
-        steps = {
-            "free_encoded": self._free_encoded,
-            "kept_blobs": lambda n: self._shrink_store(n, kept_only=True),
-            "encode_inline": self._encode_for_evict,
-            "device_leaves": lambda n: self._evict_device_pass(n, keep_compressed=True),
-            "store": self._shrink_store,
-            "device_with_compressed": lambda n: self._evict_device_pass(n, keep_compressed=False),
-        }
-        for _ in range(2):
-            for step in self.policy.evict_steps:
-                if freed >= need:
-                    break
-                freed += steps[step](need - freed)
-            if freed >= need or not self.ctl.pending:
-                break
-            self.stats.encoder_waits += 1
-            allocator = self.token_to_kv_pool_allocator
-            before = allocator.available_size()
-            self._commit(self.ctl.drain())
-            need += max(0, before - allocator.available_size())  # the committed blobs took pool pages
+        freed = self.evict_steps.free(params.num_tokens)
         self.update_eviction_metrics(freed, start)
         return EvictResult(num_tokens_evicted=freed)
 
@@ -321,16 +299,16 @@ class KVTCRadixCache(TreeCompression):
         theirs (:mod:`~kvtc_sglang.cache.l3_tier`), report the counters."""
         if self.disable:
             return
-        self._ticks += 1
+        self.clock.ticks += 1
         if self.l3 is not None:
             self.l3.tick(waiting)
             vars(self.stats).update(self.l3.counters())
-        self.wanted.on_tick(self._ticks, self.protected_size_ > 0, self.io.entries)
+        self.wanted.on_tick(self.clock.ticks, self.protected_size_ > 0, self.io.entries)
         self.governor.on_tick(self.stats, busy=self.protected_size_ > 0)
-        self._commit(self.ctl.take_ready())
-        self._plan_background()
+        self.planner.commit(self.ctl.take_ready())
+        self.planner.plan_background()
         if not self.ctl.background:
-            self._commit(self.ctl.take_ready())
+            self.planner.commit(self.ctl.take_ready())
         self.reporter.tick(self.stats.as_dict(), self.store.capacity_bytes)
 
     def bind_forward_stream(self, stream: object) -> None:

@@ -21,6 +21,17 @@ def subtree_postorder(node: TreeNode) -> list[tuple[TreeNode, int]]:
     return order
 
 
+def device_values(root: TreeNode) -> list[Any]:
+    """The slot tensors of every device node under ``root`` (itself excluded), in no particular order."""
+    out, stack = [], list(root.children.values())
+    while stack:
+        n = stack.pop()
+        if n.value is not None:
+            out.append(n.value)
+        stack.extend(n.children.values())
+    return out
+
+
 def compress_candidates(
     root: TreeNode, sink_end: int, window: int, page_size: int, min_tokens: int
 ) -> list[tuple[TreeNode, int, int, int]]:

@@ -57,7 +57,7 @@ def check_invariants(cache, held_slots: int = 0) -> dict:
         for node in io.retained:
             if node.value is None or node.parent is None or node in compressed:
                 raise RuntimeError("a node with a kept blob is not a device node in the tree")
-        wanted = cache._wanted_slots()
+        wanted = cache.wanted_slots()
         if not 0 <= wanted <= store.num_slots:
             raise RuntimeError(f"{wanted} wanted store slots, the store holds {store.num_slots}")
         if cache.evictable_size() != cache.evictable_size_ + store.num_slots - wanted:
