@@ -13,8 +13,9 @@ so each session pauses while the others run (as agents waiting on tools do) and 
 the trace ``--repeats`` times after ``--warmup-runs`` unmeasured runs, its cache flushed before each run.
 
 It prints the headline first (:mod:`.serve.headline`): tokens prefilled per run on each server and the share
-of the big pool's prefill saving kvtc captures, the tokens kvtc restored from its blobs, then mean TTFT and the
-share of the big pool's TTFT gain, each share pooled and run by run with its spread in points; then the full
+of the big pool's prefill saving kvtc captures, the tokens kvtc restored from its blobs, then kvtc's and the big
+pool's mean TTFT over vanilla's and the share of the big pool's TTFT gain, each pooled and run by run with its
+spread in points; then the full
 tables (TTFT p90, throughput, SGLang's ``/metrics`` prefill and forward seconds, kvtc's codec seconds and
 counters). ``--users N`` adds the shared-system-prompt workload (:func:`.serve.workload.run_shared_prompt`).
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                              store_fraction=args.store_fraction, servers=tuple(args.servers), workloads=("own",),
                              repeats=args.repeats, warmup_runs=args.warmup_runs, replay_order=args.order,
                              out=args.out)
-    wl = WorkloadConfig(users=max(args.users, 1), max_tokens=args.output_tokens)
+    wl = WorkloadConfig(users=args.users, max_tokens=args.output_tokens) if args.users else None
     meta = trace["metadata"]
     print(f"## Real server on CPU: vanilla and kvtc ({calibration.name}) at --max-total-tokens "
           f"{cfg.max_total_tokens}, vanilla with a pool for everything; --page-size {cfg.page_size}\n"
@@ -99,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
           f"major, {tc.concurrency} request(s) in flight; {cfg.repeats} measured runs per server after "
           f"{cfg.warmup_runs} unmeasured"
           + (f"; shared prompt: {wl.users} users, {wl.system_prompts} system prompts of {wl.system_chars} characters"
-             if args.users else "") + "\n", flush=True)
-    extra = [shared_prompt_workload(wl)] if args.users else []
+             if wl else "") + "\n", flush=True)
+    extra = [shared_prompt_workload(wl)] if wl else []
     report = run_bench(str(hf), str(calibration), trace_path, trace, cfg=cfg, extra=extra)
     if set(SERVERS) <= set(cfg.servers):
         print(headline(report["summaries"]["own"], f"agent sessions, {args.order}-major, {tc.concurrency} in flight"))

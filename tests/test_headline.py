@@ -96,9 +96,11 @@ def test_session_order_is_unchanged(monkeypatch):
         ReplayConfig(order="random")
 
 
-def test_warmup_runs_are_checked():
+def test_warmup_runs_and_replay_order_are_checked():
     from kvtc_sglang.serve.session_bench import SessionBenchConfig
 
     assert SessionBenchConfig(warmup_runs=1).warmup_runs == 1
     with pytest.raises(ValueError, match="warmup_runs must be >= 0, got -1"):
         SessionBenchConfig(warmup_runs=-1)
+    with pytest.raises(ValueError, match="replay_order must be one of"):
+        SessionBenchConfig(replay_order="random")

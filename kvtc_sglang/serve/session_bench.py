@@ -27,7 +27,7 @@ from .bench import BenchConfig, server_spec
 from .bench_report import FOOTNOTE, SERVERS, format_table, shares, summarize
 from .server import SGLangServer
 from .server_metrics import ServerCounters, server_counters
-from .session_replay import ReplayConfig, TurnResult, replay
+from .session_replay import ORDERS, ReplayConfig, TurnResult, replay
 from .sessions import pool_for_everything, turn_counts
 from .workload import WorkloadConfig, run_shared_prompt
 
@@ -51,8 +51,8 @@ class SessionBenchConfig:
             per run, so run-to-run noise is visible next to the difference.
         warmup_runs: runs of each workload on each server before the measured ones, their results discarded (a
             server's first run pays one-time costs: 1.1-1.3x the TTFT of later runs on this CPU, BENCHMARKS.md).
-        replay_order, replay_concurrency: how ``own`` replays the trace (:class:`.session_replay.ReplayConfig`:
-            ``"session"`` as SGLang's benchmark does, or ``"turn"``-major); ``None``: the trace's concurrency.
+        replay_order: how ``own`` replays the trace (:class:`.session_replay.ReplayConfig`): ``"session"`` as
+            SGLang's benchmark does, or ``"turn"``-major; requests in flight: the trace's ``concurrency``.
     """
 
     max_total_tokens: int = 8192
@@ -67,7 +67,6 @@ class SessionBenchConfig:
     repeats: int = 1
     warmup_runs: int = 0
     replay_order: str = "session"
-    replay_concurrency: int | None = None
     start_timeout: float = 400.0
     workload_timeout: float = 3600.0
     out: Path = Path("out/sessions")
@@ -77,6 +76,8 @@ class SessionBenchConfig:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         if self.warmup_runs < 0:
             raise ValueError(f"warmup_runs must be >= 0, got {self.warmup_runs}")
+        if self.replay_order not in ORDERS:
+            raise ValueError(f"replay_order must be one of {ORDERS}, got {self.replay_order!r}")
         if self.max_total_tokens < 1:
             raise ValueError(f"max_total_tokens must be >= 1, got {self.max_total_tokens}")
         for kind, names, known in (("server", self.servers, SERVERS), ("workload", self.workloads, WORKLOADS)):
@@ -142,7 +143,7 @@ def standard_workloads(cfg: SessionBenchConfig, model: str, trace_path: Path, tr
                                          timeout))
 
     def own(srv: SGLangServer, name: str, logs: Path) -> Outcome:
-        rc = ReplayConfig(concurrency=cfg.replay_concurrency or meta["concurrency"], order=cfg.replay_order,
+        rc = ReplayConfig(concurrency=meta["concurrency"], order=cfg.replay_order,
                           output_tokens=meta["output_tokens"], timeout=timeout)
         t0 = time.perf_counter()
         results = replay(srv.url, trace, rc)
