@@ -8,7 +8,7 @@ import pytest
 
 from kvtc_sglang.serve import session_replay
 from kvtc_sglang.serve.bench_report import summarize
-from kvtc_sglang.serve.headline import Spread, headline, spread, ttft_ratio
+from kvtc_sglang.serve.headline import Spread, headline, speed_check, spread, ttft_ratio
 from kvtc_sglang.serve.session_bench import Outcome, pooled
 from kvtc_sglang.serve.session_replay import ReplayConfig, TurnResult, replay
 
@@ -42,6 +42,17 @@ def test_spread_reference():
     assert "kvtc 7.000 s, 0.64x (runs 0.60x, 0.75x, 0.55x; spread 20 points) vanilla's" in text
     assert "big pool 3.000 s, 0.27x (runs 0.20x, 0.33x, 0.27x; spread 13 points) vanilla's" in text
     assert "kvtc captures 50% (runs 50%, 38%, 62%; spread 25 points) of the big pool's TTFT gain" in text
+    # turn 0 is every request here: vanilla 11 s, big 3 s -> 3.67x apart
+    assert "vanilla 11.00 s, kvtc 7.00 s, big 3.00 s: 3.67x apart, the servers ran at different machine speeds" in text
+
+
+def test_speed_check_reference():
+    """Hand-worked: the first turns 1.60 / 1.70 / 1.65 s are 1.06x apart; 2.20 / 1.70 / 1.65 are 1.33x apart."""
+    same = {"vanilla": {"ttft_per_turn": [1.6, 2.0]}, "kvtc": {"ttft_per_turn": [1.7, 1.0]},
+            "big": {"ttft_per_turn": [1.65, 0.9]}}
+    assert "1.06x apart, the servers ran at the same machine speed" in speed_check(same)
+    slow = {**same, "vanilla": {"ttft_per_turn": [2.2, 2.5]}}
+    assert "1.33x apart, the servers ran at different machine speeds" in speed_check(slow)
 
 
 def test_spread_without_a_gain_or_servers():

@@ -66,8 +66,8 @@ def ttft_ratio(per_server: dict[str, dict[str, Any]], name: str) -> Spread:
 
 
 def headline(per_server: dict[str, dict[str, Any]], title: str) -> str:
-    """Five lines: tokens prefilled per run and the share of the saving, restores, TTFT over vanilla's, the
-    share of the TTFT gain."""
+    """Six lines: tokens prefilled per run and the share of the saving, restores, TTFT over vanilla's, the
+    share of the TTFT gain, and the machine-speed check (:func:`speed_check`)."""
     v, k, b = (per_server[n] for n in SERVERS)
     n = len(_runs(k))
     kv = k.get("kvtc") or {}
@@ -92,4 +92,21 @@ def headline(per_server: dict[str, dict[str, Any]], title: str) -> str:
         f"{ttft_ratio(per_server, 'kvtc').text(as_ratio=True)} vanilla's; big pool {b['ttft_mean']:.3f} s, "
         f"{ttft_ratio(per_server, 'big').text(as_ratio=True)} vanilla's",
         f"- kvtc captures {ttft.text()} of the big pool's TTFT gain",
+        speed_check(per_server),
     ))
+
+
+SPEED_TOLERANCE = 1.10  # first turns' TTFT of the servers within 10% of each other: the same machine speed
+
+
+def speed_check(per_server: dict[str, dict[str, Any]]) -> str:
+    """A line comparing the servers' mean TTFT of turn 0 (a cold prefill of the same tokens on every server: the
+    servers run one after another, and one that ran while the machine was slower shows it here)."""
+    first = {n: (per_server[n].get("ttft_per_turn") or [0.0])[0] for n in SERVERS}
+    lo, hi = min(first.values()), max(first.values())
+    apart = hi / lo if lo > 0 else float("inf")
+    verdict = ("the servers ran at the same machine speed" if apart <= SPEED_TOLERANCE else
+               "the servers ran at different machine speeds: the TTFT ratios above carry that difference")
+    cells = ", ".join(f"{n} {t:.2f} s" for n, t in first.items())
+    return (f"- check: first turns (the same cold prefill on every server), mean TTFT {cells}: {apart:.2f}x apart, "
+            f"{verdict}")
