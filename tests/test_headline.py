@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from kvtc_sglang.serve import session_replay
-from kvtc_sglang.serve.bench_report import summarize
-from kvtc_sglang.serve.headline import Spread, headline, speed_check, spread, ttft_ratio
+from kvtc_sglang.serve.bench_report import Spread, spread, summarize, ttft_ratio
+from kvtc_sglang.serve.headline import headline, speed_check
 from kvtc_sglang.serve.session_bench import Outcome, pooled
 from kvtc_sglang.serve.session_replay import ReplayConfig, TurnResult, replay
 

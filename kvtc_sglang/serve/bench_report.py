@@ -87,6 +87,56 @@ def share_of_gain(vanilla: float, kvtc: float, big: float, min_gain: float = 0.0
     return Share(value, f"{100 * value:.0f}% of the big pool's gain ({vanilla - kvtc:+.4g} of {gain:+.4g})")
 
 
+@dataclass(frozen=True)
+class Spread:
+    """A share pooled over the runs (``None``: no gain to capture) with its per-run values."""
+
+    pooled: float | None
+    runs: tuple[float | None, ...]
+
+    @property
+    def points(self) -> float | None:
+        """Largest minus smallest per-run share, in points; ``None`` with fewer than two known runs."""
+        known = [x for x in self.runs if x is not None]
+        return 100 * (max(known) - min(known)) if len(known) >= 2 else None
+
+    def text(self, as_ratio: bool = False) -> str:
+        """``52% (runs 50%, 60%, 45%; spread 15 points)``, or with ``as_ratio`` ``0.52x (runs 0.50x, ...)``."""
+        if self.pooled is None:
+            return "n/a (the big pool gains nothing)"
+
+        def cell(x: float | None) -> str:
+            return "n/a" if x is None else (f"{x:.2f}x" if as_ratio else f"{100 * x:.0f}%")
+
+        pts = self.points
+        return (f"{cell(self.pooled)} (runs {', '.join(cell(x) for x in self.runs)}; spread "
+                f"{'n/a' if pts is None else f'{pts:.0f}'} points)")
+
+
+def runs_of(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """A pooled summary's per-run summaries; a one-run summary is its own run."""
+    return summary.get("runs") or [summary]
+
+
+def spread(per_server: dict[str, dict[str, Any]], key: str) -> Spread:
+    """The share of the big pool's gain in ``key`` (``"prefilled_tokens"``, ``"ttft_mean"``) kvtc captures."""
+    missing = [n for n in SERVERS if n not in per_server]
+    if missing:
+        raise ValueError(f"the share needs servers {SERVERS}, missing {missing}")
+    v, k, b = (per_server[n] for n in SERVERS)
+    runs = zip(runs_of(v), runs_of(k), runs_of(b), strict=True)
+    return Spread(share_of_gain(v[key], k[key], b[key]).value,
+                  tuple(share_of_gain(rv[key], rk[key], rb[key]).value for rv, rk, rb in runs))
+
+
+def ttft_ratio(per_server: dict[str, dict[str, Any]], name: str) -> Spread:
+    """``name``'s mean TTFT over vanilla's, pooled and per run."""
+    v, x = per_server["vanilla"], per_server[name]
+    runs = zip(runs_of(v), runs_of(x), strict=True)
+    return Spread(x["ttft_mean"] / v["ttft_mean"] if v["ttft_mean"] else None,
+                  tuple(rx["ttft_mean"] / rv["ttft_mean"] if rv["ttft_mean"] else None for rv, rx in runs))
+
+
 def _f(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
@@ -143,11 +193,7 @@ def per_run(per_server: dict[str, dict[str, Any]]) -> tuple[list[float | None], 
     runs = [per_server[n].get("runs") or [] for n in SERVERS]
     if len(runs[0]) < 2 or len({len(r) for r in runs}) != 1:
         return None
-    ratios = [k["ttft_mean"] / v["ttft_mean"] if v["ttft_mean"] else None
-              for v, k in zip(runs[0], runs[1], strict=True)]
-    values = [share_of_gain(v["ttft_mean"], k["ttft_mean"], b["ttft_mean"]).value
-              for v, k, b in zip(*runs, strict=True)]
-    return ratios, values
+    return list(ttft_ratio(per_server, "kvtc").runs), list(spread(per_server, "ttft_mean").runs)
 
 
 def format_table(workload: str, per_server: dict[str, dict[str, Any]], pools: dict[str, int]) -> str:

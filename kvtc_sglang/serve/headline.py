@@ -4,72 +4,22 @@ It leads with what does not move with batching (tokens prefilled, tokens restore
 beside it: kvtc's and the big pool's mean TTFT over vanilla's (a ratio to vanilla's own TTFT, steady from run to
 run), then the share of the big pool's TTFT gain kvtc captures (a ratio of two differences, which moves more when
 the big pool gains little). Each share is ``(vanilla - kvtc) / (vanilla - big)``
-(:func:`.bench_report.share_of_gain`) over the runs' totals; each figure's spread is its largest minus its
+(:func:`.bench_report.spread`) over the runs' totals; each figure's spread is its largest minus its
 smallest per-run value, in points (hundredths).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from .bench_report import SERVERS, share_of_gain
-
-
-@dataclass(frozen=True)
-class Spread:
-    """A share pooled over the runs (``None``: no gain to capture) with its per-run values."""
-
-    pooled: float | None
-    runs: tuple[float | None, ...]
-
-    @property
-    def points(self) -> float | None:
-        """Largest minus smallest per-run share, in points; ``None`` with fewer than two known runs."""
-        known = [x for x in self.runs if x is not None]
-        return 100 * (max(known) - min(known)) if len(known) >= 2 else None
-
-    def text(self, as_ratio: bool = False) -> str:
-        """``52% (runs 50%, 60%, 45%; spread 15 points)``, or with ``as_ratio`` ``0.52x (runs 0.50x, ...)``."""
-        if self.pooled is None:
-            return "n/a (the big pool gains nothing)"
-
-        def cell(x: float | None) -> str:
-            return "n/a" if x is None else (f"{x:.2f}x" if as_ratio else f"{100 * x:.0f}%")
-
-        pts = self.points
-        return (f"{cell(self.pooled)} (runs {', '.join(cell(x) for x in self.runs)}; spread "
-                f"{'n/a' if pts is None else f'{pts:.0f}'} points)")
-
-
-def _runs(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    return summary.get("runs") or [summary]
-
-
-def spread(per_server: dict[str, dict[str, Any]], key: str) -> Spread:
-    """The share of the big pool's gain in ``key`` (``"prefilled_tokens"``, ``"ttft_mean"``) kvtc captures."""
-    missing = [n for n in SERVERS if n not in per_server]
-    if missing:
-        raise ValueError(f"the headline needs servers {SERVERS}, missing {missing}")
-    v, k, b = (per_server[n] for n in SERVERS)
-    runs = zip(_runs(v), _runs(k), _runs(b), strict=True)
-    return Spread(share_of_gain(v[key], k[key], b[key]).value,
-                  tuple(share_of_gain(rv[key], rk[key], rb[key]).value for rv, rk, rb in runs))
-
-
-def ttft_ratio(per_server: dict[str, dict[str, Any]], name: str) -> Spread:
-    """``name``'s mean TTFT over vanilla's, pooled and per run."""
-    v, x = per_server["vanilla"], per_server[name]
-    runs = zip(_runs(v), _runs(x), strict=True)
-    return Spread(x["ttft_mean"] / v["ttft_mean"] if v["ttft_mean"] else None,
-                  tuple(rx["ttft_mean"] / rv["ttft_mean"] if rv["ttft_mean"] else None for rv, rx in runs))
+from .bench_report import SERVERS, runs_of, spread, ttft_ratio
 
 
 def headline(per_server: dict[str, dict[str, Any]], title: str) -> str:
     """Six lines: tokens prefilled per run and the share of the saving, restores, TTFT over vanilla's, the
     share of the TTFT gain, and the machine-speed check (:func:`speed_check`)."""
     v, k, b = (per_server[n] for n in SERVERS)
-    n = len(_runs(k))
+    n = len(runs_of(k))
     kv = k.get("kvtc") or {}
 
     def per_run(s: dict[str, Any], key: str) -> float:
