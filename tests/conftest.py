@@ -164,3 +164,17 @@ def codec_err(codec, kv_bank) -> float:
     k, v = kv_bank[0][:, :512], kv_bank[1][:, :512]
     k2, v2, _ = codec.decode(codec.encode(k, v, torch.arange(512)))
     return max(rel_err(k2, k), rel_err(v2, v))
+
+
+@pytest.fixture(scope="session")
+def joint_path(request, artifact, artifact_path, tmp_path_factory) -> Path:
+    """A small residual calibration (joint encoding) fitted against the test calibration, saved beside a copy of it
+    (the server finds the reference calibration there)."""
+    from kvtc_sglang.calibration.residual import ResidualFitConfig, fit_residual
+
+    out = tmp_path_factory.mktemp("joint")
+    ref = out / artifact_path.name
+    ref.write_bytes(artifact_path.read_bytes())
+    lm = request.getfixturevalue("lm")
+    cal = fit_residual(lm, artifact, ResidualFitConfig(files=1, file_tokens=384, ratio=128.0), ref.name)
+    return cal.save(out / "residual.safetensors")

@@ -25,6 +25,7 @@ from .controller import EncodeJob, KVTCController
 from .eviction import TreeEviction
 from .governor import EncodeGovernor
 from .guards import NodeGuards, TickClock
+from .joint import JointBook, JointLink, JointPlan, token_ids
 from .placement import BlobPlacement
 from .policy import CompressionPolicy, Span, split_at_chunks
 from .ranks import agree_encodes
@@ -64,6 +65,7 @@ class CompressionPlanner:
         self.wanted = wanted
         self.governor = governor
         self.l3: Any = None  # the L3 tier (:mod:`~kvtc_sglang.cache.l3_tier`): chunk cuts, write-through
+        self.joint: JointBook | None = None  # joint encoding across requests (:mod:`~kvtc_sglang.cache.joint`)
 
     # ----- the background: plan at a tick, commit at a later one -----
 
@@ -85,9 +87,9 @@ class CompressionPlanner:
         if short <= 0 or (short := short - self.stats.retained_tokens) <= 0:
             return
         spans = self.policy.take(min(short, MAX_JOB_TOKENS), self._storable_now(), now=time.monotonic())
-        targets = self._cut(self._worth_storing(spans))
+        targets, plans = self._planned(self._cut(self._worth_storing(spans)))
         if targets:
-            job = self.ctl.submit([(node, node.value, lo) for node, lo in targets])
+            job = self.ctl.submit([(node, node.value, lo) for node, lo in targets], plans)
             self.guards.reading(job, [node for node, _ in targets])
 
     def _blob_bytes_estimate(self, num_tokens: int) -> float:
@@ -145,6 +147,21 @@ class CompressionPlanner:
             out.append((target, lo))
         return out
 
+    def _planned(self, targets: list[tuple[TreeNode, int]]) -> tuple[list[tuple[TreeNode, int]], list | None]:
+        """Joint encoding (when on): ``targets`` cut so that each span matching text another branch holds is one
+        node, and each target's plan (``None``: a plain blob)."""
+        if self.joint is None:
+            return targets, None
+        split = self.tree._split_node
+
+        def cut(node: TreeNode, n: int) -> TreeNode:
+            head = split(node.key, node, n)
+            head.last_access_time = node.last_access_time  # a cut is no access
+            return head
+
+        planned = self.joint.split(targets, cut)
+        return [(node, lo) for node, lo, _ in planned], [plan for _, _, plan in planned]
+
     def commit(self, jobs: list[EncodeJob]) -> None:
         """Store the blobs of finished jobs: their nodes become encoded (or compressed, when the store could
         only borrow a page by freeing the node's own slots). A node that changed since (split, dropped, given
@@ -161,14 +178,19 @@ class CompressionPlanner:
                 digest.mix("encode_failed", job.num_tokens, len(job.targets))
             self.stats.compress_seconds += job.seconds
             refs = job.references or [None] * len(job.results)
-            for (node, slots, lo), (blob, header), ref, size in zip(
-                job.targets, job.results, refs, reserve, strict=False
-            ):
+            plans = job.plans or [None] * len(job.results)
+            for i, ((node, slots, lo), (blob, header), ref, size, plan) in enumerate(zip(
+                job.targets, job.results, refs, reserve, plans, strict=False
+            )):
                 if node.parent is None or node.value is not slots or node in self.io.retained:
                     self.stats.discarded_encodes += 1
                     digest.mix("discard", len(slots), lo)
                     self.policy.touch_path(node if node.parent is not None else None)
                     continue
+                link = self._joint_link(node, plan, job.made.get(i))
+                if plan is not None and link is None:
+                    self.policy.touch_path(node)
+                    continue  # its reference went, or could not be stored
                 handle = self._store_blob(node, blob, size)
                 if handle is None and self.placement.has_host:  # the store cannot take it: host memory may
                     handle = self.placement.adopt(blob, job.done_event, max(size, blob.numel()), node,
@@ -176,8 +198,12 @@ class CompressionPlanner:
                 if handle is None:
                     self.stats.store_full_tokens += len(slots)
                     digest.mix("store_full", len(slots), lo)
+                    if link is not None:
+                        self.joint.abandon(link.ref)  # type: ignore[union-attr]  # (a link means joint is on)
                     continue  # the store is full of more recently used blobs
-                entry = self.io.make_entry(handle, lo, len(slots), header, ref)
+                entry = self.io.make_entry(handle, lo, len(slots), header, reference=ref, joint=link)
+                if self.joint is not None and plan is None:
+                    self.joint.remember(node)  # a later copy of this text makes a reference
                 self.stats.encodes += 1
                 self.stats.encoded_tokens += len(slots)
                 digest.mix("encode", len(slots), lo)
@@ -188,6 +214,23 @@ class CompressionPlanner:
                 if self.l3 is not None:  # write-through: the chunk of this blob, once blobs cover it
                     self.l3.writer.committed(node, lo)
 
+    def _joint_link(self, node: TreeNode, plan: JointPlan | None, made: tuple | None) -> JointLink | None:
+        """The reference a planned target's residual blob decodes against: the plan's, if it is still stored, or
+        the new one the encoder made (stored now); ``None`` for a plain target or when that fails."""
+        if plan is None or self.joint is None:
+            return None
+        if plan.ref is not None:
+            if self.joint.alive(plan.ref):
+                return JointLink(plan.ref, plan.lo, plan.hi)
+        elif made is not None:
+            blob, header = made
+            handle = self._store_blob(node, blob, blob.numel(), release_ok=False)  # the node's slots hold its rows
+            if handle is not None:
+                return JointLink(self.joint.add_reference(handle, header, node, token_ids(node)), 0, len(node.key))
+        self.stats.joint_discards += 1
+        self.ctl.digest.mix("joint_discard", len(node.key), 0)
+        return None
+
     def _count_compression(self, node: TreeNode, entry: CompressedNode) -> None:
         self.ctl.digest.mix("compress", entry.node_tokens, entry.start + entry.skip)
         self.io.add(node, entry)
@@ -195,7 +238,8 @@ class CompressionPlanner:
         self.stats.compressions += 1
         self.stats.compressed_tokens += entry.num_tokens
 
-    def _store_blob(self, node: TreeNode, blob: torch.Tensor, reserve: int) -> BlobHandle | None:
+    def _store_blob(self, node: TreeNode, blob: torch.Tensor, reserve: int, release_ok: bool = True
+                    ) -> BlobHandle | None:
         """Put ``blob`` in the store in ``reserve`` bytes (at least its own size; the ranks' largest under
         tensor parallelism), dropping other blobs for room if the store is at its cap. When the pool has no
         free page for the store to borrow, the node's own slots are released first (the blob is smaller than
@@ -211,7 +255,8 @@ class CompressionPlanner:
             return None
         allocator = self.tree.token_to_kv_pool_allocator
         release = allocator.available_size() < pages * ps
-        if release and (len(node.value) < pages * ps or allocator.free_group is not None or node.lock_ref > 0):
+        held = not release_ok or len(node.value) < pages * ps or allocator.free_group is not None or node.lock_ref > 0
+        if release and held:
             self.stats.store_full += 1
             return None
         if release:
@@ -269,12 +314,12 @@ class CompressionPlanner:
         if self.governor.paused:
             return 0  # its blobs are being dropped unused: drop the KV as SGLang would, without the encode
         budget = min(MAX_INLINE_TOKENS, need + need // 8 + self.tree.page_size)  # blobs take a few pages back
-        targets = self._cut(self.policy.take(budget, self.guards.busy))
+        targets, plans = self._planned(self._cut(self.policy.take(budget, self.guards.busy)))
         if not targets:
             return 0
         allocator = self.tree.token_to_kv_pool_allocator
         before = allocator.available_size()
-        job = self.ctl.encode_now([(node, node.value, lo) for node, lo in targets])
+        job = self.ctl.encode_now([(node, node.value, lo) for node, lo in targets], plans)
         self.stats.inline_encodes += 1
         self.stats.inline_encoded_tokens += job.num_tokens
         self.commit([job])
@@ -297,9 +342,9 @@ class CompressionPlanner:
             if node.parent is not None and node.value is not None:
                 self.policy.candidates.add(node)
         self.free_encoded(None, now)
-        targets = self._cut(self.policy.take(None, self.guards.busy, now))
+        targets, plans = self._planned(self._cut(self.policy.take(None, self.guards.busy, now)))
         if targets:
-            self.commit([self.ctl.encode_now([(node, node.value, lo) for node, lo in targets])])
+            self.commit([self.ctl.encode_now([(node, node.value, lo) for node, lo in targets], plans)])
             for node, _ in targets:  # idle when taken (a split gave the head a new stamp)
                 if node in self.io.retained:
                     self._compress_encoded(node)

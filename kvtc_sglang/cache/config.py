@@ -52,6 +52,23 @@ def refused_server_option(get: Callable[[str], object]) -> str | None:
     return None
 
 
+def refused_joint(config: KVTCCacheConfig, tp_size: int | None = None) -> str | None:
+    """Why joint encoding cannot run with these options, or ``None``."""
+    if not config.joint_calibration:
+        return None
+    if config.codec != "kvtc":
+        return (f"--kvtc-joint-calibration codes residuals of KVTC coefficients; it needs --kvtc-codec kvtc, not "
+                f"{config.codec}")
+    if config.l3:
+        return ("--kvtc-joint-calibration cannot be combined with --kvtc-l3 yet: L3 objects would hold residuals "
+                "whose references are not in them; drop one")
+    if tp_size not in (None, 1):
+        return f"--kvtc-joint-calibration runs at --tp-size 1 only for now, got {tp_size}"
+    if not isinstance(config.joint_min_tokens, int) or config.joint_min_tokens < 32:
+        return f"--kvtc-joint-min-tokens must be an integer >= 32, got {config.joint_min_tokens!r}"
+    return None
+
+
 def refused_window(window_tokens: int, page_size: int | None, overlap: bool) -> str | None:
     """Why a recent window is too small for the scheduler, or ``None``: under SGLang's overlap scheduler a
     forward may still write the last row of a request that already finished, so at least that row's page
@@ -175,6 +192,10 @@ class KVTCCacheConfig:
         l3_config: its JSON object: the backend's keys (``path``, ``max_bytes`` for a directory; SGLang's
             Mooncake keys ``master_server_address``, ``local_hostname``, ``protocol``, ...) and kvtc's
             (``chunk_tokens``, ``prefetch_timeout_s``, ``write_queue_depth``, ``secret_file``, ``min_chunks``).
+        joint_calibration: joint encoding across requests (:mod:`~kvtc_sglang.cache.joint`): the residual
+            calibration (``python -m kvtc_sglang.calibration.residual``); its reference calibration is the file
+            its header names, in the same folder. ``""``: off.
+        joint_min_tokens: the shortest span of text another branch holds that is coded as a residual.
     """
 
     calibration: str
@@ -195,8 +216,13 @@ class KVTCCacheConfig:
     codec: str = "kvtc"
     l3: str = ""
     l3_config: str = "{}"
+    joint_calibration: str = ""
+    joint_min_tokens: int = 128
 
     def __post_init__(self) -> None:
+        refused = refused_joint(self)
+        if refused:
+            raise ValueError(refused)
         if self.l3 not in L3_BACKENDS:
             raise ValueError(f"l3 must be one of {L3_BACKENDS} ('' for none), got {self.l3!r}")
         try:

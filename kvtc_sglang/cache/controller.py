@@ -35,6 +35,7 @@ import torch
 
 from ..codec import KVTCCodec, RawCodec
 from ..codec.blob import BlobHeader
+from .joint import encode_planned
 from .kv_io import PoolKV
 from .ranks import DecisionDigest, LocalAgreement
 from .stats import KVTCStats
@@ -56,6 +57,8 @@ class EncodeJob:
     results: list[tuple[torch.Tensor, BlobHeader]] = field(default_factory=list)
     references: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)  # verify_restores
     seconds: float = 0.0
+    plans: list[Any] = field(default_factory=list)  # joint encoding: a JointPlan per target (None: a plain blob)
+    made: dict[int, tuple[torch.Tensor, BlobHeader]] = field(default_factory=dict)  # target -> its new reference
 
     @property
     def num_tokens(self) -> int:
@@ -107,6 +110,7 @@ class KVTCController:
         self._executor: ThreadPoolExecutor | None = None
         self._jobs: deque[EncodeJob] = deque()
         self._seq = 0
+        self.joint: Any = None  # joint encoding's codec (codec/joint.py JointCodec), set by the factory
 
     # ----- streams -----
 
@@ -147,14 +151,15 @@ class KVTCController:
     def pending_tokens(self) -> int:
         return sum(job.num_tokens for job in self._jobs)
 
-    def submit(self, targets: list[tuple[TreeNode, torch.Tensor, int]]) -> EncodeJob:
+    def submit(self, targets: list[tuple[TreeNode, torch.Tensor, int]], plans: list[Any] | None = None) -> EncodeJob:
         """Queue an encode of ``(node, slots [T_i] int64, first position)``; the caller keeps the slots
-        (and the rows they name) untouched until the job is committed or drained."""
+        (and the rows they name) untouched until the job is committed or drained. ``plans``: joint encoding's
+        :class:`~kvtc_sglang.cache.joint.JointPlan` per target (None: a plain blob)."""
         if not self.background:
-            job = self.encode_now(targets)
+            job = self.encode_now(targets, plans)
         else:
             self._seq += 1
-            job = EncodeJob(self._seq, targets)
+            job = EncodeJob(self._seq, targets, plans=list(plans or []))
             if self._executor is None:
                 # On the CPU the worker computes with one torch thread (a per-thread setting): the forward keeps
                 # its threads, and the encoder takes what the scheduler's Python leaves idle.
@@ -169,12 +174,13 @@ class KVTCController:
         if self.kv.device.type == "cpu":
             torch.set_num_threads(1)
 
-    def encode_now(self, targets: list[tuple[TreeNode, torch.Tensor, int]]) -> EncodeJob:
+    def encode_now(self, targets: list[tuple[TreeNode, torch.Tensor, int]], plans: list[Any] | None = None
+                   ) -> EncodeJob:
         """Encode on the calling thread and return the finished job, not queued (tools, tests, inline mode). It
         runs on the inline stream (never the worker's), and every later batch waits on it: its nodes' slots may
         be freed as soon as it returns."""
         self._seq += 1
-        job = EncodeJob(self._seq, targets)
+        job = EncodeJob(self._seq, targets, plans=list(plans or []))
         try:
             self._encode(job, "inline", self.fences.issued())
         except (RuntimeError, ValueError, MemoryError):  # as a worker job's error: no blobs, the nodes stay
@@ -190,12 +196,21 @@ class KVTCController:
         t0 = time.perf_counter()
         segments = [(slots, torch.arange(lo, lo + len(slots))) for _, slots, lo in job.targets]
         self.fences.keep(stream, *(slots for _, slots, _ in job.targets))
+        plans = job.plans or [None] * len(segments)
+        plain = [i for i, p in enumerate(plans) if p is None]
+        # a residual's reference blob is read after its put (its bytes are in the store's rows)
+        events = (*events, *(p.ready for p in plans if p is not None and p.ready is not None))
         try:
             with self.fences.enter(stream, events):
                 # Reads the rows in place (fused Triton kernels on CUDA, gather + torch on CPU); host syncs of the
                 # codec (blob sizes, CRC values, headers) block this thread only.
-                blobs = self.codec.encode_rows_many(self.kv.k_buffers, self.kv.v_buffers, segments)
-                job.results = [(blob, self.codec.read_header(blob)) for blob in blobs]
+                blobs = self.codec.encode_rows_many(self.kv.k_buffers, self.kv.v_buffers, [segments[i] for i in plain])
+                results: list[Any] = [None] * len(segments)
+                for i, blob in zip(plain, blobs, strict=True):
+                    results[i] = (blob, self.codec.read_header(blob))
+                if len(plain) < len(segments):
+                    job.made = encode_planned(self.joint, self.kv, segments, plans, results)
+                job.results = results
         finally:  # also after an error: the rows it read may be freed once the forward has waited on this
             job.done_event = self.fences.done(stream)
         job.seconds = time.perf_counter() - t0
@@ -208,7 +223,11 @@ class KVTCController:
         restore that wrote them late, differs from it (a blob's own decode would not show the first)."""
         self.fences.synchronize()
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-        for _, slots, lo in job.targets:
+        plans = job.plans or [None] * len(job.targets)
+        for (_, slots, lo), plan in zip(job.targets, plans, strict=True):
+            if plan is not None:  # a residual decodes through its reference: not this codec's round trip
+                out.append(None)
+                continue
             k, v = self.kv.gather(slots)  # [L, T, H, D] each
             k2, v2, _ = self.codec.decode(self.codec.encode(k, v, torch.arange(lo, lo + len(slots))))
             out.append((k2.cpu(), v2.cpu()))

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..codec import ArtifactError, KVTCCodec, RawCodec, load_artifact
+from ..codec.joint import load_joint
 from ..codec.spec import spec_from_config
 from ..codec.tp import rank_artifact_path, rank_spec
 from ..tiers.keys import KeyScheme, scheme_digest
@@ -19,6 +20,7 @@ from ..tiers.l3_client import L3Client
 from .config import (
     ENV_VAR,
     KVTCCacheConfig,
+    refused_joint,
     refused_server_option,
     refused_tp,
     refused_window,
@@ -107,6 +109,15 @@ def build_kvtc_cache(ctx: Any) -> KVTCRadixCache:
     else:
         codec = KVTCCodec(artifact, chunk_bytes=config.chunk_bytes, dot_precision=precision)
     cache = KVTCRadixCache(ctx.params, codec, config, agreement=agreement)
+    refused = refused_joint(config, tp_size)
+    if refused:
+        raise ValueError(f"kvtc: {refused}")
+    if config.joint_calibration:
+        try:
+            joint = load_joint(config.joint_calibration, expect=expect, chunk_bytes=config.chunk_bytes)
+        except (ArtifactError, OSError) as e:
+            raise ValueError(f"kvtc: --kvtc-joint-calibration: {e}") from e
+        cache.enable_joint(joint)
     if config.l3:
         cache.l3 = build_l3(cache, config, artifact.spec, str(getattr(model_config, "model_path", "model")),
                             tp_size=tp_size, tp_rank=tp_rank)  # fmt: skip

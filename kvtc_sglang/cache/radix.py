@@ -61,6 +61,7 @@ from .evict_steps import EvictSteps
 from .eviction import TreeEviction
 from .governor import WINDOW_POOLS, EncodeGovernor
 from .guards import NodeGuards, TickClock
+from .joint import JointBook
 from .kv_io import PoolKV
 from .placement import BlobPlacement
 from .policy import CompressionPolicy
@@ -148,6 +149,16 @@ class KVTCRadixCache(RadixCache):
     @l3.setter
     def l3(self, tier: Any) -> None:
         self._l3 = self.eviction.l3 = self.planner.l3 = tier  # write-back at drops; chunk cuts, write-through
+
+    def enable_joint(self, codec: Any, seen_tokens: int | None = None) -> None:
+        """Joint encoding across requests (:mod:`~kvtc_sglang.cache.joint`) with ``codec`` (a ``JointCodec``);
+        the index remembers ``seen_tokens`` tokens of plain blobs (default: four pools' worth)."""
+        size = self.token_to_kv_pool_allocator.size
+        book = JointBook(fetch=self.placement.fetch, free=self.placement.free, stats=self.stats,
+                         page_size=self.page_size, min_tokens=self.config.joint_min_tokens,
+                         seen_tokens=seen_tokens or 4 * size)  # fmt: skip
+        self.ctl.joint = codec
+        self.io.joint = self.planner.joint = book
 
     # ----- the parts' methods tests call on the cache: one-line delegations to their owners -----
     _pending = property(lambda self: self.guards.pending)  # nodes whose rows the encoder reads, and its job

@@ -59,6 +59,11 @@ _COUNTERS = (
     ("host_full", "host_full", "Blobs that could not move to host memory (no room) and were dropped."),
     ("host_adopted", "host_adopted", "New blobs the KV pool's store could not take, kept in host memory instead."),
     ("host_seconds", "host_seconds", "Scheduler-thread seconds spent moving blobs to host memory."),
+    ("joint_matches", "joint_matches", "Spans of encodes that matched text another branch holds (joint encoding)."),
+    ("joint_references_made", "joint_references_made", "Shared reference blobs made (joint encoding)."),
+    ("joint_references_dropped", "joint_references_dropped", "Reference blobs freed with their last dependant."),
+    ("joint_restored_tokens", "joint_restored_tokens", "Tokens restored from residual blobs (joint encoding)."),
+    ("joint_discards", "joint_discards", "Residual encodes thrown away (reference gone, or no store room)."),
     ("l3_offered", "l3_offered", "Chunk objects offered to the L3 store (at commit; at a drop when written back)."),
     ("l3_put_objects", "l3_put_objects", "Objects written to the L3 store."),
     ("l3_put_bytes", "l3_put_bytes", "Bytes written to the L3 store."),
@@ -85,6 +90,12 @@ _GAUGES = (
     ("store_use", "store_usage", "Share of the compressed store in use (0..1)."),
     ("host_resident_tokens", "host_resident_tokens", "Tokens held compressed in host memory now."),
     ("host_resident_bytes", "host_resident_bytes", "Host-tier bytes in use now."),
+    ("joint_references", "joint_references", "Shared reference blobs held now (joint encoding)."),
+    ("joint_reference_tokens", "joint_reference_tokens", "Tokens the reference blobs hold now."),
+    ("joint_reference_bytes", "joint_reference_bytes", "Bytes of reference blobs held now."),
+    ("joint_residual_blobs", "joint_residual_blobs", "Blobs coded as residuals against a reference now."),
+    ("joint_residual_tokens", "joint_residual_tokens", "Tokens held as residuals against a reference now."),
+    ("joint_residual_bytes", "joint_residual_bytes", "Bytes of residual blobs held now."),
 )
 PREFIX = "sglang:kvtc_"
 

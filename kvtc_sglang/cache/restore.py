@@ -17,15 +17,17 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
-from ..codec import BlobError
+from ..codec import BlobError, KVTCCodec
+from ..codec.joint import MixedCodec, ResidualSource
 from .controller import KVTCController
 from .eviction import TreeEviction
 from .guards import NodeGuards
+from .joint import Reference
 from .placement import BlobPlacement
 from .stats import KVTCStats
 from .store import BlobStore
 from .surgery import TreeSurgery
-from .transcode import Transcoder
+from .transcode import CompressedNode, Transcoder
 from .wanted import WantedBlobs
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class PathRestorer:
         self.ctl = ctl
         self.stats = stats
         self.wanted = wanted
+        self._mixed_codec: MixedCodec | None = None  # plain and residual blobs in one restore (joint encoding)
 
     def load_back(self, promised: int, target: TreeNode, req: Any) -> tuple[int, TreeNode]:
         """SGLang's ``init_load_back`` for ``req`` (or ``None``), whose match promised ``promised`` tokens ending at
@@ -101,6 +104,26 @@ class PathRestorer:
             tree.evict(EvictParams(num_tokens=short))
         return allocator.alloc(num_tokens) if allocator.available_size() >= num_tokens else None
 
+    def _references(self, entries: list[CompressedNode]) -> list[Reference | None]:
+        """Each entry's shared reference (joint encoding), or ``None`` for a plain blob."""
+        book = self.io.joint
+        return [book.refs[e.joint.ref] if e.joint is not None and book is not None else None for e in entries]
+
+    def _source(self, entry: CompressedNode, ref: Reference | None) -> torch.Tensor | ResidualSource:
+        """What the codec reads for ``entry``: its blob, or its residual blob with its reference's."""
+        blob = self.placement.fetch(entry.handle)
+        if ref is None or entry.joint is None:
+            return blob
+        return ResidualSource(blob, self.placement.fetch(ref.handle), ref.header, entry.joint.lo, entry.joint.hi)
+
+    def _mixed(self) -> MixedCodec:
+        if self._mixed_codec is None:
+            if not isinstance(self.ctl.codec, KVTCCodec):
+                name = type(self.ctl.codec).__name__
+                raise RuntimeError(f"joint encoding needs the KVTC codec, the cache has {name}")
+            self._mixed_codec = MixedCodec(self.ctl.codec, self.ctl.joint)
+        return self._mixed_codec
+
     def restore_many(self, nodes: list[TreeNode]) -> bool:
         """Decode compressed ``nodes`` (one path, top down) into fresh slots with one codec call; each keeps its
         blob. ``False`` if it cannot: no memory, a damaged blob (that node is dropped, the rest stay
@@ -116,11 +139,14 @@ class PathRestorer:
         t0 = time.perf_counter()
         bad: int | None = None  # the damaged blob's index
         error: Exception | None = None
+        refs = self._references(entries)
         try:  # every check runs before the first row is written: a bad blob leaves the slots untouched
             self.ctl.restore(
-                lambda: [self.placement.fetch(e.handle) for e in entries], [e.header for e in entries], targets,
-                ready=[e.handle.ready for e in entries],
+                lambda: [self._source(e, r) for e, r in zip(entries, refs, strict=True)],  # type: ignore[misc]
+                [e.header for e in entries],
+                targets, ready=[e.handle.ready for e in entries] + [r.handle.ready for r in refs if r is not None],
                 references=[e.reference for e in entries] if self.ctl.verify else None,
+                codec=self._mixed() if any(r is not None for r in refs) else None,
             )
         except BlobError as e:
             bad, error = e.blob_index or 0, e
@@ -161,4 +187,6 @@ class PathRestorer:
             self.io.retain(node, replace(entry, restored=True))
             self.stats.restores += 1
             self.stats.restored_tokens += entry.node_tokens
+            if entry.joint is not None:
+                self.stats.joint_restored_tokens += entry.node_tokens
         return True

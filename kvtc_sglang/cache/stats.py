@@ -63,6 +63,18 @@ class KVTCStats:
     host_restored_tokens: int = 0
     host_dropped_tokens: int = 0  # compressed tokens dropped from host memory
     host_seconds: float = 0.0  # scheduler-thread seconds of demotions (on a GPU: issuing the copies)
+    # joint encoding across requests (joint.py): references shared by residual blobs of the same text
+    joint_references: int = 0  # references stored now
+    joint_reference_tokens: int = 0
+    joint_reference_bytes: int = 0
+    joint_residual_blobs: int = 0  # blobs coded as residuals now (retained or compressed)
+    joint_residual_tokens: int = 0
+    joint_residual_bytes: int = 0
+    joint_matches: int = 0  # spans of encode targets that matched a reference or seen text
+    joint_references_made: int = 0
+    joint_references_dropped: int = 0  # freed with their last dependant
+    joint_restored_tokens: int = 0  # tokens restored from residual blobs
+    joint_discards: int = 0  # residual encodes thrown away: the reference went, or the store could not take it
     # the L3 tier (l3_tier.py; l3_put_*/l3_get_* mirror its client's counters)
     l3_offered: int = 0  # objects built at commits (queued or dropped)
     l3_parked: int = 0  # requests held back while their chunks were looked up
@@ -82,8 +94,10 @@ class KVTCStats:
 
     @property
     def ratio(self) -> float:
-        """Achieved compression of what is resident now (raw KV bytes / blob bytes)."""
-        return self.resident_raw_bytes / self.resident_blob_bytes if self.resident_blob_bytes else 0.0
+        """Achieved compression of what is resident now (raw KV bytes / blob bytes, the shared references' bytes
+        included in full: they are stored for retained nodes' residuals too)."""
+        held = self.resident_blob_bytes + self.joint_reference_bytes
+        return self.resident_raw_bytes / held if self.resident_blob_bytes else 0.0
 
     @property
     def store_ratio(self) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..codec.blob import BlobHeader
+from .joint import JointBook, JointLink
 from .kv_io import PoolKV
 from .placement import BlobPlacement
 from .policy import CompressionPolicy
@@ -37,6 +38,7 @@ class CompressedNode:
     skip: int = 0
     restored: bool = False  # decoded at least once (a blob dropped before that was encoded for nothing)
     reference: tuple | None = None  # (K, V) [L, T, H, D] on the host, what the blob decoded to (verify_restores)
+    joint: JointLink | None = None  # a residual blob: the shared reference it decodes against (joint.py)
 
     @property
     def node_tokens(self) -> int:
@@ -52,15 +54,27 @@ class Transcoder:
         self.store = placement.store
         self.stats = stats
         self.policy = policy
+        self.joint: JointBook | None = None  # joint encoding: references released with their last dependant
         self.entries: dict[TreeNode, CompressedNode] = {}
         self.retained: dict[TreeNode, CompressedNode] = {}
         kb = kv.k_buffers[0]
         self.token_bytes = 2 * len(kv.k_buffers) * kb[0].numel() * kb.element_size()  # raw KV bytes per token
 
     def make_entry(
-        self, handle: BlobHandle, start: int, num_tokens: int, header: BlobHeader, reference: tuple | None = None
+        self, handle: BlobHandle, start: int, num_tokens: int, header: BlobHeader, *, reference: tuple | None = None,
+        joint: JointLink | None = None,
     ) -> CompressedNode:
-        return CompressedNode(handle, start, num_tokens, num_tokens * self.token_bytes, header, reference=reference)
+        entry = CompressedNode(handle, start, num_tokens, num_tokens * self.token_bytes, header, reference=reference,
+                               joint=joint)
+        if joint is not None and self.joint is not None:
+            self.joint.depend(joint, num_tokens, handle.nbytes)
+        return entry
+
+    def _free(self, entry: CompressedNode) -> None:
+        """Give ``entry``'s blob back (and its reference, when it was the last to depend on it)."""
+        self.placement.free(entry.handle)
+        if entry.joint is not None and self.joint is not None:
+            self.joint.release(entry.joint, entry.num_tokens, entry.handle.nbytes)
 
     # ----- books -----
 
@@ -102,7 +116,7 @@ class Transcoder:
     def retain(self, node: TreeNode, entry: CompressedNode) -> None:
         """Keep ``entry`` for device ``node`` if the blob covers exactly the node; else free it."""
         if entry.skip:
-            self.placement.free(entry.handle)
+            self._free(entry)
             return
         self.retained[node] = entry
         self.policy.index_blob(node, kept=True)
@@ -117,7 +131,7 @@ class Transcoder:
     def drop_retained(self, node: TreeNode) -> None:
         if node in self.retained:
             entry = self.take_retained(node)
-            self.placement.free(entry.handle)
+            self._free(entry)
             self.stats.dropped_kept_tokens += entry.num_tokens
             if not entry.restored:
                 self.stats.discarded_encoded_tokens += entry.num_tokens
@@ -125,7 +139,7 @@ class Transcoder:
     def free_dropped(self, node: TreeNode) -> CompressedNode:
         """Compressed ``node`` leaves the tree: its blob is freed and counted as dropped."""
         entry = self.pop(node)
-        self.placement.free(entry.handle)
+        self._free(entry)
         s = self.stats
         if entry.handle.on_host:
             s.host_dropped_tokens += entry.node_tokens
@@ -138,8 +152,10 @@ class Transcoder:
     def clear(self) -> None:
         """Forget every blob and give the store's pages back."""
         for entry in [*self.entries.values(), *self.retained.values()]:
-            self.placement.free(entry.handle)
+            self._free(entry)
         self.entries, self.retained = {}, {}
+        if self.joint is not None:
+            self.joint.clear()
         self.policy.clear()
         s = self.stats
         s.resident_nodes = s.resident_tokens = s.resident_raw_bytes = s.resident_blob_bytes = 0

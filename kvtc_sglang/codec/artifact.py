@@ -115,6 +115,20 @@ def _digest(tensors: dict[str, torch.Tensor], header: dict) -> str:
 
 def read_header(path: str | Path) -> dict:
     """The JSON header of an artifact, without loading its tensors."""
+    header = read_json_header(path)
+    if header.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: format is {header.get('format')!r}, expected {FORMAT!r}")
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: calibration format version {version!r}, this kvtc-sglang reads version {FORMAT_VERSION}; "
+            "re-run calibration with this version"
+        )
+    return header
+
+
+def read_json_header(path: str | Path) -> dict:
+    """The ``__metadata__["kvtc"]`` JSON object of a safetensors file (any kvtc format; the caller checks which)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"calibration file not found: {path} (run: python -m kvtc_sglang.calibration)")
@@ -135,14 +149,6 @@ def read_header(path: str | Path) -> dict:
         raise ArtifactError(f"{path} has a corrupt KVTC header: {e}") from e
     if not isinstance(header, dict):
         raise ArtifactError(f"{path}: the KVTC header is a JSON {type(header).__name__}, expected an object")
-    if header.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: format is {header.get('format')!r}, expected {FORMAT!r}")
-    version = header.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: calibration format version {version!r}, this kvtc-sglang reads version {FORMAT_VERSION}; "
-            "re-run calibration with this version"
-        )
     return header
 
 

@@ -26,6 +26,7 @@ from ..cache.config import (
     ENV_VAR,
     KVTCCacheConfig,
     parse_bytes,
+    refused_joint,
     refused_server_option,
     refused_tp,
     refused_window,
@@ -92,6 +93,12 @@ _OPTIONS = (  # (flag, dest, type, config field, help)
      "JSON for --kvtc-l3: the backend's keys ({\"path\": DIR} for a directory; SGLang's Mooncake keys such as "
      "{\"master_server_address\": \"HOST:PORT\"}) and kvtc's (chunk_tokens, prefetch_timeout_s, "
      "write_queue_depth, secret_file, min_chunks)."),
+    ("--kvtc-joint-calibration", "kvtc_joint_calibration", str, "joint_calibration",
+     "Joint encoding across requests (opt-in): text another radix branch holds is stored as a residual against "
+     "one shared reference blob. The residual calibration (python -m kvtc_sglang.calibration.residual); its "
+     "reference calibration must sit in the same folder."),
+    ("--kvtc-joint-min-tokens", "kvtc_joint_min_tokens", int, "joint_min_tokens",
+     "Shortest repeated span coded as a residual (default 128)."),
     ("--kvtc-verify-restores", "kvtc_verify_restores", _flag, "verify_restores",
      "Debugging (0/1): check every restored row against a re-encode of its rows made at commit (default 0)."),
 )
@@ -135,9 +142,17 @@ def config_from_namespace(ns: argparse.Namespace) -> KVTCCacheConfig | None:
     refused = refused_server_option(lambda name: getattr(ns, name, None)) or refused_window(
         config.window_tokens, getattr(ns, "page_size", None), not getattr(ns, "disable_overlap_schedule", False)
     ) or refused_tp(config.idle_seconds, getattr(ns, "tp_size", None))
+    refused = refused or refused_joint(config, getattr(ns, "tp_size", None))
     if refused:
         raise ValueError(refused)
     _check_model(ns, header, config.calibration)
+    if config.joint_calibration:
+        from ..codec.joint import load_joint  # noqa: PLC0415 (opt-in)
+
+        try:
+            load_joint(config.joint_calibration)
+        except (ArtifactError, OSError) as e:
+            raise ValueError(f"--kvtc-joint-calibration: {e}") from e
     return config
 
 

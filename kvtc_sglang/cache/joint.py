@@ -1,0 +1,282 @@
+"""Joint encoding across requests in the cache (``--kvtc-joint-calibration``): text that another radix branch already
+holds is stored as a small residual against one shared *reference* blob instead of a KVTC blob of its own.
+
+The radix tree shares exact prefixes only: agents that read the same file after different histories each hold a
+copy. :class:`JointBook` keeps a :class:`~.content_index.ContentIndex` of token spans per namespace (a LoRA's
+``extra_key`` and a tenant's ``cache_salt`` never share): the text of every plain blob encoded lately ("seen",
+bounded) and of every reference. When the planner is about to encode a node, :meth:`JointBook.split` finds spans of
+at least ``min_tokens`` that match (exact token ids, any offset) and cuts the node so that each match is one node:
+
+- a match of a reference becomes a residual blob against that reference's span;
+- a match of seen text (the text's second copy) becomes a new reference, coded from this node's exact rows at the
+  reference calibration's ratio (8x), and this node's blob a residual against it.
+
+A reference is pinned while any blob depends on it and freed with its last dependant (``dependants``); it lives in
+the pool's blob store beside the other blobs and is never an eviction victim itself. The codec work runs where the
+node's own encode runs (:mod:`~.controller`); a restore decodes references and residuals in the same restore call
+(:class:`~kvtc_sglang.codec.joint.MixedCodec`). Decisions depend on token ids and counts only: every rank of a
+tensor-parallel group would take them alike (joint encoding is refused under tensor parallelism and with the L3
+tier for now: the references' sizes per rank and L3 objects that name references are not built).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, cast
+
+import torch
+
+from ..codec.blob import BlobHeader
+from ..codec.joint import JointCodec, reference_tag
+from .content_index import ContentIndex
+from .kv_io import PoolKV
+from .stats import KVTCStats
+from .store import BlobHandle
+from .tree_walk import TreeNode
+
+
+@dataclass(frozen=True)
+class JointLink:
+    """A residual blob's reference: ``ref`` (a :class:`Reference` id) and the span ``[lo, hi)`` of its tokens."""
+
+    ref: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class JointPlan:
+    """How one encode target is coded: against ``[lo, hi)`` of reference ``ref``, or (``ref`` None) as a new
+    reference of its own tokens. ``fetch``/``header``/``ready``: the reference blob's bytes, header and put event
+    (for the encoder, which decodes the span on its own stream)."""
+
+    ref: int | None
+    lo: int
+    hi: int
+    fetch: Callable[[], Any] | None = None
+    header: BlobHeader | None = None
+    ready: Any = None
+
+
+@dataclass
+class Reference:
+    """A shared reference blob: its tokens (ids), where it is stored and how many blobs depend on it."""
+
+    id: int
+    handle: BlobHandle
+    header: BlobHeader
+    tokens: tuple[int, ...]
+    namespace: tuple
+    dependants: int = 0
+    restores: int = field(default=0)
+
+
+def _of_kind(kind: str) -> Callable[[Hashable], bool]:
+    return lambda owner: isinstance(owner, tuple) and owner[0] == kind
+
+
+def namespace_of(node: TreeNode) -> tuple:
+    """Which nodes may share: the same LoRA (``extra_key``) and tenant salt (``cache_salt``)."""
+    return (getattr(node.key, "extra_key", None), getattr(node.key, "cache_salt", None))
+
+
+def token_ids(node: TreeNode) -> tuple[int, ...]:
+    return tuple(node.key.raw_token_ids())
+
+
+class JointBook:
+    """References, the content indexes and the planner's cuts.
+
+    Args:
+        fetch: a stored blob's bytes (``placement.fetch``); ``free``: give a reference's blob back.
+        stats: the counters (``joint_*``).
+        page_size: cuts land on page multiples of a node.
+        min_tokens: the shortest match worth a residual (and worth a reference).
+        seen_tokens: how many tokens of plain blobs the index remembers (oldest forgotten first).
+    """
+
+    def __init__(self, *, fetch: Callable[[BlobHandle], Any], free: Callable[[BlobHandle], None], stats: KVTCStats,
+                 page_size: int, min_tokens: int, seen_tokens: int) -> None:  # fmt: skip
+        if min_tokens < 2 * page_size or seen_tokens < min_tokens:
+            raise ValueError(f"joint encoding needs min_tokens >= 2 pages ({2 * page_size}) and seen_tokens >= "
+                             f"min_tokens, got {min_tokens} and {seen_tokens}")
+        self._fetch = fetch
+        self._free = free
+        self.stats = stats
+        self.page_size = page_size
+        self.min_tokens = min_tokens
+        self.seen_tokens = seen_tokens
+        self._indexes: dict[tuple, ContentIndex] = {}
+        self._seen: OrderedDict[tuple, int] = OrderedDict()  # ("seen", n, namespace) -> tokens, oldest first
+        self._seen_total = 0
+        self._next = 0
+        self.refs: dict[int, Reference] = {}
+
+    def _index(self, namespace: tuple) -> ContentIndex:
+        if namespace not in self._indexes:
+            self._indexes[namespace] = ContentIndex(window=max(16, self.page_size), min_tokens=self.min_tokens)
+        return self._indexes[namespace]
+
+    # ----- what was encoded -----
+
+    def remember(self, node: TreeNode) -> None:
+        """``node``'s text went into a plain blob: a later copy of it makes a reference."""
+        tokens = token_ids(node)
+        if len(tokens) < self.min_tokens:
+            return
+        self._next += 1
+        owner = ("seen", self._next)
+        ns = namespace_of(node)
+        self._index(ns).add(owner, tokens)
+        self._seen[(owner, ns)] = len(tokens)
+        self._seen_total += len(tokens)
+        while self._seen_total > self.seen_tokens:
+            (old, old_ns), n = self._seen.popitem(last=False)
+            self._index(old_ns).remove(old)
+            self._seen_total -= n
+
+    def add_reference(self, handle: BlobHandle, header: BlobHeader, node: TreeNode, tokens: tuple[int, ...]) -> int:
+        """A new reference stored at ``handle``, made of ``node``'s ``tokens``: its id (no dependant yet)."""
+        self._next += 1
+        ref = Reference(self._next, handle, header, tokens, namespace_of(node))
+        self.refs[ref.id] = ref
+        self._index(ref.namespace).add(("ref", ref.id), tokens)
+        s = self.stats
+        s.joint_references += 1
+        s.joint_reference_tokens += len(tokens)
+        s.joint_reference_bytes += handle.nbytes
+        s.joint_references_made += 1
+        return ref.id
+
+    def depend(self, link: JointLink, num_tokens: int, nbytes: int) -> None:
+        """A residual blob of ``num_tokens`` tokens (``nbytes``) now depends on ``link.ref``."""
+        self.refs[link.ref].dependants += 1
+        self.stats.joint_residual_blobs += 1
+        self.stats.joint_residual_tokens += num_tokens
+        self.stats.joint_residual_bytes += nbytes
+
+    def release(self, link: JointLink, num_tokens: int, nbytes: int) -> None:
+        """A dependant of ``link.ref`` was freed; the reference goes with its last one."""
+        s = self.stats
+        s.joint_residual_blobs -= 1
+        s.joint_residual_tokens -= num_tokens
+        s.joint_residual_bytes -= nbytes
+        self.refs[link.ref].dependants -= 1
+        self.abandon(link.ref)
+
+    def abandon(self, ref_id: int) -> None:
+        """Free reference ``ref_id`` if nothing depends on it (a new one whose first dependant was not stored)."""
+        ref = self.refs[ref_id]
+        if ref.dependants > 0:
+            return
+        s = self.stats
+        del self.refs[ref.id]
+        self._index(ref.namespace).remove(("ref", ref.id))
+        self._free(ref.handle)
+        s.joint_references -= 1
+        s.joint_reference_tokens -= len(ref.tokens)
+        s.joint_reference_bytes -= ref.handle.nbytes
+        s.joint_references_dropped += 1
+
+    def alive(self, ref: int | None) -> bool:
+        return ref is None or ref in self.refs
+
+    def clear(self) -> None:
+        """Forget everything (the cache's reset: every blob was freed already)."""
+        for ref in self.refs.values():
+            self._free(ref.handle)
+        self.refs.clear()
+        self._indexes.clear()
+        self._seen.clear()
+        self._seen_total = 0
+        s = self.stats
+        s.joint_references = s.joint_reference_tokens = s.joint_reference_bytes = 0
+        s.joint_residual_blobs = s.joint_residual_tokens = s.joint_residual_bytes = 0
+
+    # ----- planning -----
+
+    def matches(self, node: TreeNode) -> list[tuple[int, int, JointPlan]]:
+        """Page-aligned ``(start, length, plan)`` spans of ``node`` (offsets in its key) that match a reference or
+        seen text, left to right, each at least ``min_tokens``."""
+        ps = self.page_size
+        out: list[tuple[int, int, JointPlan]] = []
+        index = self._indexes.get(namespace_of(node))
+        if index is None or not len(index):
+            return out
+        tokens = token_ids(node)
+        refs = index.find(tokens, accept=_of_kind("ref"))  # a reference first, where there is one
+        seen = [m for m in index.find(tokens, accept=_of_kind("seen"))
+                if all(m.start + m.length <= r.start or r.start + r.length <= m.start for r in refs)]
+        for m in sorted(refs + seen, key=lambda m: m.start):
+            start = -(-m.start // ps) * ps
+            end = (m.start + m.length) // ps * ps
+            if end - start < self.min_tokens:
+                continue
+            lo = m.owner_start + start - m.start
+            kind, key = cast(tuple[str, int], m.owner)  # the owners this book adds: ("ref" | "seen", n)
+            if kind == "ref":
+                ref: Reference = self.refs[key]
+                out.append((start, end - start, JointPlan(
+                    ref.id, lo, lo + end - start, fetch=partial(self._fetch, ref.handle), header=ref.header,
+                    ready=ref.handle.ready)))
+            else:
+                out.append((start, end - start, JointPlan(None, 0, end - start)))
+        self.stats.joint_matches += len(out)
+        return out
+
+    def split(self, targets: list[tuple[TreeNode, int]], cut: Callable[[TreeNode, int], TreeNode]
+              ) -> list[tuple[TreeNode, int, JointPlan | None]]:
+        """Encode targets ``(node, first position)`` with every match its own node: ``(node, first position,
+        plan)``. ``cut(node, n)`` splits ``node`` after ``n`` tokens and returns the head (the tail stays ``node``)."""
+        out: list[tuple[TreeNode, int, JointPlan | None]] = []
+        for node, lo in targets:
+            done, total = 0, len(node.key)  # tokens of the original node already cut off, and all of them
+            for start, length, plan in self.matches(node):
+                if start > done:
+                    out.append((cut(node, start - done), lo + done, None))
+                head = cut(node, length) if start + length < total else node
+                out.append((head, lo + start, plan))
+                done = start + length
+                if head is node:
+                    break
+            else:
+                out.append((node, lo + done, None))
+        return out
+
+
+def encode_planned(jc: JointCodec, kv: PoolKV, segments: list[tuple[torch.Tensor, torch.Tensor]],
+                   plans: list[JointPlan | None], results: list[Any]) -> dict[int, tuple[torch.Tensor, BlobHeader]]:
+    """The encoder's side (on its thread and stream): residual blobs of the planned targets ``segments[i] =
+    (slots [T_i], positions [T_i])`` into ``results[i] = (blob, header)``, against a stored reference's span (each
+    reference decoded once) or against a new reference made of the target's own rows; returns the new references
+    ``{target: (blob, header)}``."""
+    decoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    made: dict[int, tuple[torch.Tensor, BlobHeader]] = {}
+    planned = [(i, p) for i, p in enumerate(plans) if p is not None]
+    idx = [i for i, _ in planned]
+    coeffs, refs, tags = [], [], []
+    for i, plan in planned:
+        slots, positions = segments[i]
+        c = jc.coefficients_rows(kv.k_buffers, kv.v_buffers, slots, positions)  # ([T, R_k], [T, R_v])
+        if plan.ref is None:
+            blob, ref_c = jc.encode_reference(c, positions, kv.dtype)
+            made[i] = (blob, jc.reference.read_header(blob))
+            tags.append(reference_tag(made[i][1], 0, len(slots)))
+        else:
+            if plan.fetch is None or plan.header is None:
+                raise ValueError(f"a plan against reference {plan.ref} needs its blob and header")
+            if plan.ref not in decoded:
+                (payload,) = jc.read_references([plan.fetch()], kv.device)
+                decoded[plan.ref] = jc.reference_coefficients(payload, plan.header.num_tokens)
+            rk, rv = decoded[plan.ref]
+            ref_c = (rk[plan.lo : plan.hi], rv[plan.lo : plan.hi])
+            tags.append(reference_tag(plan.header, plan.lo, plan.hi))
+        coeffs.append(c)
+        refs.append(ref_c)
+    blobs = jc.encode_residuals(coeffs, refs, tags, [segments[i][1] for i in idx], kv.dtype)
+    for i, blob in zip(idx, blobs, strict=True):
+        results[i] = (blob, jc.read_header(blob))
+    return made
