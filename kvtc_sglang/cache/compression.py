@@ -200,6 +200,8 @@ class CompressionPlanner:
                     digest.mix("store_full", len(slots), lo)
                     if link is not None:
                         self.joint.abandon(link.ref)  # type: ignore[union-attr]  # (a link means joint is on)
+                    if node.value is None:  # a new reference took its slots' pages, and its residual found no room
+                        self.eviction.drop_subtree(node)
                     continue  # the store is full of more recently used blobs
                 entry = self.io.make_entry(handle, lo, len(slots), header, reference=ref, joint=link)
                 if self.joint is not None and plan is None:
@@ -213,6 +215,9 @@ class CompressionPlanner:
                     self.io.retain(node, entry)
                 if self.l3 is not None:  # write-through: the chunk of this blob, once blobs cover it
                     self.l3.writer.committed(node, lo)
+            for plan in job.plans:  # the references this job's encodes read are no longer pinned by it
+                if plan is not None and plan.ref is not None and self.joint is not None:
+                    self.joint.unpin(plan.ref)
 
     def _joint_link(self, node: TreeNode, plan: JointPlan | None, made: tuple | None) -> JointLink | None:
         """The reference a planned target's residual blob decodes against: the plan's, if it is still stored, or
@@ -224,7 +229,7 @@ class CompressionPlanner:
                 return JointLink(plan.ref, plan.lo, plan.hi)
         elif made is not None:
             blob, header = made
-            handle = self._store_blob(node, blob, blob.numel(), release_ok=False)  # the node's slots hold its rows
+            handle = self._store_blob(node, blob, blob.numel())  # may free the node's slots: the residual keeps it
             if handle is not None:
                 return JointLink(self.joint.add_reference(handle, header, node, token_ids(node)), 0, len(node.key))
         self.stats.joint_discards += 1
@@ -238,8 +243,7 @@ class CompressionPlanner:
         self.stats.compressions += 1
         self.stats.compressed_tokens += entry.num_tokens
 
-    def _store_blob(self, node: TreeNode, blob: torch.Tensor, reserve: int, release_ok: bool = True
-                    ) -> BlobHandle | None:
+    def _store_blob(self, node: TreeNode, blob: torch.Tensor, reserve: int) -> BlobHandle | None:
         """Put ``blob`` in the store in ``reserve`` bytes (at least its own size; the ranks' largest under
         tensor parallelism), dropping other blobs for room if the store is at its cap. When the pool has no
         free page for the store to borrow, the node's own slots are released first (the blob is smaller than
@@ -255,8 +259,8 @@ class CompressionPlanner:
             return None
         allocator = self.tree.token_to_kv_pool_allocator
         release = allocator.available_size() < pages * ps
-        held = not release_ok or len(node.value) < pages * ps or allocator.free_group is not None or node.lock_ref > 0
-        if release and held:
+        if release and (node.value is None or len(node.value) < pages * ps or allocator.free_group is not None
+                        or node.lock_ref > 0):
             self.stats.store_full += 1
             return None
         if release:

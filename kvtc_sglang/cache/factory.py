@@ -114,7 +114,8 @@ def build_kvtc_cache(ctx: Any) -> KVTCRadixCache:
         raise ValueError(f"kvtc: {refused}")
     if config.joint_calibration:
         try:
-            joint = load_joint(config.joint_calibration, expect=expect, chunk_bytes=config.chunk_bytes)
+            joint = load_joint(config.joint_calibration, expect=expect, chunk_bytes=config.chunk_bytes,
+                               dot_precision=precision)
         except (ArtifactError, OSError) as e:
             raise ValueError(f"kvtc: --kvtc-joint-calibration: {e}") from e
         cache.enable_joint(joint)

@@ -11,8 +11,9 @@ at least ``min_tokens`` that match (exact token ids, any offset) and cuts the no
 - a match of seen text (the text's second copy) becomes a new reference, coded from this node's exact rows at the
   reference calibration's ratio (8x), and this node's blob a residual against it.
 
-A reference is pinned while any blob depends on it and freed with its last dependant (``dependants``); it lives in
-the pool's blob store beside the other blobs and is never an eviction victim itself. The codec work runs where the
+A reference is pinned while any blob depends on it, or any queued encode reads it, and freed with its last
+dependant (``dependants``); it lives in the pool's blob store beside the other blobs and is never an eviction
+victim itself. The codec work runs where the
 node's own encode runs (:mod:`~.controller`); a restore decodes references and residuals in the same restore call
 (:class:`~kvtc_sglang.codec.joint.MixedCodec`). Decisions depend on token ids and counts only: every rank of a
 tensor-parallel group would take them alike (joint encoding is refused under tensor parallelism and with the L3
@@ -181,6 +182,15 @@ class JointBook:
         s.joint_reference_bytes -= ref.handle.nbytes
         s.joint_references_dropped += 1
 
+    def pin(self, ref_id: int) -> None:
+        """An encode planned against ``ref_id`` is queued: keep the reference until it is committed."""
+        self.refs[ref_id].dependants += 1
+
+    def unpin(self, ref_id: int) -> None:
+        """That encode was committed (or thrown away): the reference goes if nothing else depends on it."""
+        self.refs[ref_id].dependants -= 1
+        self.abandon(ref_id)
+
     def alive(self, ref: int | None) -> bool:
         return ref is None or ref in self.refs
 
@@ -219,6 +229,7 @@ class JointBook:
             kind, key = cast(tuple[str, int], m.owner)  # the owners this book adds: ("ref" | "seen", n)
             if kind == "ref":
                 ref: Reference = self.refs[key]
+                self.pin(ref.id)  # its encode reads the reference's bytes: they stay until the commit
                 out.append((start, end - start, JointPlan(
                     ref.id, lo, lo + end - start, fetch=partial(self._fetch, ref.handle), header=ref.header,
                     ready=ref.handle.ready)))

@@ -83,7 +83,11 @@ class JointCodec:
         self._fp8: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _backend(self, device: torch.device) -> TorchBackend:
-        return self.reference._torch(device)  # noqa: SLF001 (the codec's own torch backend, fp32 projections)
+        """The reference codec's torch backend for ``device``: its own (with its ``dot_precision``, bf16 projections
+        on a CPU that has them) where that is the torch one, else a plain fp32 one (the Triton kernels have no
+        residual path)."""
+        backend = self.reference.payload_backend(device)
+        return backend if isinstance(backend, TorchBackend) else self.reference._torch(device)  # noqa: SLF001
 
     def _scales(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._fp8:
