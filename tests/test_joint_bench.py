@@ -161,7 +161,9 @@ def test_report_lists_joint_metrics(trace):
     assert joint_keys(report["summaries"]) == ["joint_reference_bytes", "joint_residual_tokens_total"]
     text = format_report(report)
     assert "| joint_residual_tokens_total | - | - | 4800 (2400, 2400) |" in text
-    assert "| blob bytes per compressed token | - | 100.0 (100.0, 100.0) | 100.0 (100.0, 100.0) |" in text
+    # the shared references count: (400,000 + 70,000) bytes over 4,000 compressed tokens
+    row = "| bytes per compressed token (references included) | - | 100.0 (100.0, 100.0) | 117.5 (117.5, 117.5) |"
+    assert row in text
     assert "| machine load (1-min) before / after | 0.5 / 1.0, 0.5 / 1.0 |" in text
     assert "0.50x (runs 0.50x, 0.50x; spread 0 points)" in text and "1.00x (reference)" in text
     assert (

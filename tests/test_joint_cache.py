@@ -12,6 +12,8 @@ import torch
 from conftest import rel_err
 
 from kvtc_sglang.cache.config import KVTCCacheConfig
+from kvtc_sglang.cache.joint import JointBook, JointLink
+from kvtc_sglang.cache.store import BlobHandle
 from kvtc_sglang.codec import ArtifactError, KVTCCodec
 from kvtc_sglang.codec.joint import BlobReferenceError, JointCodec, ResidualSource, load_joint, reference_tag
 from kvtc_sglang.codec.quant import decode_coefficients, encode_coefficients
@@ -186,3 +188,61 @@ def test_damaged_reference_is_a_miss_never_wrong_kv(codec, artifact, joint, lm, 
     assert cache.stats.checksum_failures == 1 and n < len(seqs[2])
     assert rel_err(k, k_ref[:, :n]) < 0.35
     check_invariants(cache)
+
+
+class _Key:
+    """A radix key's surface the book reads: token ids and the namespaces."""
+
+    def __init__(self, tokens: list[int], extra_key: str | None = None, cache_salt: str | None = None) -> None:
+        self.tokens, self.extra_key, self.cache_salt = tokens, extra_key, cache_salt
+
+    def raw_token_ids(self) -> list[int]:
+        return self.tokens
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class _Node:
+    def __init__(self, key: _Key) -> None:
+        self.key = key
+
+
+def _book(freed: list) -> JointBook:
+    from kvtc_sglang.cache.stats import KVTCStats
+
+    return JointBook(fetch=lambda h: h, free=freed.append, stats=KVTCStats(), page_size=1, min_tokens=32,
+                     seen_tokens=10_000)
+
+
+def _handle(nbytes: int = 100) -> BlobHandle:
+    return BlobHandle(torch.zeros(1, dtype=torch.int64), nbytes)
+
+
+def test_reference_lives_while_pinned_or_depended_on_and_goes_with_the_last():
+    freed: list = []
+    book = _book(freed)
+    text = list(range(1000, 1200))
+    ref = book.add_reference(_handle(), header=None, node=_Node(_Key(text)), tokens=tuple(text))  # type: ignore[arg-type]
+    link = JointLink(ref, 0, 200)
+    book.depend(link, 200, 10)
+    book.pin(ref)  # a queued encode reads it
+    book.release(link, 200, 10)  # its only blob goes: the queued encode still holds it
+    assert book.alive(ref) and not freed
+    book.unpin(ref)  # committed: nothing depends on it now
+    assert not book.alive(ref) and len(freed) == 1
+    assert book.stats.joint_references == book.stats.joint_reference_bytes == 0
+    assert book.stats.joint_references_dropped == 1
+
+
+def test_text_is_shared_within_a_namespace_only():
+    book = _book([])
+    text = list(range(5000, 5300))
+    for ns in (None, "lora-a"):
+        book.remember(_Node(_Key([1, 2, 3, *text], extra_key=ns)))
+    # the same text after another history, in each namespace: a match (its second copy makes a reference)
+    for ns in (None, "lora-a"):
+        [(start, length, plan)] = book.matches(_Node(_Key([9, 9, *text, 7], extra_key=ns)))
+        assert (start, length, plan.ref) == (2, 300, None)
+    assert book.matches(_Node(_Key([9, 9, *text], extra_key="lora-b"))) == []  # another LoRA: never shared
+    assert book.matches(_Node(_Key([9, 9, *text], cache_salt="tenant-2"))) == []  # another tenant: never shared

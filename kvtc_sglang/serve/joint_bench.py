@@ -111,8 +111,15 @@ def _kv(run: dict[str, Any], name: str, scale: float = 1.0) -> float | None:
     return None if x is None else x * scale
 
 
+def held_bytes(run: dict[str, Any]) -> float | None:
+    """Bytes of the compressed nodes' blobs plus every shared reference (joint encoding; charged in full to the
+    compressed tokens, though retained nodes' residuals read them too)."""
+    used = _kv(run, "resident_bytes")
+    return None if used is None else used + (_kv(run, "joint_reference_bytes") or 0.0)
+
+
 def bytes_per_token(run: dict[str, Any]) -> float | None:
-    tokens, used = _kv(run, "resident_tokens"), _kv(run, "resident_bytes")
+    tokens, used = _kv(run, "resident_tokens"), held_bytes(run)
     return used / tokens if tokens and used is not None else None
 
 
@@ -146,7 +153,8 @@ ROWS: tuple[tuple[str, Callable[[dict[str, Any]], float | None], str, bool], ...
     ("kvtc dropped tokens (store)", lambda r: _kv(r, "dropped_tokens_total"), ".0f", True),
     ("resident compressed tokens (end of run)", lambda r: _kv(r, "resident_tokens"), ".0f", False),
     ("resident blob KiB (end of run)", lambda r: _kv(r, "resident_bytes", 1 / 1024), ".1f", False),
-    ("blob bytes per compressed token", bytes_per_token, ".1f", False),
+    ("blob + reference KiB (end of run)", lambda r: None if (b := held_bytes(r)) is None else b / 1024, ".1f", False),
+    ("bytes per compressed token (references included)", bytes_per_token, ".1f", False),
     ("compression ratio (resident)", lambda r: _kv(r, "compression_ratio"), ".1f", False),
     ("kvtc codec s", lambda r: r["codec_s"], ".2f", True),
     ("workload wall time (s)", lambda r: r["wall_s"], ".1f", True),
