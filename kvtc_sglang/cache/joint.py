@@ -135,8 +135,13 @@ class JointBook:
         self._seen[(owner, ns)] = len(tokens)
         self._seen_total += len(tokens)
         while self._seen_total > self.seen_tokens:
-            (old, old_ns), n = self._seen.popitem(last=False)
-            self._index(old_ns).remove(old)
+            self._forget(next(iter(self._seen)))
+
+    def _forget(self, seen: tuple) -> None:
+        """Drop ``seen = (owner, namespace)`` from the index (gone already: nothing)."""
+        n = self._seen.pop(seen, None)
+        if n is not None:
+            self._index(seen[1]).remove(seen[0])
             self._seen_total -= n
 
     def add_reference(self, handle: BlobHandle, header: BlobHeader, node: TreeNode, tokens: tuple[int, ...]) -> int:
@@ -233,7 +238,8 @@ class JointBook:
                 out.append((start, end - start, JointPlan(
                     ref.id, lo, lo + end - start, fetch=partial(self._fetch, ref.handle), header=ref.header,
                     ready=ref.handle.ready)))
-            else:
+            else:  # the text's second copy makes its reference: no other copy makes one of the same text meanwhile
+                self._forget((m.owner, namespace_of(node)))
                 out.append((start, end - start, JointPlan(None, 0, end - start)))
         self.stats.joint_matches += len(out)
         return out
