@@ -246,3 +246,12 @@ def test_text_is_shared_within_a_namespace_only():
         assert (start, length, plan.ref) == (2, 300, None)
     assert book.matches(_Node(_Key([9, 9, *text], extra_key="lora-b"))) == []  # another LoRA: never shared
     assert book.matches(_Node(_Key([9, 9, *text], cache_salt="tenant-2"))) == []  # another tenant: never shared
+
+
+def test_one_reference_per_text_while_the_first_is_being_made():
+    book = _book([])
+    text = list(range(7000, 7400))
+    book.remember(_Node(_Key([1, *text])))
+    [(_, _, plan)] = book.matches(_Node(_Key([2, 2, *text])))  # the second copy: it makes the reference
+    assert plan.ref is None
+    assert book.matches(_Node(_Key([3, 3, 3, *text]))) == []  # the third, before that commit: a plain blob

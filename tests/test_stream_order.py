@@ -83,7 +83,7 @@ def _run(codec, artifact, kv_bank, monkeypatch, *, ps: int, mode: str, overlap: 
     produce(allocator, "free_segment", free=True)
     produce(cache, "_split_node", free=False)
     submit = ctl.submit
-    monkeypatch.setattr(ctl, "submit", lambda targets: (log.add("submit"), submit(targets))[1])
+    monkeypatch.setattr(ctl, "submit", lambda targets, plans=None: (log.add("submit"), submit(targets, plans))[1])
     if fail_restore:  # the first restore writes its first blob's rows, then fails
         name = "write_rows_many" if hasattr(ctl.codec, "write_rows_many") else "decode_rows_many"  # (one call)
         write = getattr(ctl.codec, name)
