@@ -133,33 +133,32 @@ class CompressionPlanner:
     def _cut(self, spans: list[Span]) -> list[tuple[TreeNode, int]]:
         """Split each span's node so that one node covers exactly ``[lo, hi)``: ``(node, lo)``. The parts keep
         the node's stamp (a cut is no access: the LRU order stays as it was)."""
-        split, out = self.tree._split_node, []
+        out = []
         for cand, start, lo, hi in split_at_chunks(spans, self.l3.chunk if self.l3 is not None else 0):
             if cand.parent is None or cand.value is None:
                 continue  # compressed or dropped while making room for an earlier span
-            stamp = cand.last_access_time
             if lo > start:
-                split(cand.key, cand, lo - start).last_access_time = stamp  # cand keeps [lo, end)
+                self._head(cand, lo - start)  # cand keeps [lo, end)
             target = cand
             if hi < lo + len(cand.key):
-                target = split(cand.key, cand, hi - lo)  # the new parent covers [lo, hi)
-                target.last_access_time = stamp
+                target = self._head(cand, hi - lo)  # the new parent covers [lo, hi)
             out.append((target, lo))
         return out
+
+    def _head(self, node: TreeNode, n: int) -> TreeNode:
+        """Split ``node`` after ``n`` tokens: the new parent (its first ``n``) keeps the node's stamp (a cut is no
+        access: the LRU order stays as it was); ``node`` keeps the rest."""
+        stamp = node.last_access_time
+        head = self.tree._split_node(node.key, node, n)
+        head.last_access_time = stamp
+        return head
 
     def _planned(self, targets: list[tuple[TreeNode, int]]) -> tuple[list[tuple[TreeNode, int]], list | None]:
         """Joint encoding (when on): ``targets`` cut so that each span matching text another branch holds is one
         node, and each target's plan (``None``: a plain blob)."""
         if self.joint is None:
             return targets, None
-        split = self.tree._split_node
-
-        def cut(node: TreeNode, n: int) -> TreeNode:
-            head = split(node.key, node, n)
-            head.last_access_time = node.last_access_time  # a cut is no access
-            return head
-
-        planned = self.joint.split(targets, cut)
+        planned = self.joint.split(targets, self._head)
         return [(node, lo) for node, lo, _ in planned], [plan for _, _, plan in planned]
 
     def commit(self, jobs: list[EncodeJob]) -> None:

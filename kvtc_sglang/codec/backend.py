@@ -233,9 +233,11 @@ class TorchBackend:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return decode_by_rows(self, self.spec, payload, positions, dtype)
 
-    def encode_rows(
+    def coefficients_rows(
         self, k_layers: list[torch.Tensor], v_layers: list[torch.Tensor], slots: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pool rows ``slots [T]`` at ``positions [T]`` transformed (in :func:`chunks`): ``([T, R_k], [T, R_v])``
+        float32."""
         idx = slots.to(k_layers[0].device)
 
         def rows(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,7 +246,12 @@ class TorchBackend:
             v = torch.stack([b.index_select(0, part) for b in v_layers])  # [L, C, H, D]
             return k, v
 
-        return self.quantize(*self._coefficients(idx.numel(), rows, positions))
+        return self._coefficients(idx.numel(), rows, positions)
+
+    def encode_rows(
+        self, k_layers: list[torch.Tensor], v_layers: list[torch.Tensor], slots: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        return self.quantize(*self.coefficients_rows(k_layers, v_layers, slots, positions))
 
     def decode_rows(
         self,
@@ -255,10 +262,22 @@ class TorchBackend:
         positions: torch.Tensor,
     ) -> None:
         """Dequantize all tokens, then project back into the rows ``slots`` in :func:`chunks`."""
-        num_t = positions.numel()
-        ck, cv = self.dequantize(payload, num_t)  # [T, R_k], [T, R_v]
+        ck, cv = self.dequantize(payload, positions.numel())  # [T, R_k], [T, R_v]
+        self.write_coefficients((ck, cv), k_layers, v_layers, slots, positions)
+
+    def write_coefficients(
+        self,
+        coeffs: tuple[torch.Tensor, torch.Tensor],
+        k_layers: list[torch.Tensor],
+        v_layers: list[torch.Tensor],
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        """``([T, R_k], [T, R_v])`` coefficients projected back into the rows ``slots [T]`` (keys rotated at
+        ``positions [T]``) in :func:`chunks`, in the buffers' dtype."""
+        ck, cv = coeffs
         idx = slots.to(k_layers[0].device)
-        for lo, hi in chunks(num_t):
+        for lo, hi in chunks(positions.numel()):
             k, v = self.inverse_tokens_first(ck[lo:hi], cv[lo:hi], positions[lo:hi], k_layers[0].dtype)  # [C, L, H, D]
             part = idx[lo:hi]
             for layer, (kb, vb) in enumerate(zip(k_layers, v_layers, strict=True)):

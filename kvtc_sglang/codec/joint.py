@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .artifact import load_artifact
-from .backend import TorchBackend, chunks
+from .backend import TorchBackend
 from .blob import BlobHeader, checked_header
 from .codec import DEFAULT_CHUNK_BYTES, KVTCCodec
 from .errors import ArtifactError, BlobError, BlobPositionsError
@@ -105,16 +105,7 @@ class JointCodec:
         self, k_layers: list[torch.Tensor], v_layers: list[torch.Tensor], slots: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The pool rows ``slots [T]`` (at ``positions [T]``) in the reference's space: ``([T, R_k], [T, R_v])``."""
-        backend = self._backend(k_layers[0].device)
-        idx = slots.to(k_layers[0].device)
-
-        def rows(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-            part = idx[lo:hi]
-            k = torch.stack([b.index_select(0, part) for b in k_layers])  # [L, C, H, D]
-            v = torch.stack([b.index_select(0, part) for b in v_layers])  # [L, C, H, D]
-            return k, v
-
-        return backend._coefficients(idx.numel(), rows, positions)  # noqa: SLF001
+        return self._backend(k_layers[0].device).coefficients_rows(k_layers, v_layers, slots, positions)
 
     def encode_reference(
         self, coeffs: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor, dtype: torch.dtype
@@ -217,13 +208,8 @@ class JointCodec:
         """Decoded coefficients (:meth:`read_residuals`) into the pool rows ``targets[i][0]``, keys rotated at
         ``targets[i][1]``, in the buffers' dtype."""
         backend = self._backend(k_layers[0].device)
-        for (ck, cv), (slots, positions) in zip(coeffs, targets, strict=True):
-            idx = slots.to(k_layers[0].device)
-            for lo, hi in chunks(idx.numel()):
-                k, v = backend.inverse_tokens_first(ck[lo:hi], cv[lo:hi], positions[lo:hi], k_layers[0].dtype)
-                for layer, (kb, vb) in enumerate(zip(k_layers, v_layers, strict=True)):
-                    kb.index_copy_(0, idx[lo:hi], k[:, layer])  # [C, H, D]
-                    vb.index_copy_(0, idx[lo:hi], v[:, layer])
+        for c, (slots, positions) in zip(coeffs, targets, strict=True):
+            backend.write_coefficients(c, k_layers, v_layers, slots, positions)
 
 
 class MixedCodec:
