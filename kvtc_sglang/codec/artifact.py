@@ -73,7 +73,7 @@ class CalibrationArtifact:
     @property
     def artifact_id(self) -> bytes:
         """8-byte fingerprint stored in every blob encoded with this calibration."""
-        return bytes.fromhex(_digest(self._tensors(), self._header_body()))[:8]
+        return bytes.fromhex(artifact_digest(self._tensors(), self._header_body()))[:8]
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -95,16 +95,21 @@ class CalibrationArtifact:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = self._tensors()
-        header = self._header_body()
-        header["artifact_id"] = _digest(tensors, header)
-        save_file(tensors, str(path), metadata={"kvtc": json.dumps(header, sort_keys=True)})
-        return path
+        return write_artifact(path, self._tensors(), self._header_body())
 
 
-def _digest(tensors: dict[str, torch.Tensor], header: dict) -> str:
+def write_artifact(path: str | Path, tensors: dict[str, torch.Tensor], header: dict) -> Path:
+    """One safetensors file of ``tensors`` whose ``__metadata__["kvtc"]`` is ``header`` with its ``artifact_id``
+    (:func:`artifact_digest` of both) added (any kvtc artifact format)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {**header, "artifact_id": artifact_digest(tensors, header)}
+    save_file(tensors, str(path), metadata={"kvtc": json.dumps(header, sort_keys=True)})
+    return path
+
+
+def artifact_digest(tensors: dict[str, torch.Tensor], header: dict) -> str:
+    """SHA-256 (hex) over the tensors (by name) and the header less its ``artifact_id``."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         h.update(name.encode())
@@ -181,6 +186,6 @@ def load_artifact(path: str | Path, expect: ModelSpec | None = None) -> Calibrat
             raise ArtifactError(f"{path}: tensor {e} missing") from e
         streams[name] = StreamCalibration(allocation=allocs[name], **parts)
     art = CalibrationArtifact(spec=spec, target_ratio=target_ratio, info=info, **streams)
-    if _digest(art._tensors(), art._header_body()) != stored_id:
+    if artifact_digest(art._tensors(), art._header_body()) != stored_id:
         raise ArtifactError(f"{path}: artifact_id does not match its contents (file modified or corrupted)")
     return art

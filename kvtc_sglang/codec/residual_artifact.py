@@ -10,17 +10,15 @@ residual blob carries. Never pickle.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .allocation import Allocation
-from .artifact import STREAMS, CalibrationArtifact, read_json_header
+from .artifact import STREAMS, CalibrationArtifact, artifact_digest, read_json_header, write_artifact
 from .errors import ArtifactError
 
 FORMAT = "kvtc-residual"
@@ -63,7 +61,7 @@ class ResidualCalibration:
     @property
     def artifact_id(self) -> bytes:
         """8-byte fingerprint stored in every residual blob."""
-        return bytes.fromhex(_digest(self._tensors(), self._header_body()))[:8]
+        return bytes.fromhex(artifact_digest(self._tensors(), self._header_body()))[:8]
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         pairs = zip(STREAMS, self.fp8_scale, strict=True)
@@ -81,22 +79,7 @@ class ResidualCalibration:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = self._tensors()
-        header = self._header_body()
-        header["artifact_id"] = _digest(tensors, header)
-        save_file(tensors, str(path), metadata={"kvtc": json.dumps(header, sort_keys=True)})
-        return path
-
-
-def _digest(tensors: dict[str, torch.Tensor], header: dict) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].numpy().tobytes())
-    h.update(json.dumps({k: v for k, v in header.items() if k != "artifact_id"}, sort_keys=True).encode())
-    return h.hexdigest()
+        return write_artifact(path, self._tensors(), self._header_body())
 
 
 def load_residual(path: str | Path) -> ResidualCalibration:
@@ -119,6 +102,6 @@ def load_residual(path: str | Path) -> ResidualCalibration:
         stored = header["artifact_id"]
     except (KeyError, TypeError, ValueError, SafetensorError, OSError) as e:
         raise ArtifactError(f"{path}: residual calibration field missing or invalid: {e}") from e
-    if _digest(cal._tensors(), cal._header_body()) != stored:
+    if artifact_digest(cal._tensors(), cal._header_body()) != stored:
         raise ArtifactError(f"{path}: artifact_id does not match its contents (file modified or corrupted)")
     return cal

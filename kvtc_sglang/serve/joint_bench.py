@@ -26,7 +26,7 @@ from typing import Any
 
 from .bench_report import runs_of, ttft_ratio
 from .sessions import pool_for_everything
-from .tier_bench import TierBenchConfig, run_entry
+from .tier_bench import TierBenchConfig, run_entry, run_interleaved
 from .tier_report import Entry, pooled
 
 SERVERS = ("vanilla", "kvtc", "kvtc+joint", "big")
@@ -71,13 +71,8 @@ def run_bench(
     """Every server ``cfg.runs`` times, interleaved; writes ``report.json`` and ``report.md`` into ``cfg.out``."""
     big = cfg.big_pool or max(pool_for_everything(trace, cfg.page_size), 2 * cfg.max_total_tokens)
     cols = entries(cfg.servers, cfg.max_total_tokens, big, joint_calibration)
-    got: dict[str, list[dict[str, Any]]] = {e.key: [] for e in cols}
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    for run in range(cfg.runs):
-        for e in cols:
-            got[e.key].append(run_entry(e, model, calibration, trace, cfg=cfg, run=run))
-            partial = {k: [g["summary"] for g in v] for k, v in got.items() if v}  # kept if a later server fails
-            (cfg.out / "partial.json").write_text(json.dumps(partial, indent=1) + "\n")
+    got = run_interleaved(cols, lambda e, run: run_entry(e, model, calibration, trace, cfg=cfg, run=run), cfg.runs,
+                          cfg.out)
     summaries = {  # "runs" kept with one run too (its machine load)
         k: {
             **pooled(

@@ -134,6 +134,19 @@ def _prompt_tokens(tokens: Tokens, history: list[Message]) -> int:
     return sum(tokens.count(m["content"]) + MESSAGE_OVERHEAD for m in history) + GENERATION_PROMPT
 
 
+def estimate_turns(tokens: Tokens, turns: list[dict[str, Any]], answer: str) -> list[int]:
+    """Each turn's ``prompt_tokens`` estimate (set on the turn, and returned): its messages after every earlier
+    turn, each earlier turn followed by ``answer``."""
+    estimates, replay = [], []
+    for t, turn in enumerate(turns):
+        if t:
+            replay.append({"role": "assistant", "content": answer})
+        replay += turn["messages"]
+        turn["prompt_tokens"] = _prompt_tokens(tokens, replay)
+        estimates.append(turn["prompt_tokens"])
+    return estimates
+
+
 def make_trace(cfg: TraceConfig, tokenizer_dir: str | Path) -> dict[str, Any]:
     """The agentic-trace JSON object for ``cfg`` (deterministic for a seed and a corpus)."""
     tokens = Tokens(tokenizer_dir)
@@ -162,14 +175,7 @@ def make_trace(cfg: TraceConfig, tokenizer_dir: str | Path) -> dict[str, Any]:
             turns.append({"messages": [msg]})
             history += [{"role": "assistant", "content": answer}, msg]
             tools_meta.append(tdoc.name)
-        estimates = []
-        replay: list[Message] = []
-        for t, turn in enumerate(turns):
-            if t:
-                replay.append({"role": "assistant", "content": answer})
-            replay += turn["messages"]
-            turn["prompt_tokens"] = _prompt_tokens(tokens, replay)
-            estimates.append(turn["prompt_tokens"])
+        estimates = estimate_turns(tokens, turns, answer)
         conversations.append(turns)
         sessions_meta.append({"first_read": doc.name, "first_read_tokens": tokens.count(first["content"]),
                               "tools": tools_meta, "estimated_prompt_tokens": estimates,

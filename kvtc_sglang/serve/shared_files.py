@@ -25,11 +25,10 @@ from .sessions import (
     MESSAGE_OVERHEAD,
     SYSTEM_PROMPT,
     TOOLS,
-    Message,
     Tokens,
     _long_docs,
-    _prompt_tokens,
     _window,
+    estimate_turns,
 )
 
 ROLE_HEAD = 3  # "<|im_start|>user\n": the tokens of a message before its content
@@ -150,14 +149,7 @@ def make_shared_trace(cfg: SharedFilesConfig, tokenizer_dir: str | Path) -> dict
         for t in range(1, cfg.turns):
             question = rng.choice(QUESTIONS).format(path=path)
             turns.append({"messages": [{"role": "user", "content": f"Question {t}: {question}"}]})
-        replay: list[Message] = []
-        estimates = []
-        for t, turn in enumerate(turns):
-            if t:
-                replay.append({"role": "assistant", "content": answer})
-            replay += turn["messages"]
-            turn["prompt_tokens"] = _prompt_tokens(tokens, replay)
-            estimates.append(turn["prompt_tokens"])
+        estimates = estimate_turns(tokens, turns, answer)
         conversations.append(turns)
         sessions_meta.append(
             {

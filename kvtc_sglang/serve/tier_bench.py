@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -143,13 +144,8 @@ def run_bench(model: str, calibration: str, trace: dict[str, Any], cfg: TierBenc
     writes ``report.json`` and ``report.md`` into ``cfg.out``."""
     big = cfg.big_pool or max(pool_for_everything(trace, cfg.page_size), 2 * cfg.max_total_tokens)
     cols = entries(cfg.servers, cfg.max_total_tokens, big, cfg.host_bytes)
-    got: dict[str, list[dict[str, Any]]] = {e.key: [] for e in cols}
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    for run in range(cfg.runs):
-        for e in cols:
-            got[e.key].append(run_entry(e, model, calibration, trace, cfg=cfg, run=run))
-            partial = {k: [g["summary"] for g in v] for k, v in got.items() if v}  # kept if a later server fails
-            (cfg.out / "partial.json").write_text(json.dumps(partial, indent=1) + "\n")
+    got = run_interleaved(cols, lambda e, run: run_entry(e, model, calibration, trace, cfg=cfg, run=run), cfg.runs,
+                          cfg.out)
     summaries = {e.key: pooled([g["summary"] for g in got[e.key]], [g["results"] for g in got[e.key]],
                                [g["wall"] for g in got[e.key]], [g["counters"] for g in got[e.key]]) for e in cols}
     report = build_report(trace, cfg, cols, summaries)
@@ -160,6 +156,20 @@ def run_bench(model: str, calibration: str, trace: dict[str, Any], cfg: TierBenc
     (cfg.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (cfg.out / "report.md").write_text(format_report(report) + "\n")
     return report
+
+
+def run_interleaved(cols: list[Entry], run_one: Callable[[Entry, int], dict[str, Any]], runs: int, out: Path
+                    ) -> dict[str, list[dict[str, Any]]]:
+    """``run_one(entry, run)`` for every entry, ``runs`` times, interleaved (run 1 of every server, then run 2...);
+    each server's summaries so far go to ``out/partial.json`` after every run (kept if a later server fails)."""
+    got: dict[str, list[dict[str, Any]]] = {e.key: [] for e in cols}
+    out.mkdir(parents=True, exist_ok=True)
+    for run in range(runs):
+        for e in cols:
+            got[e.key].append(run_one(e, run))
+            partial = {k: [g["summary"] for g in v] for k, v in got.items() if v}
+            (out / "partial.json").write_text(json.dumps(partial, indent=1) + "\n")
+    return got
 
 
 def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
