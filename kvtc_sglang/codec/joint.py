@@ -182,14 +182,25 @@ class JointCodec:
                 raise ValueError(f"residual {i} holds {header.num_tokens} tokens, its target {slots.numel()} rows "
                                  f"and its reference span {src.hi - src.lo}")
             heads.append(header)
-        refs = self.read_references([s.reference for s in sources], device)
+        first: dict[int, int] = {}  # each reference is checked, inflated and dequantized once per call
+        for i, src in enumerate(sources):
+            first.setdefault(id(src.reference_header), i)
+        unique = list(first.values())
+        try:
+            payloads = self.read_references([sources[i].reference for i in unique], device)
+        except BlobError as e:
+            raise e.at(unique[e.blob_index or 0]) from None
+        coeffs = {}
+        for i, payload in zip(unique, payloads, strict=True):
+            header = sources[i].reference_header
+            coeffs[id(header)] = self.reference_coefficients(payload, header.num_tokens)
         raws = unwrap_payloads(self.reference._coder(device), [s.blob for s in sources], heads, device,  # noqa: SLF001
                                self.payload_nbytes)
         out = []
-        for i, (src, header, raw, ref) in enumerate(zip(sources, heads, raws, refs, strict=True)):
+        for i, (src, header, raw) in enumerate(zip(sources, heads, raws, strict=True)):
             if bytes(raw[:TAG_BYTES].cpu().tolist()) != reference_tag(src.reference_header, src.lo, src.hi):
                 raise BlobReferenceError(f"residual blob {i} was coded against another reference span").at(i)
-            rk, rv = self.reference_coefficients(ref, src.reference_header.num_tokens)
+            rk, rv = coeffs[id(src.reference_header)]
             n, r = header.num_tokens, self.residual
             nk = payload_nbytes(r.keys, n)
             sk, sv = self._scales(device)
