@@ -27,7 +27,7 @@ from pathlib import Path
 
 from kvtc_sglang.calibration.model import DEFAULT_MODEL
 from kvtc_sglang.serve.joint_bench import SERVERS, default_pool, format_report, run_bench
-from kvtc_sglang.serve.launcher import calibration_path
+from kvtc_sglang.serve.launcher import bench_calibration
 from kvtc_sglang.serve.shared_files import SharedFilesConfig, make_shared_trace
 from kvtc_sglang.serve.tier_bench import TierBenchConfig
 
@@ -115,15 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.trace_only:
         return 0
-    calibration = args.calibration
-    if calibration is None:
-        full = calibration_path(args.artifacts)
-        calibration = full if full.is_file() else calibration_path(args.artifacts, 16384)
-    if any(s not in {"vanilla", "big"} for s in args.servers) and not Path(calibration).is_file():
-        raise SystemExit(
-            f"joint_bench: error: kvtc calibration {calibration} does not exist "
-            "(python -m kvtc_sglang makes one, or give --calibration)"
-        )
+    calibration = bench_calibration(args.calibration, args.artifacts, args.servers, "joint_bench")
     if args.joint_calibration and not Path(args.joint_calibration).exists():
         raise SystemExit(f"joint_bench: error: joint calibration {args.joint_calibration} does not exist")
     cfg = TierBenchConfig(

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from kvtc_sglang.calibration.model import DEFAULT_MODEL
-from kvtc_sglang.serve.launcher import calibration_path
+from kvtc_sglang.serve.launcher import bench_calibration
 from kvtc_sglang.serve.sessions import TraceConfig, add_trace_arguments, trace_config, write_trace
 from kvtc_sglang.serve.tier_bench import (
     TierBenchConfig,
@@ -89,13 +89,7 @@ def main(argv: list[str] | None = None) -> int:
           f"H = {', '.join(mib(h) for h in host)}", flush=True)
     if args.trace_only:
         return 0
-    calibration = args.calibration
-    if calibration is None:
-        full = calibration_path(args.artifacts)
-        calibration = full if full.is_file() else calibration_path(args.artifacts, 16384)
-    if any(s not in {"vanilla", "big"} for s in args.servers) and not Path(calibration).is_file():
-        raise SystemExit(f"tier_bench: error: kvtc calibration {calibration} does not exist "
-                         "(python -m kvtc_sglang makes one, or give --calibration)")
+    calibration = bench_calibration(args.calibration, args.artifacts, args.servers, "tier_bench")
     cfg = TierBenchConfig(max_total_tokens=args.max_total_tokens, big_pool=args.big_pool, host_bytes=host,
                           servers=tuple(args.servers), page_size=args.page_size, store_fraction=args.store_fraction,
                           concurrency=args.concurrency, output_tokens=args.output_tokens, runs=args.runs,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
@@ -72,7 +72,6 @@ class Reference:
     tokens: tuple[int, ...]
     namespace: tuple
     dependants: int = 0
-    restores: int = field(default=0)
 
 
 def _of_kind(kind: str) -> Callable[[Hashable], bool]:

@@ -25,7 +25,7 @@ import torch
 
 from .artifact import load_artifact
 from .backend import TorchBackend
-from .blob import BlobHeader, checked_header
+from .blob import BlobHeader, checked_header, headers_of
 from .codec import DEFAULT_CHUNK_BYTES, KVTCCodec
 from .errors import ArtifactError, BlobError, BlobPositionsError
 from .framing import unwrap_payloads, wrap_payloads
@@ -124,12 +124,7 @@ class JointCodec:
     def read_references(self, blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         """Check (header, CRC32s) and inflate reference blobs: raw payloads on ``device`` (``BlobError`` names the
         blob)."""
-        headers = []
-        for i, blob in enumerate(blobs):
-            try:
-                headers.append(self.reference.read_header(blob))
-            except BlobError as e:
-                raise e.at(i) from None
+        headers = headers_of(self.reference.read_header, blobs)
         return self.reference._unwrap_many(blobs, headers, device)  # noqa: SLF001
 
     def encode_residuals(

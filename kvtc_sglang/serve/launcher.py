@@ -179,6 +179,19 @@ def calibration_path(artifacts: Path, tokens: int = FULL_CALIBRATION_TOKENS) -> 
     return artifacts / name if tokens == FULL_CALIBRATION_TOKENS else artifacts / f"t{tokens}" / name
 
 
+def bench_calibration(given: Path | None, artifacts: Path, servers: list[str] | tuple[str, ...], prog: str) -> Path:
+    """A benchmark's kvtc calibration: ``given``, else the full one in ``artifacts`` if it exists, else the main
+    job's (``artifacts/t16384``); ``SystemExit`` naming it when a kvtc server needs it and it does not exist."""
+    calibration = given
+    if calibration is None:
+        full = calibration_path(artifacts)
+        calibration = full if full.is_file() else calibration_path(artifacts, 16384)
+    if any(s not in {"vanilla", "big"} for s in servers) and not Path(calibration).is_file():
+        raise SystemExit(f"{prog}: error: kvtc calibration {calibration} does not exist "
+                         "(python -m kvtc_sglang makes one, or give --calibration)")
+    return Path(calibration)
+
+
 def prepare_default_model(artifacts: Path, *, calibrate: bool = True, tokens: int = FULL_CALIBRATION_TOKENS,
                           fisher_every: int = 1, tp_size: int = 1) -> tuple[Path, Path]:
     """Export the default model to ``artifacts/hf/`` and calibrate it at 16x on ``tokens`` tokens of real text
