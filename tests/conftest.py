@@ -169,12 +169,19 @@ def codec_err(codec, kv_bank) -> float:
 @pytest.fixture(scope="session")
 def joint_path(request, artifact, artifact_path, tmp_path_factory) -> Path:
     """A small residual calibration (joint encoding) fitted against the test calibration, saved beside a copy of it
-    (the server finds the reference calibration there)."""
-    from kvtc_sglang.calibration.residual import ResidualFitConfig, fit_residual
+    (the server finds the reference calibration there), with the two tp-2 ranks' residual calibrations against the
+    rank artifacts beside it (``codec.tp.rank_artifact_path``)."""
+    from kvtc_sglang.calibration.residual import ResidualFitConfig, fit_residual, write_residuals
+    from kvtc_sglang.codec.tp import rank_artifact_path
 
     out = tmp_path_factory.mktemp("joint")
-    ref = out / artifact_path.name
-    ref.write_bytes(artifact_path.read_bytes())
     lm = request.getfixturevalue("lm")
-    cal = fit_residual(lm, artifact, ResidualFitConfig(files=1, file_tokens=384, ratio=128.0), ref.name)
+    cfg = ResidualFitConfig(files=1, file_tokens=384, ratio=128.0)
+    ranks = [rank_artifact_path(artifact_path, 2, rank) for rank in range(2)]
+    for src in [artifact_path, *ranks]:
+        if src.exists():
+            (out / src.name).write_bytes(src.read_bytes())
+    if all(r.exists() for r in ranks):
+        write_residuals(lm, cfg, out / artifact_path.name, out / "residual.safetensors", tp_size=2)
+    cal = fit_residual(lm, artifact, cfg, artifact_path.name)
     return cal.save(out / "residual.safetensors")

@@ -133,3 +133,31 @@ def test_serving_the_default_model_at_tp2_writes_the_missing_rank_artifacts_once
     launcher.prepare_default_model(tmp_path, tokens=16_384, tp_size=2)
     assert arg(calls[-1], "--tp-sizes") == ["2"] and arg(calls[-1], "--tokens") == ["100000"]
     assert arg(calls[-1], "--out") == [str(tmp_path)]
+
+
+def test_agree_encodes_reserves_each_new_reference_at_the_larger_ranks_size():
+    """Joint encoding under tensor parallelism: a job's new reference blobs are sized per rank like its blobs, so
+    they go into the same MAX (one collective) and each rank stores them in the larger size."""
+    from types import SimpleNamespace
+
+    from kvtc_sglang.cache.joint import JointPlan
+    from kvtc_sglang.cache.ranks import agree_encodes
+
+    def job(sizes, plans, made):
+        return SimpleNamespace(targets=[None] * len(sizes), results=[(torch.empty(n, dtype=torch.uint8), None)
+                               for n in sizes], plans=plans, made={i: (torch.empty(n, dtype=torch.uint8), None)
+                               for i, n in made.items()})  # fmt: skip
+
+    a = job([30, 40, 50], [None, JointPlan(None, 0, 64), JointPlan(7, 0, 64)], {1: 900})
+    b = job([10], [], {})
+    other = {0: 35, 1: 38, 2: 50, 3: 1000, 4: 12}  # the other rank's values at each position of the MAX
+
+    class Max(LocalAgreement):
+        def max_each(self, values):
+            return [max(v, other.get(i, 0)) for i, v in enumerate(values)]
+
+    out = agree_encodes(Max(), [a, b])
+    assert out == [([35, 40, 50], {1: 1000}), ([12], {})]
+    assert a.results and b.results  # no rank failed
+    local = agree_encodes(LocalAgreement(), [a])
+    assert local == [([30, 40, 50], {1: 900})]

@@ -9,6 +9,7 @@ import openai
 import pytest
 from serve_support import hf_model, kvtc_metrics, scheduler_errors, start
 
+from kvtc_sglang.cache.report import parse_line
 from kvtc_sglang.serve.launcher import ServerSpec
 from kvtc_sglang.serve.workload import WorkloadConfig, _excerpts, chat
 
@@ -18,7 +19,8 @@ WL = WorkloadConfig(seed=3, conversations=3, turns=2, tool_chars=600, concurrenc
 POOL = 2048  # three ~1.1k-token sessions do not fit: each goes cold and is compressed before its second turn
 
 
-def test_shared_file_served_through_one_reference(joint_path, artifact_path, tmp_path):
+def _serve(joint_path, artifact_path, log, flags: tuple[str, ...] = (), env: dict | None = None):
+    """Three agents read one file after different histories, turn-major: ``(results, rank 0's metrics, log)``."""
     file = _excerpts(7, 1, 2600, "code")[0]
     histories = _excerpts(11, 3, 1800, "prose")
     convs = [[{"role": "system", "content": f"Session {s}: you are a coding agent in repository r{s}."},
@@ -26,9 +28,8 @@ def test_shared_file_served_through_one_reference(joint_path, artifact_path, tmp
                                           f"Tool output of read_file('lib/util.py'):\n{file}\nWhat next?"}]
              for s in range(3)]  # fmt: skip
     extra = ["--enable-metrics", "--disable-overlap-schedule", "--kvtc-joint-calibration", str(joint_path),
-             "--kvtc-ready-fraction", "0.9"]
-    srv = start(ServerSpec("kvtc", hf_model(), str(artifact_path), max_total_tokens=POOL, extra=extra),
-                tmp_path / "server.log")
+             "--kvtc-ready-fraction", "0.9", *flags]
+    srv = start(ServerSpec("kvtc", hf_model(), str(artifact_path), max_total_tokens=POOL, extra=extra), log, env=env)
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
         results = []
@@ -42,10 +43,37 @@ def test_shared_file_served_through_one_reference(joint_path, artifact_path, tmp
         m = kvtc_metrics(srv)
     finally:
         srv.stop()
-    log = srv.log_text()
+    return results, m, srv.log_text()
+
+
+def _check_served(results, m, log) -> None:
     assert not scheduler_errors(log), scheduler_errors(log)
     assert all(not r.error and r.text.strip() for r in results), [r.error for r in results]
     assert m["joint_references_made_total"] >= 1, m
-    assert m["joint_residual_tokens"] + m["joint_restored_tokens_total"] > 0, m
     assert m["joint_restored_tokens_total"] > 0, m  # a follow-up came back through a residual and its reference
     assert m["checksum_failures_total"] == 0 and m["restore_failures_total"] == 0, m
+
+
+def test_shared_file_served_through_one_reference(joint_path, artifact_path, tmp_path):
+    _check_served(*_serve(joint_path, artifact_path, tmp_path / "server.log"))
+
+
+def test_shared_file_at_tp2_both_ranks_alike(joint_path, artifact_path, tmp_path):
+    """At ``--tp-size 2`` each rank codes its own KV heads against its own reference blobs (its rank's residual
+    calibration); the ranks' reference and residual sizes differ, so the store reserves the larger of each on both
+    ranks (:func:`~kvtc_sglang.cache.ranks.agree_encodes`) and the trees stay equal (SGLang's consensus checker
+    and kvtc's decision digest both on)."""
+    results, m, log = _serve(joint_path, artifact_path, tmp_path / "server.log", ("--tp-size", "2"),
+                             {"SGLANG_ENABLE_RANK_CONSENSUS_CHECKER": "1"})
+    _check_served(results, m, log)
+    assert ("residual calibration residual.tp2-rank1.safetensors against smollm2-135m-instruct.r16.tp2-rank1"
+            ".kvtc.safetensors") in log
+    assert "Found rank divergence" not in log and "ranks' radix trees diverged" not in log
+    lines = {}
+    for line in log.splitlines():
+        for rank in ("TP0", "TP1"):
+            if "KVTC cache. " in line and f" {rank}]" in line:
+                lines[rank] = parse_line(line)
+    assert set(lines) == {"TP0", "TP1"}, "each rank logs its KVTC cache line"
+    for counter in ("#compression", "#restore", "#restored-token", "#dropped-token"):
+        assert lines["TP0"][counter] == lines["TP1"][counter], (counter, lines)

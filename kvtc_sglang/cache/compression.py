@@ -170,7 +170,7 @@ class CompressionPlanner:
             return
         reserves = agree_encodes(self.ctl.agreement, jobs)
         digest = self.ctl.digest
-        for job, reserve in zip(jobs, reserves, strict=True):
+        for job, (reserve, ref_reserves) in zip(jobs, reserves, strict=True):
             self.guards.done(job)
             if not job.results:
                 self.stats.discarded_encodes += len(job.targets)
@@ -186,7 +186,7 @@ class CompressionPlanner:
                     digest.mix("discard", len(slots), lo)
                     self.policy.touch_path(node if node.parent is not None else None)
                     continue
-                link = self._joint_link(node, plan, job.made.get(i))
+                link = self._joint_link(node, plan, job.made.get(i), ref_reserves.get(i, 0))
                 if plan is not None and link is None:
                     self.policy.touch_path(node)
                     continue  # its reference went, or could not be stored
@@ -218,9 +218,11 @@ class CompressionPlanner:
                 if plan is not None and plan.ref is not None and self.joint is not None:
                     self.joint.unpin(plan.ref)
 
-    def _joint_link(self, node: TreeNode, plan: JointPlan | None, made: tuple | None) -> JointLink | None:
+    def _joint_link(self, node: TreeNode, plan: JointPlan | None, made: tuple | None, reserve: int
+                    ) -> JointLink | None:
         """The reference a planned target's residual blob decodes against: the plan's, if it is still stored, or
-        the new one the encoder made (stored now); ``None`` for a plain target or when that fails."""
+        the new one the encoder made (stored now in ``reserve`` bytes, the ranks' largest); ``None`` for a plain
+        target or when that fails."""
         if plan is None or self.joint is None:
             return None
         if plan.ref is not None:
@@ -228,7 +230,7 @@ class CompressionPlanner:
                 return JointLink(plan.ref, plan.lo, plan.hi)
         elif made is not None:
             blob, header = made
-            handle = self._store_blob(node, blob, blob.numel())  # may free the node's slots: the residual keeps it
+            handle = self._store_blob(node, blob, reserve)  # may free the node's slots: the residual keeps it
             if handle is not None:
                 return JointLink(self.joint.add_reference(handle, header, node, token_ids(node)), 0, len(node.key))
         self.stats.joint_discards += 1

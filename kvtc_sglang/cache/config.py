@@ -52,7 +52,7 @@ def refused_server_option(get: Callable[[str], object]) -> str | None:
     return None
 
 
-def refused_joint(config: KVTCCacheConfig, tp_size: int | None = None) -> str | None:
+def refused_joint(config: KVTCCacheConfig) -> str | None:
     """Why joint encoding cannot run with these options, or ``None``."""
     if not config.joint_calibration:
         return None
@@ -62,8 +62,6 @@ def refused_joint(config: KVTCCacheConfig, tp_size: int | None = None) -> str | 
     if config.l3:
         return ("--kvtc-joint-calibration cannot be combined with --kvtc-l3 yet: L3 objects would hold residuals "
                 "whose references are not in them; drop one")
-    if tp_size not in (None, 1):
-        return f"--kvtc-joint-calibration runs at --tp-size 1 only for now, got {tp_size}"
     if not isinstance(config.joint_min_tokens, int) or config.joint_min_tokens < 32:
         return f"--kvtc-joint-min-tokens must be an integer >= 32, got {config.joint_min_tokens!r}"
     return None

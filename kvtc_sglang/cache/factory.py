@@ -109,16 +109,19 @@ def build_kvtc_cache(ctx: Any) -> KVTCRadixCache:
     else:
         codec = KVTCCodec(artifact, chunk_bytes=config.chunk_bytes, dot_precision=precision)
     cache = KVTCRadixCache(ctx.params, codec, config, agreement=agreement)
-    refused = refused_joint(config, tp_size)
+    refused = refused_joint(config)
     if refused:
         raise ValueError(f"kvtc: {refused}")
     if config.joint_calibration:
         try:
-            joint = load_joint(config.joint_calibration, expect=expect, chunk_bytes=config.chunk_bytes,
+            residual = rank_artifact_path(config.joint_calibration, tp_size, tp_rank, ".safetensors")
+            joint = load_joint(residual, expect=expect, chunk_bytes=config.chunk_bytes,
                                dot_precision=precision)
-        except (ArtifactError, OSError) as e:
+        except (ArtifactError, OSError, ValueError) as e:
             raise ValueError(f"kvtc: --kvtc-joint-calibration: {e}") from e
         cache.enable_joint(joint)
+        logger.info("kvtc: joint encoding on, rank %d: residual calibration %s against %s", tp_rank, residual.name,
+                    joint.residual.info.get("reference_file"))
     if config.l3:
         cache.l3 = build_l3(cache, config, artifact.spec, str(getattr(model_config, "model_path", "model")),
                             tp_size=tp_size, tp_rank=tp_rank)  # fmt: skip

@@ -10,9 +10,9 @@ the same reason, ``srt/mem_cache/unified_radix_cache.py``):
 - :meth:`RankAgreement.tick`: once per scheduler iteration, unconditionally: the number of leading
   background jobs finished on *every* rank (MIN) and a digest of the decisions taken so far, compared
   across ranks (a clear ``RuntimeError`` instead of a later hang or silent drift);
-- :meth:`RankAgreement.max_each` (for commits through :func:`agree_encodes`): per committed blob, the largest
-  size over the ranks (the store reserves that many blocks on every rank, so its pages stay equal) and whether
-  any rank failed (a miss on one rank is a miss on all).
+- :meth:`RankAgreement.max_each` (for commits through :func:`agree_encodes`): per committed blob (and per new
+  joint-encoding reference), the largest size over the ranks (the store reserves that many blocks on every rank,
+  so its pages stay equal) and whether any rank failed (a miss on one rank is a miss on all).
 
 Every call is collective: all ranks reach it at the same point of the same scheduler iteration (the tree
 calls it only from decisions that are themselves mirrored). One rank (``LocalAgreement``) needs no
@@ -115,16 +115,21 @@ class RankAgreement(LocalAgreement):
         return self._all_reduce_max(values)
 
 
-def agree_encodes(agreement: LocalAgreement, jobs: list[Any]) -> list[list[int]]:
+def agree_encodes(agreement: LocalAgreement, jobs: list[Any]) -> list[tuple[list[int], dict[int, int]]]:
     """Per finished encode job (:class:`~kvtc_sglang.cache.controller.EncodeJob`), the size every rank reserves
-    for each blob (the largest rank's); a job that failed on any rank loses its results on every rank (one
-    collective under tensor parallelism, none on one rank)."""
+    for each blob (the largest rank's) and, with joint encoding, for each new reference blob (``{target: size}``:
+    the targets whose plan makes one; every rank plans alike); a job that failed on any rank loses its results on
+    every rank (one collective under tensor parallelism, none on one rank)."""
     sizes = [[b.numel() for b, _ in job.results] if job.results else [0] * len(job.targets) for job in jobs]
+    makes = [[i for i, plan in enumerate(job.plans) if plan is not None and plan.ref is None] for job in jobs]
+    for row, job, made in zip(sizes, jobs, makes, strict=True):
+        row += [job.made[i][0].numel() if job.results and i in job.made else 0 for i in made]
     failed = [0 if job.results else 1 for job in jobs]
     agreed = agreement.max_each([n for row in sizes for n in row] + failed)
     out, at = [], 0
-    for row in sizes:
-        out.append(agreed[at : at + len(row)])
+    for row, made in zip(sizes, makes, strict=True):
+        n = len(row) - len(made)
+        out.append((agreed[at : at + n], dict(zip(made, agreed[at + n : at + len(row)], strict=True))))
         at += len(row)
     for job, bad in zip(jobs, agreed[at:], strict=True):
         if bad and job.results:

@@ -9,6 +9,10 @@ allocates under the budget ``2 * 16 * F / ratio`` bits per token (K and V togeth
 
     python -m kvtc_sglang.calibration.residual --reference artifacts/smollm2-135m-instruct.r8.kvtc.safetensors \
         --out artifacts/smollm2-135m-instruct.r8.residual.safetensors
+
+Tensor parallelism: ``--tp-size N`` fits one residual calibration per rank against that rank's reference
+calibration (``m.r8.tp2-rank1.kvtc.safetensors``, beside the whole model's) on that rank's KV heads, and writes
+``m.r8.residual.tp2-rank1.safetensors`` beside ``--out``; the server, given ``--out``'s path, loads its rank's.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from ..codec import KVTCCodec, load_artifact
 from ..codec.artifact import CalibrationArtifact
 from ..codec.residual_artifact import ResidualCalibration
+from ..codec.tp import rank_artifact_path, split_heads
 from .bitalloc import allocate_bits_joint, measure_group_errors
 from .corpus import documents
 from .fit import KINDS, fp8_scales
@@ -67,8 +72,12 @@ def _token_docs(lm: LoadedModel, kind: str, count: int, min_tokens: int, skip: i
 
 
 def _copy_coefficients(lm: LoadedModel, codec: KVTCCodec, prefix: torch.Tensor, file: torch.Tensor) -> tuple:
-    """The file's coefficients ``([n, R_k], [n, R_v])`` as read after ``prefix``, in ``codec``'s space."""
+    """The file's coefficients ``([n, R_k], [n, R_v])`` as read after ``prefix``, in ``codec``'s space (a rank's
+    calibration: on that rank's KV heads)."""
     k, v, _ = prefill_kv(lm.model, torch.cat([prefix, file]), kv_dtype(lm.spec))  # [L, P + n, H, D]
+    heads = codec.spec.tp_heads
+    if codec.spec.tp_size > 1:
+        k, v = split_heads(k, heads), split_heads(v, heads)  # [L, P + n, H_r, D]
     lo = prefix.numel()
     return codec.transform(k[:, lo:], v[:, lo:], torch.arange(lo, lo + file.numel()))
 
@@ -117,16 +126,35 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", type=Path, required=True, help="the residual calibration to write")
     p.add_argument("--ratio", type=float, default=ResidualFitConfig.ratio, help="residual budget: 2*16*F/ratio bits")
     p.add_argument("--files", type=int, default=ResidualFitConfig.files, help="calibration files per kind")
+    p.add_argument("--tp-size", type=int, default=1, help="fit each rank's (against --reference's rank artifacts)")
     args = p.parse_args(argv)
-    lm = load_model(args.model, torch.bfloat16, compute_dtype=torch.float32)
-    reference = load_artifact(args.reference, expect=lm.spec)
+    if args.tp_size < 1:
+        p.error(f"--tp-size must be >= 1, got {args.tp_size}")
     if args.out.parent.resolve() != args.reference.parent.resolve():
         p.error(f"--out must be in the reference's folder {args.reference.parent} (the server finds it there)")
-    cal = fit_residual(lm, reference, ResidualFitConfig(files=args.files, ratio=args.ratio), args.reference.name)
-    path = cal.save(args.out)
-    print(f"{path}: {cal.bits_per_token} bits/token against {args.reference.name} ({cal.info['tokens']} tokens, "
-          f"{cal.info['seconds']} s)")
-    return path
+    lm = load_model(args.model, torch.bfloat16, compute_dtype=torch.float32)
+    cfg = ResidualFitConfig(files=args.files, ratio=args.ratio)
+    paths = write_residuals(lm, cfg, args.reference, args.out, args.tp_size)
+    return paths[0]
+
+
+def write_residuals(lm: LoadedModel, cfg: ResidualFitConfig, reference: Path, out: Path, tp_size: int = 1
+                    ) -> list[Path]:
+    """Fit and save the residual calibration of ``reference`` at ``out`` (``tp_size`` > 1: each rank's, against
+    the reference's rank artifacts, at the rank paths of ``out``); returns the paths written."""
+    paths = []
+    for rank in range(tp_size):
+        ref_path = rank_artifact_path(reference, tp_size, rank)
+        ref = load_artifact(ref_path, expect=None if tp_size > 1 else lm.spec)
+        if ref.spec.tp_size != tp_size or (tp_size > 1 and ref.spec.tp_rank != rank):
+            raise ValueError(f"{ref_path.name} is rank {ref.spec.tp_rank} of {ref.spec.tp_size}, expected rank "
+                             f"{rank} of {tp_size}")  # fmt: skip
+        cal = fit_residual(lm, ref, cfg, ref_path.name)
+        path = cal.save(rank_artifact_path(out, tp_size, rank, ".safetensors"))
+        print(f"{path}: {cal.bits_per_token} bits/token against {ref_path.name} ({cal.info['tokens']} tokens, "
+              f"{cal.info['seconds']} s)")
+        paths.append(path)
+    return paths
 
 
 if __name__ == "__main__":

@@ -92,18 +92,20 @@ def tp_suffix(tp_size: int, tp_rank: int) -> str:
     return f".tp{tp_size}-rank{tp_rank}" if tp_size > 1 else ""
 
 
-def rank_artifact_path(path: str | Path, tp_size: int, tp_rank: int) -> Path:
+def rank_artifact_path(path: str | Path, tp_size: int, tp_rank: int, suffix: str = ARTIFACT_SUFFIX) -> Path:
     """The artifact rank ``tp_rank`` of ``tp_size`` loads, given the whole model's (``tp_size == 1``) artifact
     ``path``: the one calibration writes beside it (``m.r16.kvtc.safetensors`` ->
-    ``m.r16.tp2-rank1.kvtc.safetensors``); ``path`` itself at ``tp_size == 1``."""
+    ``m.r16.tp2-rank1.kvtc.safetensors``); ``path`` itself at ``tp_size == 1``. ``suffix``: the end of the name
+    the rank's part goes before (``.safetensors`` for a residual calibration: ``m.r8.residual.safetensors`` ->
+    ``m.r8.residual.tp2-rank1.safetensors``)."""
     path = Path(path)
     if tp_size == 1:
         return path
-    if not path.name.endswith(ARTIFACT_SUFFIX):
-        raise ValueError(f"a calibration artifact's name ends with {ARTIFACT_SUFFIX}, got {path.name!r}")
-    stem = path.name[: -len(ARTIFACT_SUFFIX)]
+    if not path.name.endswith(suffix):
+        raise ValueError(f"a calibration artifact's name ends with {suffix}, got {path.name!r}")
+    stem = path.name[: -len(suffix)]
     if ".tp" in stem and "-rank" in stem:
         raise ValueError(
             f"give the whole model's artifact (tp 1) at --tp-size {tp_size}, not a rank's: {path.name!r}"
         )
-    return path.with_name(stem + tp_suffix(tp_size, tp_rank) + ARTIFACT_SUFFIX)
+    return path.with_name(stem + tp_suffix(tp_size, tp_rank) + suffix)

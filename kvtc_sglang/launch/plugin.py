@@ -142,7 +142,7 @@ def config_from_namespace(ns: argparse.Namespace) -> KVTCCacheConfig | None:
     refused = refused_server_option(lambda name: getattr(ns, name, None)) or refused_window(
         config.window_tokens, getattr(ns, "page_size", None), not getattr(ns, "disable_overlap_schedule", False)
     ) or refused_tp(config.idle_seconds, getattr(ns, "tp_size", None))
-    refused = refused or refused_joint(config, getattr(ns, "tp_size", None))
+    refused = refused or refused_joint(config)
     if refused:
         raise ValueError(refused)
     _check_model(ns, header, config.calibration)
