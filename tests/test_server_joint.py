@@ -5,6 +5,9 @@ reference, later copies are residuals against it, and the follow-ups restore fro
 
 from __future__ import annotations
 
+import json
+import time
+
 import openai
 import pytest
 from serve_support import hf_model, kvtc_metrics, scheduler_errors, start
@@ -20,16 +23,15 @@ POOL = 2048  # three ~1.1k-token sessions do not fit: each goes cold and is comp
 
 
 def _serve(joint_path, artifact_path, log, flags: tuple[str, ...] = (), env: dict | None = None):
-    """Three agents read one file after different histories, turn-major: ``(results, rank 0's metrics, log)``."""
+    """Three agents read one file after different histories, turn-major: ``(results, rank 0's metrics, log,
+    the conversations)``."""
     file = _excerpts(7, 1, 2600, "code")[0]
     histories = _excerpts(11, 3, 1800, "prose")
     convs = [[{"role": "system", "content": f"Session {s}: you are a coding agent in repository r{s}."},
               {"role": "user", "content": f"Earlier notes:\n{histories[s][: 500 + 400 * s]}\n\n"
                                           f"Tool output of read_file('lib/util.py'):\n{file}\nWhat next?"}]
              for s in range(3)]  # fmt: skip
-    extra = ["--enable-metrics", "--disable-overlap-schedule", "--kvtc-joint-calibration", str(joint_path),
-             "--kvtc-ready-fraction", "0.9", *flags]
-    srv = start(ServerSpec("kvtc", hf_model(), str(artifact_path), max_total_tokens=POOL, extra=extra), log, env=env)
+    srv = _start(joint_path, artifact_path, log, flags, env)
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
         results = []
@@ -43,10 +45,16 @@ def _serve(joint_path, artifact_path, log, flags: tuple[str, ...] = (), env: dic
         m = kvtc_metrics(srv)
     finally:
         srv.stop()
-    return results, m, srv.log_text()
+    return results, m, srv.log_text(), convs
 
 
-def _check_served(results, m, log) -> None:
+def _start(joint_path, artifact_path, log, flags: tuple[str, ...], env: dict | None = None):
+    extra = ["--enable-metrics", "--disable-overlap-schedule", "--kvtc-joint-calibration", str(joint_path),
+             "--kvtc-ready-fraction", "0.9", *flags]
+    return start(ServerSpec("kvtc", hf_model(), str(artifact_path), max_total_tokens=POOL, extra=extra), log, env=env)
+
+
+def _check_served(results, m, log, _convs=None) -> None:
     assert not scheduler_errors(log), scheduler_errors(log)
     assert all(not r.error and r.text.strip() for r in results), [r.error for r in results]
     assert m["joint_references_made_total"] >= 1, m
@@ -54,8 +62,28 @@ def _check_served(results, m, log) -> None:
     assert m["checksum_failures_total"] == 0 and m["restore_failures_total"] == 0, m
 
 
-def test_shared_file_served_through_one_reference(joint_path, artifact_path, tmp_path):
-    _check_served(*_serve(joint_path, artifact_path, tmp_path / "server.log"))
+def test_shared_file_served_through_one_reference_and_the_directory_tier(joint_path, artifact_path, tmp_path):
+    """With the L3 tier (a directory, write-through), the residuals' chunks name their reference, written once as
+    an object of its own; a restarted server (an empty tree and book) takes the third agent's next turn from the
+    directory: its chunks, then the reference they name, restored without prefill."""
+    l3 = ("--kvtc-host-bytes", "256M", "--kvtc-l3", "directory", "--kvtc-l3-config",
+          json.dumps({"path": str(tmp_path / "l3"), "chunk_tokens": 128}))  # fmt: skip
+    results, m, log, convs = _serve(joint_path, artifact_path, tmp_path / "server.log", l3)
+    _check_served(results, m, log)
+    assert m["l3_references_written_total"] >= 1 and m["l3_put_objects_total"] >= 4, m
+    srv = _start(joint_path, artifact_path, tmp_path / "restart.log", l3)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        r = chat(client, "default", "s2/t2", [*convs[2], {"role": "user", "content": "And which one last?"}], WL)
+        time.sleep(1.5)  # kvtc mirrors its counters at a scheduler tick, at most once a second
+        chat(client, "default", "probe", [{"role": "user", "content": "Hi"}], WL)
+        m2 = kvtc_metrics(srv)
+    finally:
+        srv.stop()
+    assert not r.error and r.text.strip() and not scheduler_errors(srv.log_text()), r.error
+    assert m2["joint_references_fetched_total"] >= 1 and m2["l3_hit_tokens_total"] >= 512, m2
+    assert m2["joint_restored_tokens_total"] > 0 and m2["restored_tokens_total"] >= 512, m2
+    assert m2["checksum_failures_total"] == 0 and m2["restore_failures_total"] == 0, m2
 
 
 def test_shared_file_at_tp2_both_ranks_alike(joint_path, artifact_path, tmp_path):

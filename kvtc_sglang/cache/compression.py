@@ -87,7 +87,7 @@ class CompressionPlanner:
         if short <= 0 or (short := short - self.stats.retained_tokens) <= 0:
             return
         spans = self.policy.take(min(short, MAX_JOB_TOKENS), self._storable_now(), now=time.monotonic())
-        targets, plans = self._planned(self._cut(self._worth_storing(spans)))
+        targets, plans = self._planned(self._worth_storing(spans))
         if targets:
             job = self.ctl.submit([(node, node.value, lo) for node, lo in targets], plans)
             self.guards.reading(job, [node for node, _ in targets])
@@ -130,11 +130,12 @@ class CompressionPlanner:
         oldest = min(stamps, default=float("inf"))
         return [s for s in spans if s[0].last_access_time > oldest]
 
-    def _cut(self, spans: list[Span]) -> list[tuple[TreeNode, int]]:
-        """Split each span's node so that one node covers exactly ``[lo, hi)``: ``(node, lo)``. The parts keep
-        the node's stamp (a cut is no access: the LRU order stays as it was)."""
+    def _cut(self, spans: list[Span], chunk: int) -> list[tuple[TreeNode, int]]:
+        """Split each span's node so that one node covers exactly ``[lo, hi)`` (and each piece of it between
+        multiples of ``chunk`` positions, if ``chunk``): ``(node, lo)``. The parts keep the node's stamp (a cut is
+        no access: the LRU order stays as it was)."""
         out = []
-        for cand, start, lo, hi in split_at_chunks(spans, self.l3.chunk if self.l3 is not None else 0):
+        for cand, start, lo, hi in split_at_chunks(spans, chunk):
             if cand.parent is None or cand.value is None:
                 continue  # compressed or dropped while making room for an earlier span
             if lo > start:
@@ -153,12 +154,16 @@ class CompressionPlanner:
         head.last_access_time = stamp
         return head
 
-    def _planned(self, targets: list[tuple[TreeNode, int]]) -> tuple[list[tuple[TreeNode, int]], list | None]:
-        """Joint encoding (when on): ``targets`` cut so that each span matching text another branch holds is one
-        node, and each target's plan (``None``: a plain blob)."""
+    def _planned(self, spans: list[Span]) -> tuple[list[tuple[TreeNode, int]], list | None]:
+        """Encode targets of ``spans``, cut at L3 chunk boundaries (with an L3 tier), and with joint encoding on
+        each span matching text another branch holds one node (matched on whole spans, then cut at chunks), and
+        each target's plan (``None``: a plain blob)."""
+        chunk = self.l3.chunk if self.l3 is not None else 0
         if self.joint is None:
-            return targets, None
-        planned = self.joint.split(targets, self._head)
+            return self._cut(spans, chunk), None
+        planned = self.joint.split(self._cut(spans, 0), self._head)
+        if chunk:
+            planned = self.joint.chunked(planned, chunk, self._head)
         return [(node, lo) for node, lo, _ in planned], [plan for _, _, plan in planned]
 
     def commit(self, jobs: list[EncodeJob]) -> None:
@@ -178,6 +183,7 @@ class CompressionPlanner:
             self.stats.compress_seconds += job.seconds
             refs = job.references or [None] * len(job.results)
             plans = job.plans or [None] * len(job.results)
+            groups: dict[int, int] = {}  # a new reference's group -> its id (pinned while this job commits)
             for i, ((node, slots, lo), (blob, header), ref, size, plan) in enumerate(zip(
                 job.targets, job.results, refs, reserve, plans, strict=False
             )):
@@ -186,7 +192,7 @@ class CompressionPlanner:
                     digest.mix("discard", len(slots), lo)
                     self.policy.touch_path(node if node.parent is not None else None)
                     continue
-                link = self._joint_link(node, plan, job.made.get(i), ref_reserves.get(i, 0))
+                link = self._joint_link(node, plan, job.made.get(i), ref_reserves.get(i, 0), groups)
                 if plan is not None and link is None:
                     self.policy.touch_path(node)
                     continue  # its reference went, or could not be stored
@@ -217,22 +223,29 @@ class CompressionPlanner:
             for plan in job.plans:  # the references this job's encodes read are no longer pinned by it
                 if plan is not None and plan.ref is not None and self.joint is not None:
                     self.joint.unpin(plan.ref)
+            for ref_id in groups.values():
+                self.joint.unpin(ref_id)  # type: ignore[union-attr]  # (groups exist only with joint encoding)
 
-    def _joint_link(self, node: TreeNode, plan: JointPlan | None, made: tuple | None, reserve: int
-                    ) -> JointLink | None:
+    def _joint_link(self, node: TreeNode, plan: JointPlan | None, made: tuple | None, reserve: int,
+                    groups: dict[int, int]) -> JointLink | None:
         """The reference a planned target's residual blob decodes against: the plan's, if it is still stored, or
-        the new one the encoder made (stored now in ``reserve`` bytes, the ranks' largest); ``None`` for a plain
-        target or when that fails."""
+        the new one the encoder made (stored now, at its first piece, in ``reserve`` bytes, the ranks' largest;
+        ``groups``: the new references of this job's pieces); ``None`` for a plain target or when that fails."""
         if plan is None or self.joint is None:
             return None
-        if plan.ref is not None:
-            if self.joint.alive(plan.ref):
-                return JointLink(plan.ref, plan.lo, plan.hi)
+        ref = plan.ref if plan.ref is not None else groups.get(plan.group) if plan.group else None
+        if ref is not None:
+            if self.joint.alive(ref):
+                return JointLink(ref, plan.lo, plan.hi)
         elif made is not None:
             blob, header = made
             handle = self._store_blob(node, blob, reserve)  # may free the node's slots: the residual keeps it
             if handle is not None:
-                return JointLink(self.joint.add_reference(handle, header, node, token_ids(node)), 0, len(node.key))
+                ref = self.joint.add_reference(handle, header, node, plan.tokens or token_ids(node))
+                if plan.group:
+                    self.joint.pin(ref)  # its later pieces link to it in this commit, whatever happens to this one
+                    groups[plan.group] = ref
+                return JointLink(ref, plan.lo, plan.hi)
         self.stats.joint_discards += 1
         self.ctl.digest.mix("joint_discard", len(node.key), 0)
         return None
@@ -319,7 +332,7 @@ class CompressionPlanner:
         if self.governor.paused:
             return 0  # its blobs are being dropped unused: drop the KV as SGLang would, without the encode
         budget = min(MAX_INLINE_TOKENS, need + need // 8 + self.tree.page_size)  # blobs take a few pages back
-        targets, plans = self._planned(self._cut(self.policy.take(budget, self.guards.busy)))
+        targets, plans = self._planned(self.policy.take(budget, self.guards.busy))
         if not targets:
             return 0
         allocator = self.tree.token_to_kv_pool_allocator
@@ -347,7 +360,7 @@ class CompressionPlanner:
             if node.parent is not None and node.value is not None:
                 self.policy.candidates.add(node)
         self.free_encoded(None, now)
-        targets, plans = self._planned(self._cut(self.policy.take(None, self.guards.busy, now)))
+        targets, plans = self._planned(self.policy.take(None, self.guards.busy, now))
         if targets:
             self.commit([self.ctl.encode_now([(node, node.value, lo) for node, lo in targets], plans)])
             for node, _ in targets:  # idle when taken (a split gave the head a new stamp)

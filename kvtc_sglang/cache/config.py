@@ -59,9 +59,6 @@ def refused_joint(config: KVTCCacheConfig) -> str | None:
     if config.codec != "kvtc":
         return (f"--kvtc-joint-calibration codes residuals of KVTC coefficients; it needs --kvtc-codec kvtc, not "
                 f"{config.codec}")
-    if config.l3:
-        return ("--kvtc-joint-calibration cannot be combined with --kvtc-l3 yet: L3 objects would hold residuals "
-                "whose references are not in them; drop one")
     if not isinstance(config.joint_min_tokens, int) or config.joint_min_tokens < 32:
         return f"--kvtc-joint-min-tokens must be an integer >= 32, got {config.joint_min_tokens!r}"
     return None

@@ -16,15 +16,16 @@ dependant (``dependants``); it lives in the pool's blob store beside the other b
 victim itself. The codec work runs where the
 node's own encode runs (:mod:`~.controller`); a restore decodes references and residuals in the same restore call
 (:class:`~kvtc_sglang.codec.joint.MixedCodec`). Decisions depend on token ids and counts only: every rank of a
-tensor-parallel group would take them alike (joint encoding is refused under tensor parallelism and with the L3
-tier for now: the references' sizes per rank and L3 objects that name references are not built).
+tensor-parallel group takes them alike; each rank's reference blobs are reserved at the ranks' largest size
+(:func:`~.ranks.agree_encodes`). In the L3 tier a residual's chunk object names its reference, an object of its own
+(:mod:`~.l3_joint`).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, cast
 
@@ -50,9 +51,11 @@ class JointLink:
 
 @dataclass(frozen=True)
 class JointPlan:
-    """How one encode target is coded: against ``[lo, hi)`` of reference ``ref``, or (``ref`` None) as a new
-    reference of its own tokens. ``fetch``/``header``/``ready``: the reference blob's bytes, header and put event
-    (for the encoder, which decodes the span on its own stream)."""
+    """How one encode target is coded: against ``[lo, hi)`` of reference ``ref``, or (``ref`` None) against
+    ``[lo, hi)`` of a new reference made of the tokens of every target of its ``group`` (consecutive pieces of one
+    match, cut at L3 chunk boundaries; 0: this target alone), whose token ids the first piece's ``tokens`` holds.
+    ``fetch``/``header``/``ready``: the reference blob's bytes, header and put event (for the encoder, which decodes
+    the span on its own stream)."""
 
     ref: int | None
     lo: int
@@ -60,11 +63,14 @@ class JointPlan:
     fetch: Callable[[], Any] | None = None
     header: BlobHeader | None = None
     ready: Any = None
+    group: int = 0
+    tokens: tuple[int, ...] = ()
 
 
 @dataclass
 class Reference:
-    """A shared reference blob: its tokens (ids), where it is stored and how many blobs depend on it."""
+    """A shared reference blob: its tokens (ids; empty for one fetched from the L3, which is not indexed), where it
+    is stored, how many blobs depend on it, and its L3 object key once it has one (:mod:`~.l3_joint`)."""
 
     id: int
     handle: BlobHandle
@@ -72,6 +78,7 @@ class Reference:
     tokens: tuple[int, ...]
     namespace: tuple
     dependants: int = 0
+    key: str | None = None
 
 
 def _of_kind(kind: str) -> Callable[[Hashable], bool]:
@@ -112,8 +119,10 @@ class JointBook:
         self._indexes: dict[tuple, ContentIndex] = {}
         self._seen: OrderedDict[tuple, int] = OrderedDict()  # ("seen", n, namespace) -> tokens, oldest first
         self._seen_total = 0
+        self._last: tuple[Any, tuple | None, tuple[int, ...]] = (None, None, ())  # the last node remembered
         self._next = 0
         self.refs: dict[int, Reference] = {}
+        self.by_key: dict[str, int] = {}  # L3 object key -> reference id
 
     def _index(self, namespace: tuple) -> ContentIndex:
         if namespace not in self._indexes:
@@ -123,16 +132,24 @@ class JointBook:
     # ----- what was encoded -----
 
     def remember(self, node: TreeNode) -> None:
-        """``node``'s text went into a plain blob: a later copy of it makes a reference."""
+        """``node``'s text went into a plain blob: a later copy of it makes a reference. A node right below the
+        last one remembered (the next piece of a target cut at L3 chunks) extends that text."""
         tokens = token_ids(node)
+        ns = namespace_of(node)
+        last_node, last_seen, last_tokens = self._last
+        if last_node is not None and node.parent is last_node:
+            tokens = last_tokens + tokens
+            if last_seen is not None:
+                self._forget(last_seen)
+        self._last = (node, None, tokens)
         if len(tokens) < self.min_tokens:
             return
         self._next += 1
-        owner = ("seen", self._next)
-        ns = namespace_of(node)
-        self._index(ns).add(owner, tokens)
-        self._seen[(owner, ns)] = len(tokens)
+        seen = (("seen", self._next), ns)
+        self._index(ns).add(seen[0], tokens)
+        self._seen[seen] = len(tokens)
         self._seen_total += len(tokens)
+        self._last = (node, seen, tokens)
         while self._seen_total > self.seen_tokens:
             self._forget(next(iter(self._seen)))
 
@@ -145,16 +162,34 @@ class JointBook:
 
     def add_reference(self, handle: BlobHandle, header: BlobHeader, node: TreeNode, tokens: tuple[int, ...]) -> int:
         """A new reference stored at ``handle``, made of ``node``'s ``tokens``: its id (no dependant yet)."""
+        ref_id = self._add(handle, header, tokens, namespace_of(node))
+        self.stats.joint_references_made += 1
+        return ref_id
+
+    def adopt(self, key: str, handle: BlobHandle, header: BlobHeader, node: TreeNode) -> int:
+        """A reference fetched from the L3 under ``key`` (in host memory at ``handle``), for blobs grafted under
+        ``node``'s namespace: its id (no dependant yet; not indexed, its token ids are not known)."""
+        ref_id = self._add(handle, header, (), namespace_of(node))
+        self.keyed(ref_id, key)
+        self.stats.joint_references_fetched += 1
+        return ref_id
+
+    def _add(self, handle: BlobHandle, header: BlobHeader, tokens: tuple[int, ...], namespace: tuple) -> int:
         self._next += 1
-        ref = Reference(self._next, handle, header, tokens, namespace_of(node))
+        ref = Reference(self._next, handle, header, tokens, namespace)
         self.refs[ref.id] = ref
-        self._index(ref.namespace).add(("ref", ref.id), tokens)
+        if tokens:
+            self._index(ref.namespace).add(("ref", ref.id), tokens)
         s = self.stats
         s.joint_references += 1
-        s.joint_reference_tokens += len(tokens)
+        s.joint_reference_tokens += header.num_tokens
         s.joint_reference_bytes += handle.nbytes
-        s.joint_references_made += 1
         return ref.id
+
+    def keyed(self, ref_id: int, key: str) -> None:
+        """Reference ``ref_id`` is L3 object ``key`` (named by a chunk written, or fetched)."""
+        self.refs[ref_id].key = key
+        self.by_key[key] = ref_id
 
     def depend(self, link: JointLink, num_tokens: int, nbytes: int) -> None:
         """A residual blob of ``num_tokens`` tokens (``nbytes``) now depends on ``link.ref``."""
@@ -179,10 +214,13 @@ class JointBook:
             return
         s = self.stats
         del self.refs[ref.id]
-        self._index(ref.namespace).remove(("ref", ref.id))
+        if ref.key is not None:
+            self.by_key.pop(ref.key, None)
+        if ref.tokens:
+            self._index(ref.namespace).remove(("ref", ref.id))
         self._free(ref.handle)
         s.joint_references -= 1
-        s.joint_reference_tokens -= len(ref.tokens)
+        s.joint_reference_tokens -= ref.header.num_tokens
         s.joint_reference_bytes -= ref.handle.nbytes
         s.joint_references_dropped += 1
 
@@ -203,9 +241,11 @@ class JointBook:
         for ref in self.refs.values():
             self._free(ref.handle)
         self.refs.clear()
+        self.by_key.clear()
         self._indexes.clear()
         self._seen.clear()
         self._seen_total = 0
+        self._last = (None, None, ())
         s = self.stats
         s.joint_references = s.joint_reference_tokens = s.joint_reference_bytes = 0
         s.joint_residual_blobs = s.joint_residual_tokens = s.joint_residual_bytes = 0
@@ -239,7 +279,7 @@ class JointBook:
                     ready=ref.handle.ready)))
             else:  # the text's second copy makes its reference: no other copy makes one of the same text meanwhile
                 self._forget((m.owner, namespace_of(node)))
-                out.append((start, end - start, JointPlan(None, 0, end - start)))
+                out.append((start, end - start, JointPlan(None, 0, end - start, tokens=tokens[start:end])))
         self.stats.joint_matches += len(out)
         return out
 
@@ -263,6 +303,34 @@ class JointBook:
         return out
 
 
+    def chunked(self, planned: list[tuple[TreeNode, int, JointPlan | None]], chunk: int,
+                cut: Callable[[TreeNode, int], TreeNode]) -> list[tuple[TreeNode, int, JointPlan | None]]:
+        """``planned`` targets cut at multiples of ``chunk`` positions (the L3 tier's objects hold whole blobs of
+        one chunk): the pieces of a residual are residuals against consecutive spans of the same reference (each
+        pins it), the pieces of a new reference's target make that reference together (one ``group``)."""
+        out: list[tuple[TreeNode, int, JointPlan | None]] = []
+        for node, lo, plan in planned:
+            end, at, pieces = lo + len(node.key), lo, []
+            for b in range((lo // chunk + 1) * chunk, end, chunk):
+                pieces.append((cut(node, b - at), at))
+                at = b
+            pieces.append((node, at))
+            group = 0
+            if plan is not None and plan.ref is None and len(pieces) > 1:
+                self._next += 1
+                group = self._next
+            for j, (piece, p_lo) in enumerate(pieces):
+                if plan is None:
+                    out.append((piece, p_lo, None))
+                    continue
+                if plan.ref is not None and j:
+                    self.pin(plan.ref)  # every piece's encode reads the reference; each commit unpins once
+                off = plan.lo + p_lo - lo
+                out.append((piece, p_lo, replace(plan, lo=off, hi=off + len(piece.key), group=group,
+                                                 tokens=plan.tokens if j == 0 else ())))  # fmt: skip
+        return out
+
+
 def encode_planned(jc: JointCodec, kv: PoolKV, segments: list[tuple[torch.Tensor, torch.Tensor]],
                    plans: list[JointPlan | None], results: list[Any]) -> dict[int, tuple[torch.Tensor, BlobHeader]]:
     """The encoder's side (on its thread and stream): residual blobs of the planned targets ``segments[i] =
@@ -273,14 +341,23 @@ def encode_planned(jc: JointCodec, kv: PoolKV, segments: list[tuple[torch.Tensor
     made: dict[int, tuple[torch.Tensor, BlobHeader]] = {}
     planned = [(i, p) for i, p in enumerate(plans) if p is not None]
     idx = [i for i, _ in planned]
-    coeffs, refs, tags = [], [], []
+    coeffs = {i: jc.coefficients_rows(kv.k_buffers, kv.v_buffers, *segments[i]) for i in idx}  # ([T, R_k], [T, R_v])
+    groups: dict[int, list[int]] = {}  # a new reference -> its pieces, in order (keyed by its first piece)
     for i, plan in planned:
-        slots, positions = segments[i]
-        c = jc.coefficients_rows(kv.k_buffers, kv.v_buffers, slots, positions)  # ([T, R_k], [T, R_v])
         if plan.ref is None:
-            blob, ref_c = jc.encode_reference(c, positions, kv.dtype)
-            made[i] = (blob, jc.reference.read_header(blob))
-            tags.append(reference_tag(made[i][1], 0, len(slots)))
+            groups.setdefault(plan.group or -1 - i, []).append(i)
+    new: dict[int, tuple[tuple[torch.Tensor, torch.Tensor], BlobHeader]] = {}  # piece -> (reference coeffs, header)
+    for pieces in groups.values():
+        c = (torch.cat([coeffs[i][0] for i in pieces]), torch.cat([coeffs[i][1] for i in pieces]))  # [T_g, R_k/v]
+        blob, ref_c = jc.encode_reference(c, torch.cat([segments[i][1] for i in pieces]), kv.dtype)
+        made[pieces[0]] = (blob, jc.reference.read_header(blob))
+        new.update({i: (ref_c, made[pieces[0]][1]) for i in pieces})
+    refs, tags = [], []
+    for i, plan in planned:
+        if plan.ref is None:
+            (rk, rv), header = new[i]
+            ref_c = (rk[plan.lo : plan.hi], rv[plan.lo : plan.hi])
+            tags.append(reference_tag(header, plan.lo, plan.hi))
         else:
             if plan.fetch is None or plan.header is None:
                 raise ValueError(f"a plan against reference {plan.ref} needs its blob and header")
@@ -290,9 +367,8 @@ def encode_planned(jc: JointCodec, kv: PoolKV, segments: list[tuple[torch.Tensor
             rk, rv = decoded[plan.ref]
             ref_c = (rk[plan.lo : plan.hi], rv[plan.lo : plan.hi])
             tags.append(reference_tag(plan.header, plan.lo, plan.hi))
-        coeffs.append(c)
         refs.append(ref_c)
-    blobs = jc.encode_residuals(coeffs, refs, tags, [segments[i][1] for i in idx], kv.dtype)
+    blobs = jc.encode_residuals([coeffs[i] for i in idx], refs, tags, [segments[i][1] for i in idx], kv.dtype)
     for i, blob in zip(idx, blobs, strict=True):
         results[i] = (blob, jc.read_header(blob))
     return made

@@ -4,8 +4,11 @@ radix path (no I/O, no codec calls).
 An object is one chunk ``[jC, (j+1)C)`` of one radix path, as consecutive *segments*: ``kvtc`` segments are
 the blobs of compressed or encoded nodes (each covers exactly its node), ``raw`` segments the rows of short
 device nodes that are never encoded on their own (the sinks, a chat template's shared head: at most
-``RAW_LIMIT`` tokens each), coded by :class:`~kvtc_sglang.codec.RawCodec`. Payload layout (little-endian):
-``magic "KVS1" | count u16`` then per segment ``kind u8 | lo u32 | hi u32 | nbytes u32 | bytes``.
+``RAW_LIMIT`` tokens each), coded by :class:`~kvtc_sglang.codec.RawCodec`, ``joint`` segments the residual blobs
+of joint encoding, each naming its reference blob, which is an object of its own (:class:`RefName`,
+:mod:`~kvtc_sglang.cache.l3_joint`). Payload layout (little-endian):
+``magic "KVS1" | count u16`` then per segment ``kind u8 | lo u32 | hi u32 | nbytes u32 | bytes``; a joint
+segment's bytes are ``key_len u16 | key | ref_start u32 | ref_tokens u32 | ref_lo u32 | ref_hi u32 | blob``.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ import numpy as np
 
 from .tree_walk import TreeNode
 
-RAW, KVTC = 0, 1
+RAW, KVTC, JOINT = 0, 1, 2
 RAW_LIMIT = 64  # most tokens of a device node an object carries raw (~23 KB/token for SmolLM2)
 _HEAD = struct.Struct("<4sH")
 _SEG = struct.Struct("<BIII")
 _MAGIC = b"KVS1"
+_REF = struct.Struct("<IIII")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,40 @@ class Segment:
     lo: int
     hi: int
     data: bytes
+
+
+@dataclass(frozen=True)
+class RefName:
+    """The reference a joint segment's residual decodes against: its object ``key``, its first position
+    ``start`` and ``num_tokens``, and the span ``[lo, hi)`` of it the residual codes."""
+
+    key: str
+    start: int
+    num_tokens: int
+    lo: int
+    hi: int
+
+
+def pack_joint(name: RefName, blob: bytes) -> bytes:
+    key = name.key.encode()
+    return struct.pack("<H", len(key)) + key + _REF.pack(name.start, name.num_tokens, name.lo, name.hi) + blob
+
+
+def unpack_joint(data: bytes) -> tuple[RefName, bytes]:
+    """``(reference name, residual blob bytes)`` of a joint segment's bytes; ``ValueError`` when malformed."""
+    if len(data) < 2:
+        raise ValueError(f"joint segment of {len(data)} bytes, expected at least 2")
+    (n,) = struct.unpack_from("<H", data)
+    if len(data) < 2 + n + _REF.size:
+        raise ValueError(f"joint segment of {len(data)} bytes, its key of {n} bytes needs {2 + n + _REF.size}")
+    try:
+        key = data[2 : 2 + n].decode("ascii")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"joint segment's reference key is not ASCII: {e}") from e
+    start, num, lo, hi = _REF.unpack_from(data, 2 + n)
+    if not 0 <= lo < hi <= num:
+        raise ValueError(f"joint segment's span [{lo}, {hi}) is not inside its reference's {num} tokens")
+    return RefName(key, start, num, lo, hi), data[2 + n + _REF.size :]
 
 
 def pack_segments(segments: list[Segment]) -> bytes:
@@ -55,7 +93,7 @@ def unpack_segments(data: bytes, lo: int, hi: int) -> list[Segment]:
             raise ValueError(f"L3 payload truncated in segment {i} of {count}")
         kind, s_lo, s_hi, n = _SEG.unpack_from(data, at)
         at += _SEG.size
-        if kind not in (RAW, KVTC) or s_lo != pos or not s_lo < s_hi <= hi or at + n > len(data):
+        if kind not in (RAW, KVTC, JOINT) or s_lo != pos or not s_lo < s_hi <= hi or at + n > len(data):
             raise ValueError(f"L3 segment {i}: kind {kind}, [{s_lo}, {s_hi}) of {n} bytes; expected to start at "
                              f"{pos}, end by {hi}, within {len(data) - at} bytes")  # fmt: skip
         out.append(Segment(kind, s_lo, s_hi, data[at : at + n]))
@@ -102,7 +140,8 @@ def chunk_ends(node: TreeNode, node_end: int, chunk_end: int, limit: int = 8) ->
 
 def chunk_layout(end_node: TreeNode, lo: int, hi: int, blob_of: Any) -> list[tuple[int, int, int, Any]] | None:
     """How the chunk ``[lo, hi)`` of ``end_node``'s path (which ends at ``hi``) is made:
-    ``(kind, seg_lo, seg_hi, what)`` with ``what`` the node's blob entry (KVTC) or its slots for the segment (RAW);
+    ``(kind, seg_lo, seg_hi, what)`` with ``what`` the node's blob entry (KVTC; JOINT for a residual blob) or its
+    slots for the segment (RAW);
     ``None`` when it cannot be made now (a long device part not encoded yet, a blob covering more than its node).
     ``blob_of(node)``: the node's blob entry (compressed or kept), or ``None``."""
     out: list[tuple[int, int, int, Any]] = []
@@ -112,7 +151,7 @@ def chunk_layout(end_node: TreeNode, lo: int, hi: int, blob_of: Any) -> list[tup
         s_lo, s_hi = max(start, lo), min(end, hi)
         entry = blob_of(n)
         if entry is not None and entry.skip == 0 and entry.start == start and end <= hi and start >= lo:
-            out.append((KVTC, s_lo, s_hi, entry))
+            out.append((JOINT if entry.joint is not None else KVTC, s_lo, s_hi, entry))
         elif n.value is not None and s_hi - s_lo <= RAW_LIMIT:
             out.append((RAW, s_lo, s_hi, n.value[s_lo - start : s_hi - start]))
         else:

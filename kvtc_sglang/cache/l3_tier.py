@@ -47,11 +47,14 @@ from ..codec import BlobError
 from ..tiers.frame import FrameError, unpack_object
 from ..tiers.keys import KeyScheme, chunk_keys, namespace_seed
 from ..tiers.l3_client import L3Client
+from .joint import JointLink
 from .l3_agree import NOT_DONE, agree_charges, agree_prefetches
 from .l3_graft import graft_chunks
+from .l3_joint import L3References
 from .l3_objects import (
-    KVTC,
+    JOINT,
     RAW,
+    RefName,
     Segment,
     unpack_segments,
 )
@@ -59,6 +62,7 @@ from .l3_writes import L3Writer
 
 logger = logging.getLogger(__name__)
 
+REFS = "#refs"  # a parked request's second lookup: the references its chunks' joint segments name
 KVTC_KEYS = {"chunk_tokens", "prefetch_timeout_s", "write_queue_depth", "secret_file", "min_chunks", "write_policy"}
 WRITE_POLICIES = ("write_through", "write_back")
 
@@ -137,18 +141,32 @@ class L3Tier:
         # rid -> (checked chunks, timed out, their keys): finished on this rank, not yet agreed
         self._fetched: dict[str, tuple[list[list[tuple]], bool, list[str]]] = {}
         self._seen: set[str] = set()
+        book = cache.io.joint
+        self.references = None if book is None else L3References(book, cache.ctl.joint, scheme, self.secret)
+        # rid -> (checked chunks, timed out, their keys, the references they name): waiting for the references
+        self._naming: dict[str, tuple[list[list[tuple]], bool, list[str], dict[str, RefName]]] = {}
+        self._got: dict[str, dict[str, tuple[torch.Tensor, Any]]] = {}  # rid -> fetched references, checked
         self.writer = L3Writer(cache, client, scheme, write_policy=options.write_policy, secret=self.secret,
-                               raw_codec=raw_codec)
+                               raw_codec=raw_codec, references=self.references)
 
     # ----- reads -----
 
     def tick(self, waiting: list | None) -> None:
         """Graft finished prefetches and return their requests; park new waiting requests with chunks to ask."""
         for result in self.client.poll():
+            if result.request_id.endswith(REFS):
+                self._named(result)
+                continue
             parked = self._parked.get(result.request_id)
             if parked is not None:
-                self._fetched[result.request_id] = (self._chunks(parked[2], result.keys, result.objects),
-                                                    result.timed_out, result.keys)  # fmt: skip
+                chunks = self._chunks(parked[2], result.keys, result.objects)
+                missing = self.references.missing(chunks) if self.references is not None else []
+                if missing:  # a second lookup: the references named by joint segments that the book lacks
+                    names = {seg[5].key: seg[5] for chunk in chunks for seg in chunk if seg[0] == JOINT}
+                    self._naming[result.request_id] = (chunks, result.timed_out, result.keys, names)
+                    self.client.lookup(result.request_id + REFS, missing)
+                else:
+                    self._fetched[result.request_id] = (chunks, result.timed_out, result.keys)
         if self._parked:
             self._release(waiting)
         if waiting:
@@ -158,6 +176,22 @@ class L3Tier:
                     waiting.remove(req)
         if len(self._seen) > 4096:
             self._seen = {r.rid for r in waiting or []} | set(self._parked)
+
+    def _named(self, result: Any) -> None:
+        """The references a parked request's chunks name came back: the chunks up to the first one naming a
+        reference that is neither held nor fetched and checked are the prefetch's result."""
+        rid = result.request_id[: -len(REFS)]
+        if rid not in self._naming or self.references is None:
+            return
+        chunks, timed_out, keys, names = self._naming.pop(rid)
+        got, refused = self.references.checked(names, result.keys, result.objects)
+        self.cache.stats.l3_rejected += refused
+        n = self.references.usable(chunks, set(got) | set(self.references.book.by_key))
+        if n < len(chunks):
+            logger.warning("kvtc: L3 chunks of %s name %d reference(s) missing or refused: %d of %d chunks used", rid,
+                           len(names) - len(got), n, len(chunks))  # fmt: skip
+        self._got[rid] = got
+        self._fetched[rid] = (chunks[:n], timed_out or result.timed_out, keys)
 
     def _release(self, waiting: list | None) -> None:
         """Requests whose prefetch every rank has finished go back to the queue with the chunks agreed
@@ -171,8 +205,9 @@ class L3Tier:
                 continue
             req, tokens, _, _ = self._parked.pop(rid)
             chunks, timed_out, keys = self._fetched.pop(rid)
+            got = self._got.pop(rid, {})
             if n:
-                self._graft(req, tokens, [seg for chunk in chunks[:n] for seg in chunk])
+                self._graft(req, tokens, [seg for chunk in chunks[:n] for seg in chunk], got)
                 for key in keys[:n]:
                     self.writer.remember(key)  # in the store already: a drop under write-back need not write it
             if timed_out:
@@ -188,7 +223,10 @@ class L3Tier:
         for r in hit:
             req = self._parked.pop(r)[0]
             self._fetched.pop(r, None)
+            self._got.pop(r, None)
             self.client.cancel(r)
+            if self._naming.pop(r, None) is not None:
+                self.client.cancel(r + REFS)
             if waiting is not None:
                 waiting.append(req)
         return len(hit)
@@ -233,24 +271,54 @@ class L3Tier:
                 break
         return out
 
-    def _graft(self, req: Any, tokens: np.ndarray, items: list[tuple]) -> None:
-        """Graft the agreed segments, each kvtc blob charged the ranks' largest size."""
-        sizes = agree_charges(self.cache.ctl.agreement, [it[3].numel() for it in items if it[0] == KVTC])
-        charges = iter(sizes)
-        grafted = graft_chunks(self.cache, self._key_of(req, tokens), items, self.raw_codec,
-                               [next(charges) if it[0] == KVTC else 0 for it in items])  # fmt: skip
+    def _graft(self, req: Any, tokens: np.ndarray, items: list[tuple], got: dict[str, tuple]) -> None:
+        """Graft the agreed segments, each blob (and each fetched reference) charged the ranks' largest size."""
+        blobs = [it[3].numel() if it[0] != RAW else 0 for it in items]
+        refs = [got[it[5].key][0].numel() if it[0] == JOINT and it[5].key in got else 0 for it in items]
+        sizes = agree_charges(self.cache.ctl.agreement, blobs + refs)
+        pinned: list[int] = []
+        book = self.cache.io.joint
+
+        def link(node: Any, name: RefName, charge: int) -> JointLink | None:
+            """The link of a joint segment under ``node``: its reference held, or adopted into host memory."""
+            ref_id = book.by_key.get(name.key)
+            if ref_id is None:
+                blob, header = got[name.key]
+                handle = self.cache.placement.admit(blob, node, self.cache.guards.protect,
+                                                    self.cache.eviction.drop_subtree, charge=charge)  # fmt: skip
+                if handle is None:
+                    return None
+                ref_id = book.adopt(name.key, handle, header, node)
+            book.pin(ref_id)  # making room for the graft's blobs may drop its other dependants meanwhile
+            pinned.append(ref_id)
+            return JointLink(ref_id, name.lo, name.hi)
+
+        charges = list(zip(sizes[: len(items)], sizes[len(items) :], strict=True))  # (blob, adopted reference)
+        try:
+            grafted = graft_chunks(self.cache, self._key_of(req, tokens), items, self.raw_codec, charges, link=link)
+        finally:
+            for ref_id in pinned:
+                book.unpin(ref_id)  # an adopted reference no blob came to depend on goes
         self.cache.stats.l3_hits += grafted[0]
         self.cache.stats.l3_hit_tokens += grafted[1]
 
-    def _checked(self, seg: Segment) -> tuple[int, int, int, torch.Tensor, Any]:
+    def _checked(self, seg: Segment) -> tuple:
         """``(kind, lo, hi, blob [n] uint8 CPU, header)`` of a segment whose blob names this deployment's codec
-        (calibration) and exactly its positions; ``BlobError``/``ValueError`` otherwise."""
-        codec = self.raw_codec if seg.kind == RAW else self.cache.codec
-        header = codec.read_header(seg.data)
+        (calibration) and exactly its positions (a joint segment: ``+ (its reference's RefName,)``, the residual
+        calibration's header); ``BlobError``/``ValueError`` otherwise."""
+        data, name = seg.data, None
+        if seg.kind == JOINT:
+            if self.references is None:
+                raise ValueError("the object holds a joint-encoding residual; this server runs without "
+                                 "--kvtc-joint-calibration")  # fmt: skip
+            name, data, header = self.references.residual(seg.data)
+        else:
+            header = (self.raw_codec if seg.kind == RAW else self.cache.codec).read_header(data)
         if header.num_tokens != seg.hi - seg.lo or int(header.positions[0]) != seg.lo:
             raise ValueError(f"blob positions {int(header.positions[0])}+{header.num_tokens}, expected "
                              f"{seg.lo}+{seg.hi - seg.lo}")  # fmt: skip
-        return seg.kind, seg.lo, seg.hi, torch.frombuffer(bytearray(seg.data), dtype=torch.uint8), header
+        blob = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return (seg.kind, seg.lo, seg.hi, blob, header) + ((name,) if name is not None else ())
 
     def counters(self) -> dict[str, float]:
         c = self.client.counters

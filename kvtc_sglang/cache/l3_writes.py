@@ -17,7 +17,20 @@ import torch
 from ..tiers.frame import pack_object
 from ..tiers.keys import KeyScheme, chunk_keys, namespace_seed
 from ..tiers.l3_client import L3Client
-from .l3_objects import KVTC, Segment, chunk_ends, chunk_layout, pack_segments, path_of, path_tokens
+from .l3_joint import L3References
+from .l3_objects import (
+    JOINT,
+    KVTC,
+    RAW,
+    RefName,
+    Segment,
+    chunk_ends,
+    chunk_layout,
+    pack_joint,
+    pack_segments,
+    path_of,
+    path_tokens,
+)
 from .tree_walk import TreeNode
 
 STORED_KEYS = 65536  # keys this server wrote or fetched lately: an offer of one is skipped
@@ -33,10 +46,11 @@ class L3Writer:
         write_policy: ``write_through`` or ``write_back``.
         secret: the shared MAC secret, or ``None``.
         raw_codec: codes the raw segments (short device parts: the sinks, a shared template head).
+        references: joint encoding's references (names a residual's reference and writes it), or ``None``.
     """
 
     def __init__(self, cache: Any, client: L3Client, scheme: KeyScheme, *, write_policy: str,
-                 secret: bytes | None, raw_codec: Any) -> None:  # fmt: skip
+                 secret: bytes | None, raw_codec: Any, references: L3References | None = None) -> None:  # fmt: skip
         self.cache = cache
         self.client = client
         self.scheme = scheme
@@ -44,6 +58,7 @@ class L3Writer:
         self.secret = secret
         self.raw_codec = raw_codec
         self.chunk = scheme.chunk_tokens
+        self.references = references
         self._stored: OrderedDict[str, None] = OrderedDict()
 
     def committed(self, node: TreeNode, start: int) -> int:
@@ -84,8 +99,11 @@ class L3Writer:
             key = chunk_keys(tokens, self.scheme, start_chunk=0, prev_hash=seed)[j]
             if key in self._stored:
                 continue  # offered again: re-encoded after its kept blob was dropped, or by another node's drop
-            parts = [(kind, s_lo, s_hi, self._blob_to_host(what.handle) if kind == KVTC else self._rows(what))
-                     for kind, s_lo, s_hi, what in layout]  # fmt: skip
+            names = [self._reference(what.joint, seed) if kind == JOINT else None for kind, _, _, what in layout]
+            if any(kind == JOINT and name is None for (kind, *_), name in zip(layout, names, strict=True)):
+                continue  # a reference that could not be written: the chunk would name nothing
+            parts = [(kind, s_lo, s_hi, self._blob_to_host(what.handle) if kind != RAW else self._rows(what), name)
+                     for (kind, s_lo, s_hi, what), name in zip(layout, names, strict=True)]  # fmt: skip
             self.cache.stats.l3_offered += 1
             if self.client.put_async(key, self._builder(key, lo, parts)):
                 queued += 1
@@ -99,16 +117,33 @@ class L3Writer:
         if len(self._stored) > STORED_KEYS:
             self._stored.popitem(last=False)
 
-    def _builder(self, key: str, lo: int, parts: list[tuple[int, int, int, tuple]]) -> Any:
+    def _reference(self, link: Any, seed: str | None) -> RefName | None:
+        """The name of joint link ``link``'s reference, its object queued first unless known to be stored;
+        ``None`` when it could not be queued (or this server has no joint encoding)."""
+        if self.references is None:
+            return None
+        name = self.references.name(link, seed)
+        if name.key in self._stored:
+            return name
+        data, done = self.cache.placement.host_copy(self.references.book.refs[link.ref].handle)
+        if not self.client.put_async(name.key, self.references.builder(name, data, done)):
+            return None
+        self.cache.stats.l3_references_written += 1
+        self.remember(name.key)
+        return name
+
+    def _builder(self, key: str, lo: int, parts: list[tuple[int, int, int, tuple, RefName | None]]) -> Any:
         secret, digest, raw_codec, c = self.secret, self.scheme.digest, self.raw_codec, self.chunk
 
         def build() -> bytes:  # on the writer thread: waits for the copies, codes raw rows, frames the object
             segments = []
-            for kind, s_lo, s_hi, (tensors, copied) in parts:
+            for kind, s_lo, s_hi, (tensors, copied), name in parts:
                 if copied is not None:
                     copied.synchronize()
                 if kind == KVTC:
                     data = tensors[0].numpy().tobytes()
+                elif kind == JOINT:
+                    data = pack_joint(name, tensors[0].numpy().tobytes())  # type: ignore[arg-type]
                 else:
                     data = raw_codec.encode(*tensors, torch.arange(s_lo, s_hi)).numpy().tobytes()
                 segments.append(Segment(kind, s_lo, s_hi, data))

@@ -72,11 +72,13 @@ class KVTCStats:
     joint_residual_bytes: int = 0
     joint_matches: int = 0  # spans of encode targets that matched a reference or seen text
     joint_references_made: int = 0
+    joint_references_fetched: int = 0  # adopted from the L3 tier for grafted residuals
     joint_references_dropped: int = 0  # freed with their last dependant
     joint_restored_tokens: int = 0  # tokens restored from residual blobs
     joint_discards: int = 0  # residual encodes thrown away: the reference went, or the store could not take it
     # the L3 tier (l3_tier.py; l3_put_*/l3_get_* mirror its client's counters)
     l3_offered: int = 0  # objects built at commits (queued or dropped)
+    l3_references_written: int = 0  # joint encoding's reference objects queued for the L3
     l3_parked: int = 0  # requests held back while their chunks were looked up
     l3_hits: int = 0  # chunks grafted into the tree from L3
     l3_hit_tokens: int = 0
