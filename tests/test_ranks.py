@@ -140,7 +140,7 @@ def test_agree_encodes_reserves_each_new_reference_at_the_larger_ranks_size():
     they go into the same MAX (one collective) and each rank stores them in the larger size."""
     from types import SimpleNamespace
 
-    from kvtc_sglang.cache.joint import JointPlan
+    from kvtc_sglang.cache.joint_encode import JointPlan
     from kvtc_sglang.cache.ranks import agree_encodes
 
     def job(sizes, plans, made):

@@ -54,7 +54,7 @@ def _start(joint_path, artifact_path, log, flags: tuple[str, ...], env: dict | N
     return start(ServerSpec("kvtc", hf_model(), str(artifact_path), max_total_tokens=POOL, extra=extra), log, env=env)
 
 
-def _check_served(results, m, log, _convs=None) -> None:
+def _check_served(results, m, log) -> None:
     assert not scheduler_errors(log), scheduler_errors(log)
     assert all(not r.error and r.text.strip() for r in results), [r.error for r in results]
     assert m["joint_references_made_total"] >= 1, m
@@ -91,8 +91,8 @@ def test_shared_file_at_tp2_both_ranks_alike(joint_path, artifact_path, tmp_path
     calibration); the ranks' reference and residual sizes differ, so the store reserves the larger of each on both
     ranks (:func:`~kvtc_sglang.cache.ranks.agree_encodes`) and the trees stay equal (SGLang's consensus checker
     and kvtc's decision digest both on)."""
-    results, m, log = _serve(joint_path, artifact_path, tmp_path / "server.log", ("--tp-size", "2"),
-                             {"SGLANG_ENABLE_RANK_CONSENSUS_CHECKER": "1"})
+    results, m, log, _ = _serve(joint_path, artifact_path, tmp_path / "server.log", ("--tp-size", "2"),
+                                {"SGLANG_ENABLE_RANK_CONSENSUS_CHECKER": "1"})
     _check_served(results, m, log)
     assert ("residual calibration residual.tp2-rank1.safetensors against smollm2-135m-instruct.r16.tp2-rank1"
             ".kvtc.safetensors") in log

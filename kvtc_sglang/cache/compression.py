@@ -25,7 +25,8 @@ from .controller import EncodeJob, KVTCController
 from .eviction import TreeEviction
 from .governor import EncodeGovernor
 from .guards import NodeGuards, TickClock
-from .joint import JointBook, JointLink, JointPlan, token_ids
+from .joint import JointBook, JointLink, token_ids
+from .joint_encode import JointPlan, chunked
 from .placement import BlobPlacement
 from .policy import CompressionPolicy, Span, split_at_chunks
 from .ranks import agree_encodes
@@ -163,7 +164,7 @@ class CompressionPlanner:
             return self._cut(spans, chunk), None
         planned = self.joint.split(self._cut(spans, 0), self._head)
         if chunk:
-            planned = self.joint.chunked(planned, chunk, self._head)
+            planned = chunked(planned, chunk, self._head, self.joint)
         return [(node, lo) for node, lo, _ in planned], [plan for _, _, plan in planned]
 
     def commit(self, jobs: list[EncodeJob]) -> None:

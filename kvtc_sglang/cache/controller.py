@@ -35,7 +35,7 @@ import torch
 
 from ..codec import KVTCCodec, RawCodec
 from ..codec.blob import BlobHeader
-from .joint import encode_planned
+from .joint_encode import encode_planned
 from .kv_io import PoolKV
 from .ranks import DecisionDigest, LocalAgreement
 from .stats import KVTCStats

@@ -117,6 +117,27 @@ class L3References:
             out[key] = (blob, header)
         return out, refused
 
+    def linker(self, cache: Any, got: dict[str, tuple[torch.Tensor, Any]], pinned: list[int]) -> Any:
+        """``graft_chunks``' ``link(node, name, charge)``: a joint segment grafted under ``node`` links to its
+        reference held by the book, or adopted from ``got`` into host memory charged ``charge`` bytes (``None``
+        when there is no room). The reference is pinned (``pinned``, unpinned after the graft): making room for
+        the graft's blobs may drop its other dependants meanwhile."""
+
+        def link(node: Any, name: RefName, charge: int) -> JointLink | None:
+            ref_id = self.book.by_key.get(name.key)
+            if ref_id is None:
+                blob, header = got[name.key]
+                handle = cache.placement.admit(blob, node, cache.guards.protect, cache.eviction.drop_subtree,
+                                               charge=charge)  # fmt: skip
+                if handle is None:
+                    return None
+                ref_id = self.book.adopt(name.key, handle, header, node)
+            self.book.pin(ref_id)
+            pinned.append(ref_id)
+            return JointLink(ref_id, name.lo, name.hi)
+
+        return link
+
     @staticmethod
     def usable(chunks: list[list[tuple]], have: set[str]) -> int:
         """How many leading chunks have every joint segment's reference in ``have``."""

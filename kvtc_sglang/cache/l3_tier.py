@@ -47,7 +47,6 @@ from ..codec import BlobError
 from ..tiers.frame import FrameError, unpack_object
 from ..tiers.keys import KeyScheme, chunk_keys, namespace_seed
 from ..tiers.l3_client import L3Client
-from .joint import JointLink
 from .l3_agree import NOT_DONE, agree_charges, agree_prefetches
 from .l3_graft import graft_chunks
 from .l3_joint import L3References
@@ -276,29 +275,14 @@ class L3Tier:
         blobs = [it[3].numel() if it[0] != RAW else 0 for it in items]
         refs = [got[it[5].key][0].numel() if it[0] == JOINT and it[5].key in got else 0 for it in items]
         sizes = agree_charges(self.cache.ctl.agreement, blobs + refs)
-        pinned: list[int] = []
-        book = self.cache.io.joint
-
-        def link(node: Any, name: RefName, charge: int) -> JointLink | None:
-            """The link of a joint segment under ``node``: its reference held, or adopted into host memory."""
-            ref_id = book.by_key.get(name.key)
-            if ref_id is None:
-                blob, header = got[name.key]
-                handle = self.cache.placement.admit(blob, node, self.cache.guards.protect,
-                                                    self.cache.eviction.drop_subtree, charge=charge)  # fmt: skip
-                if handle is None:
-                    return None
-                ref_id = book.adopt(name.key, handle, header, node)
-            book.pin(ref_id)  # making room for the graft's blobs may drop its other dependants meanwhile
-            pinned.append(ref_id)
-            return JointLink(ref_id, name.lo, name.hi)
-
         charges = list(zip(sizes[: len(items)], sizes[len(items) :], strict=True))  # (blob, adopted reference)
+        pinned: list[int] = []
+        link = None if self.references is None else self.references.linker(self.cache, got, pinned)
         try:
             grafted = graft_chunks(self.cache, self._key_of(req, tokens), items, self.raw_codec, charges, link=link)
         finally:
             for ref_id in pinned:
-                book.unpin(ref_id)  # an adopted reference no blob came to depend on goes
+                self.cache.io.joint.unpin(ref_id)  # an adopted reference no blob came to depend on goes
         self.cache.stats.l3_hits += grafted[0]
         self.cache.stats.l3_hit_tokens += grafted[1]
 
