@@ -145,3 +145,18 @@ def test_a_damaged_reference_cuts_the_chunks_that_name_it(codec, artifact, joint
     k_ref, _ = ModelKV(lm).kv(seqs[2], 0)
     assert n == s.l3_hit_tokens and rel_err(k, k_ref[:, :n]) < 0.35
     check_invariants(reader)
+
+
+def test_a_reference_neither_held_nor_fetched_ends_the_graft():
+    """A chunk's reference the book held when the chunks came back (so it was not fetched) but freed since, with
+    its last dependant: the graft stops there (a miss), rather than failing."""
+    from test_joint_cache import _book
+
+    from kvtc_sglang.cache.l3_joint import L3References
+    from kvtc_sglang.cache.l3_objects import RefName
+    from kvtc_sglang.tiers.keys import KeyScheme
+
+    refs = L3References(_book([]), None, KeyScheme(CHUNK, "0" * 16), None)
+    pinned: list[int] = []
+    link = refs.linker(None, {}, pinned)
+    assert link(None, RefName(f"kvtc-{'0' * 16}-{'1' * 64}", 0, 256, 0, CHUNK), 0) is None and pinned == []

@@ -121,11 +121,14 @@ class L3References:
         """``graft_chunks``' ``link(node, name, charge)``: a joint segment grafted under ``node`` links to its
         reference held by the book, or adopted from ``got`` into host memory charged ``charge`` bytes (``None``
         when there is no room). The reference is pinned (``pinned``, unpinned after the graft): making room for
-        the graft's blobs may drop its other dependants meanwhile."""
+        the graft's blobs may drop its other dependants meanwhile. A reference neither held nor fetched (held when
+        the chunks came back, freed since) ends the graft there, on every rank alike (their books are mirrored)."""
 
         def link(node: Any, name: RefName, charge: int) -> JointLink | None:
             ref_id = self.book.by_key.get(name.key)
             if ref_id is None:
+                if name.key not in got:
+                    return None  # held when the chunks came back, freed since with its last dependant: a miss
                 blob, header = got[name.key]
                 handle = cache.placement.admit(blob, node, cache.guards.protect, cache.eviction.drop_subtree,
                                                charge=charge)  # fmt: skip
