@@ -1,7 +1,10 @@
 """Joint encoding through the real SGLang server (``--kvtc-joint-calibration``): three agents read the same real
 file after different histories (so at different offsets, in different radix branches) on a pool too small for
 them; each comes back for a second turn, restored from blobs. The second copy of the file makes the shared
-reference, later copies are residuals against it, and the follow-ups restore from them, as ``/metrics`` says."""
+reference, later copies are residuals against it, and the follow-ups restore from them, as ``/metrics`` says.
+One run, at tp 2 with the directory tier and a restart: what tp 1 does, plus the ranks' agreement and the
+references' objects, in one run to keep CI short (tp 1 is run by the cache tests on SGLang's real RadixCache,
+``test_joint_cache.py`` and ``test_l3_joint.py``, and by the joint benchmark)."""
 
 from __future__ import annotations
 
@@ -62,16 +65,23 @@ def _check_served(results, m, log) -> None:
     assert m["checksum_failures_total"] == 0 and m["restore_failures_total"] == 0, m
 
 
-def test_shared_file_served_through_one_reference_and_the_directory_tier(joint_path, artifact_path, tmp_path):
-    """With the L3 tier (a directory, write-through), the residuals' chunks name their reference, written once as
-    an object of its own; a restarted server (an empty tree and book) takes the third agent's next turn from the
-    directory: its chunks, then the reference they name, restored without prefill."""
-    l3 = ("--kvtc-host-bytes", "256M", "--kvtc-l3", "directory", "--kvtc-l3-config",
+def test_shared_file_through_one_reference_at_tp2_and_from_the_directory_tier(joint_path, artifact_path, tmp_path):
+    """At ``--tp-size 2`` each rank codes its own KV heads against its own reference blobs (its rank's residual
+    calibration); the ranks' reference and residual sizes differ, so the store reserves the larger of each on both
+    ranks (:func:`~kvtc_sglang.cache.ranks.agree_encodes`) and the trees stay equal (SGLang's consensus checker and
+    kvtc's decision digest both on). With the L3 tier (a directory, write-through) the residuals' chunks name their
+    reference, written once as an object of its own; a restarted server (empty trees and books) takes the third
+    agent's next turn from the directory: its chunks, then the references they name, restored without prefill."""
+    tp = ("--tp-size", "2", "--kvtc-host-bytes", "256M", "--kvtc-l3", "directory", "--kvtc-l3-config",
           json.dumps({"path": str(tmp_path / "l3"), "chunk_tokens": 128}))  # fmt: skip
-    results, m, log, convs = _serve(joint_path, artifact_path, tmp_path / "server.log", l3)
+    env = {"SGLANG_ENABLE_RANK_CONSENSUS_CHECKER": "1"}
+    results, m, log, convs = _serve(joint_path, artifact_path, tmp_path / "server.log", tp, env)
     _check_served(results, m, log)
     assert m["l3_references_written_total"] >= 1 and m["l3_put_objects_total"] >= 4, m
-    srv = _start(joint_path, artifact_path, tmp_path / "restart.log", l3)
+    assert ("residual calibration residual.tp2-rank1.safetensors against smollm2-135m-instruct.r16.tp2-rank1"
+            ".kvtc.safetensors") in log
+    _ranks_alike(log)
+    srv = _start(joint_path, artifact_path, tmp_path / "restart.log", tp, env)
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
         r = chat(client, "default", "s2/t2", [*convs[2], {"role": "user", "content": "And which one last?"}], WL)
@@ -80,22 +90,15 @@ def test_shared_file_served_through_one_reference_and_the_directory_tier(joint_p
         m2 = kvtc_metrics(srv)
     finally:
         srv.stop()
-    assert not r.error and r.text.strip() and not scheduler_errors(srv.log_text()), r.error
+    log2 = srv.log_text()
+    assert not r.error and r.text.strip() and not scheduler_errors(log2), r.error
     assert m2["joint_references_fetched_total"] >= 1 and m2["l3_hit_tokens_total"] >= 512, m2
     assert m2["joint_restored_tokens_total"] > 0 and m2["restored_tokens_total"] >= 512, m2
     assert m2["checksum_failures_total"] == 0 and m2["restore_failures_total"] == 0, m2
+    _ranks_alike(log2)
 
 
-def test_shared_file_at_tp2_both_ranks_alike(joint_path, artifact_path, tmp_path):
-    """At ``--tp-size 2`` each rank codes its own KV heads against its own reference blobs (its rank's residual
-    calibration); the ranks' reference and residual sizes differ, so the store reserves the larger of each on both
-    ranks (:func:`~kvtc_sglang.cache.ranks.agree_encodes`) and the trees stay equal (SGLang's consensus checker
-    and kvtc's decision digest both on)."""
-    results, m, log, _ = _serve(joint_path, artifact_path, tmp_path / "server.log", ("--tp-size", "2"),
-                                {"SGLANG_ENABLE_RANK_CONSENSUS_CHECKER": "1"})
-    _check_served(results, m, log)
-    assert ("residual calibration residual.tp2-rank1.safetensors against smollm2-135m-instruct.r16.tp2-rank1"
-            ".kvtc.safetensors") in log
+def _ranks_alike(log: str) -> None:
     assert "Found rank divergence" not in log and "ranks' radix trees diverged" not in log
     lines = {}
     for line in log.splitlines():
