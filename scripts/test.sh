@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 "$VENV/bin/ruff" check .
 "$VENV/bin/python" -m mypy
-"$VENV/bin/python" -m pytest -q --durations=25 tests
+"$VENV/bin/python" -m pytest -q --durations=40 tests
