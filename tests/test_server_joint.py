@@ -70,14 +70,17 @@ def test_shared_file_through_one_reference_at_tp2_and_from_the_directory_tier(jo
     calibration); the ranks' reference and residual sizes differ, so the store reserves the larger of each on both
     ranks (:func:`~kvtc_sglang.cache.ranks.agree_encodes`) and the trees stay equal (SGLang's consensus checker and
     kvtc's decision digest both on). With the L3 tier (a directory, write-through) the residuals' chunks name their
-    reference, written once as an object of its own; a restarted server (empty trees and books) takes the third
-    agent's next turn from the directory: its chunks, then the references they name, restored without prefill."""
+    reference, written once as an object of its own, each rank its own shard's objects (its keys name its rank); a
+    restarted server (empty trees and books) takes the third agent's next turn from the directory: both ranks fetch
+    their chunks, then the references they name, and graft alike, restored without prefill."""
     tp = ("--tp-size", "2", "--kvtc-host-bytes", "256M", "--kvtc-l3", "directory", "--kvtc-l3-config",
           json.dumps({"path": str(tmp_path / "l3"), "chunk_tokens": 128}))  # fmt: skip
     env = {"SGLANG_ENABLE_RANK_CONSENSUS_CHECKER": "1"}
     results, m, log, convs = _serve(joint_path, artifact_path, tmp_path / "server.log", tp, env)
     _check_served(results, m, log)
     assert m["l3_references_written_total"] >= 1 and m["l3_put_objects_total"] >= 4, m
+    files = [p for p in (tmp_path / "l3").rglob("*") if p.is_file() and not p.name.startswith(".tmp-")]
+    assert len({p.read_bytes()[8:24] for p in files}) == 2, len(files)  # frame digest tags: each rank its shard
     assert ("residual calibration residual.tp2-rank1.safetensors against smollm2-135m-instruct.r16.tp2-rank1"
             ".kvtc.safetensors") in log
     _ranks_alike(log)

@@ -5,7 +5,9 @@ comes back from host memory on its next turn (cached tokens in ``usage``, host h
 reference is the same server without the tier, where that turn recomputes the session.
 (b) Two replicas sharing a real Mooncake store: a prefix served by one is restored on the other without prefill.
 (c) A restart with the directory tier: a fresh server on the same directory restores the session's chunks
-(a fresh server has nothing cached: every cached token came from the directory); the same at ``--tp-size 2``.
+(a fresh server has nothing cached: every cached token came from the directory). At ``--tp-size 2`` (each rank
+its own shard's objects, both ranks grafting alike after a restart) it is run with joint encoding in
+``test_server_joint.py``, one server run for both.
 (d) The Mooncake master killed under a serving replica and started again: misses, never a stuck server.
 """
 
@@ -126,20 +128,6 @@ def test_a_restarted_server_restores_from_the_directory_tier(artifact_path, tmp_
     assert not scheduler_errors(log)
     assert m["l3_hit_tokens_total"] >= 256 and m["restored_tokens_total"] >= 256, seen
     assert cached >= 256, seen  # a fresh server's cache is empty: these came from the directory
-
-
-def test_at_tp2_each_rank_writes_its_shard_and_both_restore_alike_after_a_restart(artifact_path, tmp_path):
-    """``--tp-size 2``: each rank writes its own shard's objects (its keys name its rank), and after a restart
-    both ranks fetch theirs and graft the same chunks; SGLang's rank-consensus checker compares the trees."""
-    env = {"SGLANG_ENABLE_RANK_CONSENSUS_CHECKER": "1"}
-    _, _, cached, m, log = _restart_on_directory(str(artifact_path), tmp_path, ("--tp-size", "2"), env)
-    seen = {k: v for k, v in m.items() if v}
-    assert not scheduler_errors(log)
-    files = [p for p in (tmp_path / "l3").rglob("*") if p.is_file() and not p.name.startswith(".tmp-")]
-    digest_tags = {p.read_bytes()[8:24] for p in files}  # the frame header's digest tag (tiers/frame.py)
-    assert len(digest_tags) == 2, len(files)  # objects of both ranks' schemes: each its own shard
-    assert m["l3_hit_tokens_total"] >= 256 and m["restored_tokens_total"] >= 256, seen
-    assert cached >= 256, seen
 
 
 @requires_mooncake

@@ -79,15 +79,18 @@ def test_rank_spec_round_trips_and_names_a_mismatch():
 
 
 @pytest.mark.model
-def test_per_rank_artifacts_round_trip_each_ranks_rows_and_refuse_another_rank(lm, tmp_path, real_kv):
-    from kvtc_sglang.calibration.fit import CalibrationConfig, collect
-    from kvtc_sglang.calibration.tp import write_rank_artifacts
+def test_per_rank_artifacts_round_trip_each_ranks_rows_and_refuse_another_rank(lm, artifact_path, real_kv):
+    """The rank artifacts the test calibration's fixture wrote with ``write_rank_artifacts`` (conftest: the same
+    collect as the whole model's, 6k tokens)."""
+    from conftest import GPU_BUNDLE
+
     from kvtc_sglang.codec import KVTCCodec, load_artifact
     from kvtc_sglang.codec.errors import ArtifactError
+    from kvtc_sglang.codec.tp import rank_artifact_path
 
-    cfg = CalibrationConfig(tokens=6144, seq_len=1024, holdout_every=3, ratios=(16.0,))
-    paths = write_rank_artifacts(lm, cfg, collect(lm, cfg, show_progress=False), tmp_path, tp_size=2,
-                                 show_progress=False)
+    if GPU_BUNDLE:
+        pytest.skip("the GPU bundle's calibration has no rank artifacts")
+    paths = [rank_artifact_path(artifact_path, 2, r) for r in (0, 1)]
     assert [p.name for p in paths] == [f"smollm2-135m-instruct.r16.tp2-rank{r}.kvtc.safetensors" for r in (0, 1)]
     specs = [rank_spec(lm.spec, 2, r) for r in (0, 1)]
     with pytest.raises(ArtifactError, match="tp_rank: calibration has 1, model has 0"):
