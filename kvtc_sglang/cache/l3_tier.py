@@ -207,7 +207,7 @@ class L3Tier:
             got = self._got.pop(rid, {})
             if n:
                 self._graft(req, tokens, [seg for chunk in chunks[:n] for seg in chunk], got)
-                for key in keys[:n]:
+                for key in [*keys[:n], *got]:
                     self.writer.remember(key)  # in the store already: a drop under write-back need not write it
             if timed_out:
                 self.cache.stats.l3_prefetch_timeouts += 1
