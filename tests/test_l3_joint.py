@@ -160,3 +160,43 @@ def test_a_reference_neither_held_nor_fetched_ends_the_graft():
     pinned: list[int] = []
     link = refs.linker(None, {}, pinned)
     assert link(None, RefName(f"kvtc-{'0' * 16}-{'1' * 64}", 0, 256, 0, CHUNK), 0) is None and pinned == []
+
+
+def test_write_back_writes_the_reference_before_its_last_dependant_goes(codec, artifact, joint, lm, sessions,  # noqa: PLR0917, F811
+                                                                         tmp_path):
+    """``write_policy: write_back``: nothing is written while the sessions are resident; when every node is dropped
+    (the reference is freed with its last dependant), the chunks and the reference they name are written first, and
+    another cache restores a session through them."""
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    seqs, _ = sessions
+    directory = tmp_path / "l3"
+    cfg = json.dumps({"path": str(directory), "chunk_tokens": CHUNK, "prefetch_timeout_s": 10,
+                      "write_policy": "write_back"})  # fmt: skip
+    _, allocator = build_pool(artifact.spec, 4096, 1)
+    config = KVTCCacheConfig(calibration="unused-in-tests", encode="inline", window_tokens=128, l3="directory",
+                             joint_calibration="in-test", joint_min_tokens=128, host_bytes=256 << 20, l3_config=cfg)
+    writer = build_cache(allocator, 1, codec, config)
+    writer.enable_joint(joint)
+    writer.l3 = build_l3(writer, config, artifact.spec, "smollm2", tp_size=1, tp_rank=0)
+    drv = Driver(writer, ModelKV(lm))
+    for seq in seqs:
+        drv.finish(drv.start(seq))
+        writer.compress_idle(now=FUTURE)
+    assert writer.l3.client.flush(20.0)
+    writer.scheduler_tick([])
+    s = writer.stats
+    assert s.joint_references == 1 and s.l3_put_objects == 0  # resident: nothing written
+    writer.evict(EvictParams(num_tokens=10**6))
+    assert writer.l3.client.flush(20.0)
+    writer.scheduler_tick([])
+    assert s.joint_references == 0 and s.l3_references_written == 1 and s.l3_put_objects >= 5, s
+    check_invariants(writer)
+    reader = make(codec, artifact, joint, directory)
+    assert prefetch(reader, Req("wb3", [*seqs[2], 7]))
+    assert reader.stats.joint_references_fetched == 1 and reader.stats.l3_rejected == 0
+    n, k, _ = Driver(reader, ModelKV(lm)).read_prefix([*seqs[2], 7])
+    k_ref, _ = ModelKV(lm).kv(seqs[2], 0)
+    assert n >= len(seqs[2]) - 128 - CHUNK and reader.stats.joint_restored_tokens > 0
+    assert rel_err(k, k_ref[:, :n]) < 0.35
+    check_invariants(reader)
