@@ -64,8 +64,8 @@ def encode_planned(jc: JointCodec, kv: PoolKV, segments: list[tuple[torch.Tensor
                    plans: list[JointPlan | None], results: list[Any]) -> dict[int, tuple[torch.Tensor, BlobHeader]]:
     """The encoder's side (on its thread and stream): residual blobs of the planned targets ``segments[i] =
     (slots [T_i], positions [T_i])`` into ``results[i] = (blob, header)``, against a stored reference's span (each
-    reference decoded once) or against a new reference made of the target's own rows; returns the new references
-    ``{target: (blob, header)}``."""
+    reference decoded once) or against a new reference made of the rows of the target's group (its own alone when it
+    has none); returns the new references ``{first target of the group: (blob, header)}``."""
     decoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     made: dict[int, tuple[torch.Tensor, BlobHeader]] = {}
     planned = [(i, p) for i, p in enumerate(plans) if p is not None]
