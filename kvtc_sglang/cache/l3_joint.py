@@ -18,12 +18,12 @@ token ids are not in the object).
 from __future__ import annotations
 
 import hashlib
-import struct
 from typing import Any
 
 import torch
 
 from ..codec import BlobError
+from ..codec.joint import reference_identity
 from ..tiers.frame import FrameError, pack_object, unpack_object
 from ..tiers.keys import KEY_PREFIX, KeyScheme
 from .joint import JointBook, JointLink
@@ -36,10 +36,7 @@ def reference_key(scheme: KeyScheme, seed: str | None, header: Any) -> str:
     """The object key of the reference blob ``header`` describes, in the namespace of chain seed ``seed``."""
     h = hashlib.sha256(_TAG)
     h.update(bytes.fromhex(seed) if seed else b"\x00")
-    h.update(header.artifact_id)
-    h.update(struct.pack("<qq", int(header.positions[0]), header.num_tokens))
-    for chunk in header.chunks:
-        h.update(struct.pack("<III", *chunk))
+    h.update(reference_identity(header))
     return f"{KEY_PREFIX}-{scheme.digest}-{h.hexdigest()}"
 
 
@@ -82,10 +79,12 @@ class L3References:
 
     # ----- reads -----
 
-    def residual(self, data: bytes) -> tuple[RefName, bytes, Any]:
-        """``(reference name, residual blob bytes, its header)`` of a joint segment; ``BlobError``/``ValueError``."""
-        name, blob = unpack_joint(data)
-        return name, blob, self.codec.read_header(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+    def residual(self, data: bytes) -> tuple[RefName, torch.Tensor, Any]:
+        """``(reference name, residual blob [n] uint8 CPU, its header)`` of a joint segment's bytes;
+        ``BlobError``/``ValueError``."""
+        name, raw = unpack_joint(data)
+        blob = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        return name, blob, self.codec.read_header(blob)
 
     def missing(self, chunks: list[list[tuple]]) -> list[str]:
         """Keys of the references the chunks' joint segments name that the book does not hold (in order, once)."""

@@ -290,18 +290,18 @@ class L3Tier:
         """``(kind, lo, hi, blob [n] uint8 CPU, header)`` of a segment whose blob names this deployment's codec
         (calibration) and exactly its positions (a joint segment: ``+ (its reference's RefName,)``, the residual
         calibration's header); ``BlobError``/``ValueError`` otherwise."""
-        data, name = seg.data, None
+        name = None
         if seg.kind == JOINT:
             if self.references is None:
                 raise ValueError("the object holds a joint-encoding residual; this server runs without "
                                  "--kvtc-joint-calibration")  # fmt: skip
-            name, data, header = self.references.residual(seg.data)
+            name, blob, header = self.references.residual(seg.data)
         else:
-            header = (self.raw_codec if seg.kind == RAW else self.cache.codec).read_header(data)
+            header = (self.raw_codec if seg.kind == RAW else self.cache.codec).read_header(seg.data)
+            blob = torch.frombuffer(bytearray(seg.data), dtype=torch.uint8)
         if header.num_tokens != seg.hi - seg.lo or int(header.positions[0]) != seg.lo:
             raise ValueError(f"blob positions {int(header.positions[0])}+{header.num_tokens}, expected "
                              f"{seg.lo}+{seg.hi - seg.lo}")  # fmt: skip
-        blob = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return (seg.kind, seg.lo, seg.hi, blob, header) + ((name,) if name is not None else ())
 
     def counters(self) -> dict[str, float]:

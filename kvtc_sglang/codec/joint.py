@@ -45,12 +45,14 @@ def reference_tag(header: BlobHeader, lo: int, hi: int) -> bytes:
     and every chunk's length and CRC32)."""
     if not 0 <= lo < hi <= header.num_tokens:
         raise ValueError(f"reference span [{lo}, {hi}) must lie in the reference's {header.num_tokens} tokens")
-    h = hashlib.blake2b(digest_size=TAG_BYTES - 8)
-    h.update(header.artifact_id)
-    h.update(struct.pack("<qq", int(header.positions[0]), header.num_tokens))
-    for chunk in header.chunks:
-        h.update(struct.pack("<III", *chunk))
-    return h.digest() + struct.pack("<ii", lo, hi)
+    return hashlib.blake2b(reference_identity(header), digest_size=TAG_BYTES - 8).digest() + struct.pack("<ii", lo, hi)
+
+
+def reference_identity(header: BlobHeader) -> bytes:
+    """What names a reference blob: its calibration id, first position, token count, and every chunk's length and
+    CRC32 (hashed into the residuals' tags and the reference's L3 key)."""
+    parts = [header.artifact_id, struct.pack("<qq", int(header.positions[0]), header.num_tokens)]
+    return b"".join(parts + [struct.pack("<III", *chunk) for chunk in header.chunks])
 
 
 @dataclass(frozen=True)
